@@ -1,0 +1,1 @@
+"""GBX Entitlements: the library every Cloud Function of the service shares."""

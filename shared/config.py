@@ -1,0 +1,89 @@
+"""Configuration, read once from environment variables into a frozen model."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Environment variable names, in one place.
+ENV_PROJECT = "GOOGLE_CLOUD_PROJECT"
+ENV_ISSUER = "GBX_ISSUER"
+ENV_AUDIENCES = "GBX_AUDIENCES"
+ENV_CERTS_URL = "GBX_CERTS_URL"
+ENV_ADMIN_TOKEN = "GBX_ADMIN_TOKEN"
+ENV_OPERATORS = "GBX_OPERATORS"
+ENV_SIGNER = "GBX_SIGNER"
+ENV_KMS_KEY_VERSION = "GBX_KMS_KEY_VERSION"
+ENV_TRUSTED_KEY_VERSIONS = "GBX_TRUSTED_KEY_VERSIONS"
+ENV_KMS_ENDPOINT = "GBX_KMS_ENDPOINT"
+ENV_LOCAL_DIR = "GBX_LOCAL_DIR"
+ENV_LOCAL_MODE = "GBX_LOCAL_MODE"
+
+GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+GOOGLE_ISSUERS = ("accounts.google.com", "https://accounts.google.com")
+LOCAL_AUDIENCE = "gbx-local"
+LOCAL_ADMIN_TOKEN = "local-admin-token"
+LOCAL_OPERATORS = "operator@gbx.local"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _split(value: str) -> tuple[str, ...]:
+    """Split a comma-separated setting into its non-empty, stripped parts."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+class Config(BaseModel):
+    """Everything the service is configured with; never holds per-request state."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    project: str = Field(description="Google Cloud project that holds Firestore.")
+    issuer: str = Field(description="Deployment name written into every seal's `issuer` claim.")
+    audiences: tuple[str, ...] = Field(description="ID-token audiences accepted (the service URLs).")
+    certs_url: str = Field(description="Where the ID-token signing certificates are read (https URL or file path).")
+    token_issuers: tuple[str, ...] = Field(description="Accepted `iss` claims.")
+    admin_token: str = Field(repr=False, description="Secret compared with X-GBX-ADMIN-TOKEN.")
+    operators: frozenset[str] = Field(description="Identities that may act for the principal a seal names.")
+    signer: str = Field(description="`kms` (Cloud KMS) or `local` (a local P-256 key).")
+    kms_key_version: str = Field(description="CryptoKeyVersion that signs new seals (kms signer).")
+    trusted_key_versions: tuple[str, ...] = Field(description="Key versions whose seals verify, the signing one included.")
+    kms_endpoint: str = Field(description="host:port of a KMS endpoint reached without TLS (tests only); empty for Google's.")
+    local_dir: Path = Field(description="Untracked folder holding local mode's keys.")
+    local_mode: bool = Field(description="True when served by `python -m shared.local`.")
+
+
+def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
+    """Build the configuration from an environment mapping (default: the process environment)."""
+    env = os.environ if env is None else env
+    local_mode = env.get(ENV_LOCAL_MODE, "") == "1"
+    project = env.get(ENV_PROJECT) or ("gbx-local" if local_mode else "")
+    local_dir = Path(env.get(ENV_LOCAL_DIR) or REPO_ROOT / ".gbx-local")
+    signer = env.get(ENV_SIGNER) or ("local" if local_mode else "kms")
+    kms_key_version = env.get(ENV_KMS_KEY_VERSION, "")
+    trusted = _split(env.get(ENV_TRUSTED_KEY_VERSIONS, ""))
+    if kms_key_version and kms_key_version not in trusted:
+        trusted = (kms_key_version, *trusted)
+    return Config(
+        project=project,
+        issuer=env.get(ENV_ISSUER) or ("local" if local_mode else project),
+        audiences=_split(env.get(ENV_AUDIENCES, "")) or ((LOCAL_AUDIENCE,) if local_mode else ()),
+        certs_url=env.get(ENV_CERTS_URL) or (str(local_dir / "certs.json") if local_mode else GOOGLE_CERTS_URL),
+        token_issuers=GOOGLE_ISSUERS,
+        admin_token=env.get(ENV_ADMIN_TOKEN) or (LOCAL_ADMIN_TOKEN if local_mode else ""),
+        operators=frozenset(op.lower() for op in _split(env.get(ENV_OPERATORS) or (LOCAL_OPERATORS if local_mode else ""))),
+        signer=signer,
+        kms_key_version=kms_key_version,
+        trusted_key_versions=trusted,
+        kms_endpoint=env.get(ENV_KMS_ENDPOINT, ""),
+        local_dir=local_dir,
+        local_mode=local_mode,
+    )
+
+
+@functools.cache
+def get_config() -> Config:
+    """The process-wide configuration, read on first use (tests call `get_config.cache_clear()`)."""
+    return load_config()

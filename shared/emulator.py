@@ -1,0 +1,104 @@
+"""Start and stop Google's Cloud Firestore emulator (local mode and tests), in its own process group."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+JAR_RELATIVE = Path("platform/cloud-firestore-emulator/cloud-firestore-emulator.jar")
+MISSING_MESSAGE = (
+    "The Cloud Firestore emulator was not found. It ships with the Google Cloud SDK: install the SDK "
+    "(the emulator jar lives under <sdk>/platform/cloud-firestore-emulator/) and make sure `gcloud` is on "
+    "PATH, or set GBX_FIRESTORE_EMULATOR_JAR to the jar. Java 17 or newer must be on PATH too."
+)
+
+
+class EmulatorMissing(RuntimeError):
+    """The emulator (or Java) is not installed on this machine."""
+
+
+def find_jar() -> Path:
+    """Locate the emulator jar: $GBX_FIRESTORE_EMULATOR_JAR, else under the SDK that holds `gcloud`."""
+    explicit = os.environ.get("GBX_FIRESTORE_EMULATOR_JAR")
+    candidates: list[Path] = [Path(explicit)] if explicit else []
+    gcloud = shutil.which("gcloud")
+    if gcloud:
+        # gcloud lives in <sdk>/bin (often behind a symlink from /usr/bin).
+        candidates.append(Path(gcloud).resolve().parent.parent / JAR_RELATIVE)
+    candidates += [Path("/usr/lib/google-cloud-sdk") / JAR_RELATIVE, Path("/opt/google-cloud-sdk") / JAR_RELATIVE]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise EmulatorMissing(MISSING_MESSAGE)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Emulator:
+    """A running emulator: its address and process (leader of its own process group)."""
+
+    host: str
+    process: subprocess.Popen[bytes]
+    project: str
+
+    def clear(self) -> None:
+        """Delete every document of the project's default database."""
+        url = f"http://{self.host}/emulator/v1/projects/{self.project}/databases/(default)/documents"
+        urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=30).read()
+
+    def stop(self) -> None:
+        """End the whole process group: the Java process survives a kill of a wrapper alone."""
+        if self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+
+def start(
+    *, project: str, port: int | None = None, rules: Path | None = None, log_path: Path | None = None, timeout: float = 60.0
+) -> Emulator:
+    """Start the emulator on 127.0.0.1 and return once it answers HTTP."""
+    jar = find_jar()
+    java = shutil.which("java")
+    if java is None:
+        raise EmulatorMissing(MISSING_MESSAGE)
+    port = port or free_port()
+    cmd = [java, "-Duser.language=en", "-cp", str(jar), "com.google.cloud.datastore.emulator.firestore.CloudFirestore",
+           "--host", "127.0.0.1", "--port", str(port)]
+    if rules is not None:
+        cmd += ["--rules", str(rules)]
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    emulator = Emulator(host=f"127.0.0.1:{port}", process=process, project=project)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the Firestore emulator exited with code {process.returncode} (log: {log_path})")
+        try:
+            with urllib.request.urlopen(f"http://{emulator.host}/", timeout=2) as response:
+                if response.status == 200:
+                    return emulator
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.1)
+    emulator.stop()
+    raise RuntimeError(f"the Firestore emulator did not answer within {timeout:.0f}s (log: {log_path})")
