@@ -1,0 +1,151 @@
+"""Authentication: Google-signed OIDC ID tokens (verified with google-auth) and the admin token."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import google.auth.exceptions
+import google.auth.jwt
+
+from shared import errors
+from shared.config import Config, get_config
+from shared.models import PRINCIPAL_PATTERN
+
+ADMIN_TOKEN_HEADER = "X-GBX-ADMIN-TOKEN"
+# Google's certificates rotate over days and are served with max-age of hours; refetching on an
+# unknown key id covers a fresh rotation, but no more often than this, so forged kids cannot
+# turn every request into an outbound fetch.
+DEFAULT_CERTS_TTL_SECONDS = 3600
+MIN_REFRESH_INTERVAL_SECONDS = 60
+CLOCK_SKEW_SECONDS = 10
+_MAX_AGE = re.compile(r"max-age=(\d+)")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A caller whose Google ID token verified."""
+
+    principal: str
+    operator: bool
+
+
+@dataclass(frozen=True)
+class Admin:
+    """A caller holding the admin token; `issued_by` is the email of an accompanying ID token."""
+
+    issued_by: str | None
+
+
+class CertificateCache:
+    """Signing certificates of the token issuer, fetched once and reused until they expire."""
+
+    def __init__(self, source: str) -> None:
+        self._source = source
+        self._lock = threading.Lock()
+        self._certs: dict[str, str] = {}
+        self._expires = 0.0
+        self._fetched = 0.0
+
+    def get(self, *, refresh: bool = False) -> dict[str, str]:
+        """The certificates by key id; `refresh` asks for a new copy (rate-limited)."""
+        with self._lock:
+            now = time.monotonic()
+            stale = now >= self._expires
+            may_refresh = refresh and now - self._fetched >= MIN_REFRESH_INTERVAL_SECONDS
+            if stale or may_refresh:
+                self._certs, ttl = self._fetch()
+                self._fetched = now
+                self._expires = now + ttl
+            return self._certs
+
+    def _fetch(self) -> tuple[dict[str, str], float]:
+        """Read the certificates: from an https URL (production) or a local file (local mode, tests)."""
+        if not self._source.startswith(("https://", "http://")):
+            return json.loads(Path(self._source).read_text()), DEFAULT_CERTS_TTL_SECONDS
+        import google.auth.transport.requests
+
+        try:
+            response = google.auth.transport.requests.Request()(self._source, method="GET", timeout=10)
+        except google.auth.exceptions.TransportError as exc:
+            raise errors.Unavailable("could not fetch the token signing certificates") from exc
+        if response.status != 200:
+            raise errors.Unavailable("could not fetch the token signing certificates")
+        match = _MAX_AGE.search(response.headers.get("cache-control", ""))
+        ttl = int(match.group(1)) if match else DEFAULT_CERTS_TTL_SECONDS
+        return json.loads(response.data), ttl
+
+
+_caches: dict[str, CertificateCache] = {}
+_caches_lock = threading.Lock()
+
+
+def _cache_for(source: str) -> CertificateCache:
+    """One certificate cache per source, shared by all requests of the process."""
+    with _caches_lock:
+        if source not in _caches:
+            _caches[source] = CertificateCache(source)
+        return _caches[source]
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an `Authorization: Bearer …` header, or 401."""
+    if not authorization:
+        raise errors.Unauthenticated("missing Authorization: Bearer <Google ID token>")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise errors.Unauthenticated("Authorization must be 'Bearer <Google ID token>'")
+    return token.strip()
+
+
+def verify_id_token(token: str, config: Config | None = None) -> Identity:
+    """Verify signature, exp, aud, iss and email_verified of an ID token; 401 on any failure."""
+    config = config or get_config()
+    if not config.audiences:
+        # A deployment without audiences would accept tokens minted for any service.
+        raise errors.Unauthenticated("the service has no audiences configured")
+    cache = _cache_for(config.certs_url)
+    try:
+        kid = google.auth.jwt.decode_header(token).get("kid")
+        certs = cache.get()
+        if kid is not None and kid not in certs:
+            certs = cache.get(refresh=True)
+        claims = google.auth.jwt.decode(
+            token, certs=certs, audience=list(config.audiences), clock_skew_in_seconds=CLOCK_SKEW_SECONDS
+        )
+    except (ValueError, TypeError, KeyError, AttributeError, google.auth.exceptions.GoogleAuthError) as exc:
+        raise errors.Unauthenticated("the ID token is not valid") from exc
+    if claims.get("iss") not in config.token_issuers:
+        raise errors.Unauthenticated("the ID token has the wrong issuer")
+    email = claims.get("email")
+    if not isinstance(email, str) or not email:
+        raise errors.Unauthenticated("the ID token has no email claim")
+    if claims.get("email_verified") is not True:
+        raise errors.Unauthenticated("the ID token's email is not verified")
+    principal = email.lower()
+    if not re.fullmatch(PRINCIPAL_PATTERN, principal):
+        raise errors.Unauthenticated("the ID token's email is not a usable principal")
+    return Identity(principal=principal, operator=principal in config.operators)
+
+
+def authenticate(authorization: str | None) -> Identity:
+    """The verified caller of a request, from its Authorization header."""
+    return verify_id_token(bearer_token(authorization))
+
+
+def authenticate_admin(admin_token: str | None, authorization: str | None) -> Admin:
+    """Check X-GBX-ADMIN-TOKEN in constant time; an accompanying ID token must verify too."""
+    config = get_config()
+    if not admin_token:
+        raise errors.Unauthenticated(f"missing {ADMIN_TOKEN_HEADER}")
+    expected = config.admin_token.encode()
+    # An unset secret must never match an empty or any other token.
+    if not expected or not hmac.compare_digest(admin_token.encode(), expected):
+        raise errors.Forbidden("the admin token is not valid")
+    issued_by = authenticate(authorization).principal if authorization else None
+    return Admin(issued_by=issued_by)

@@ -1,0 +1,122 @@
+"""Entitlement service: issue grants, check availability, consume runs (balances and the ledger)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+
+from shared import errors, store
+from shared.auth import Admin, Identity
+from shared.models import (
+    CheckRequest,
+    CheckResponse,
+    ConsumeRequest,
+    ConsumeResponse,
+    IssueRequest,
+    IssueResponse,
+    format_time,
+)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def spendable_grants(grants: list[store.Grant], now: dt.datetime) -> list[store.Grant]:
+    """Usable grants in spending order: earliest expiry first, never-expiring last, then oldest first."""
+    far = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
+    usable = [g for g in grants if g.usable(now)]
+    return sorted(usable, key=lambda g: (g.expires_at or far, g.created_at or far, g.grant_id))
+
+
+def current_balance(principal: str) -> int:
+    """Sum of unused runs of the principal's unexpired grants."""
+    return sum(g.remaining for g in spendable_grants(store.read_grants_with_runs_left(principal), _now()))
+
+
+def check(caller: Identity, req: CheckRequest) -> CheckResponse:
+    """May this run_id run now? Writes nothing."""
+    run = store.read_run(caller.principal, req.run_id)
+    if run is not None and run.state != "consumed":
+        raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}")
+    balance = current_balance(caller.principal)
+    if run is None and balance < 1:
+        raise errors.EntitlementExhausted()
+    return CheckResponse(
+        run_id=req.run_id, principal=caller.principal, available=True, balance=balance, state="new" if run is None else "consumed"
+    )
+
+
+def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
+    """Charge one run for run_id, exactly once however often and however concurrently it is asked."""
+    principal = caller.principal
+    for _ in store.attempts():
+        run = store.read_run(principal, req.run_id)
+        if run is not None:
+            if run.state != "consumed":
+                raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}")
+            return ConsumeResponse(run_id=req.run_id, principal=principal, balance=current_balance(principal), state="consumed", replayed=True)
+        grants = spendable_grants(store.read_grants_with_runs_left(principal), _now())
+        if not grants:
+            raise errors.EntitlementExhausted()
+        try:
+            store.commit_consume(principal, req.run_id, grants[0])
+        except store.Contended:
+            continue
+        balance = sum(g.remaining for g in grants) - 1
+        return ConsumeResponse(run_id=req.run_id, principal=principal, balance=balance, state="consumed", replayed=False)
+    raise AssertionError("unreachable: attempts() raises when exhausted")
+
+
+def _fingerprint(req: IssueRequest) -> str:
+    """A stable hash of the parsed body: equal for requests that mean the same thing."""
+    return store.sha256_hex(json.dumps(req.model_dump(mode="json"), sort_keys=True, separators=(",", ":")))
+
+
+def _replay(record: dict, fingerprint: str) -> IssueResponse:
+    """The first response for an idempotency key, or 409 when this body differs."""
+    if record["fingerprint"] != fingerprint:
+        raise errors.IdempotencyConflict()
+    return IssueResponse.model_validate({**record["response"], "replayed": True})
+
+
+def issue(caller: Admin, req: IssueRequest, *, idempotency_key: str | None = None) -> IssueResponse:
+    """Issue runs to a principal; with an Idempotency-Key, at most once per key."""
+    fingerprint = _fingerprint(req)
+    key_hash = store.sha256_hex(idempotency_key) if idempotency_key is not None else None
+    for _ in store.attempts():
+        if key_hash is not None:
+            record = store.read_issuance(key_hash)
+            if record is not None:
+                # A replay returns the first response even once its expires_at has passed.
+                return _replay(record, fingerprint)
+        if req.expires_at is not None and req.expires_at <= _now():
+            raise errors.InvalidRequest("expires_at: must be in the future")
+        grant_id = secrets.token_hex(16)
+        balance = current_balance(req.principal) + req.runs_total
+        response = IssueResponse(
+            grant_id=grant_id,
+            principal=req.principal,
+            plan_id=req.plan_id,
+            runs_total=req.runs_total,
+            expires_at=format_time(req.expires_at) if req.expires_at else None,
+            balance=balance,
+            replayed=False,
+        )
+        try:
+            store.commit_issue(
+                principal=req.principal,
+                grant_id=grant_id,
+                plan_id=req.plan_id,
+                runs_total=req.runs_total,
+                expires_at=req.expires_at,
+                issued_by=caller.issued_by,
+                idempotency_key_hash=key_hash,
+                fingerprint=fingerprint,
+                response=response.model_dump(mode="json"),
+            )
+        except store.Contended:
+            continue  # another request with this key committed first: replay it
+        return response
+    raise AssertionError("unreachable: attempts() raises when exhausted")

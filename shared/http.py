@@ -1,0 +1,203 @@
+"""The one HTTP wrapper: method, size, media type, parsing, auth, errors → status, and a log line per request."""
+
+from __future__ import annotations
+
+import enum
+import io
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import flask
+import pydantic
+from google.api_core import exceptions as gexc
+from werkzeug.formparser import FormDataParser
+
+from shared import auth, errors
+from shared.config import get_config
+from shared.models import PRINCIPAL_PATTERN, ErrorBody, ErrorDetail
+
+MAX_JSON_BYTES = 64 * 1024
+MAX_SEAL_BYTES = 256 * 1024
+# Multipart framing (boundaries, part headers, the principal field) around a seal of the maximum size.
+MULTIPART_OVERHEAD_BYTES = 8 * 1024
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+REQUEST_ID_HEADER = "X-Request-Id"
+
+_log = logging.getLogger("gbx")
+
+# Backing-service failures that a retry may cure: 503 with Retry-After, never 500.
+_UNAVAILABLE = (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.RetryError, gexc.InternalServerError, gexc.Aborted)
+
+
+class Auth(enum.Enum):
+    """Who may call an endpoint."""
+
+    USER = "user"
+    ADMIN = "admin"
+    NONE = "none"
+
+
+class Body(enum.Enum):
+    """What an endpoint's body holds."""
+
+    JSON = "json"
+    SEAL = "seal"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class SealUpload:
+    """An uploaded seal.svg, and the principal an operator names (multipart field or ?principal=)."""
+
+    svg: bytes
+    principal: str | None
+
+
+def _error_response(exc: errors.ApiError, request_id: str) -> flask.Response:
+    """The contract's error body for an ApiError, with its status and headers."""
+    body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, status=exc.status))
+    response = flask.Response(body.model_dump_json(), status=exc.status, mimetype="application/json")
+    if isinstance(exc, errors.Unavailable):
+        response.headers["Retry-After"] = str(exc.retry_after_seconds)
+    if isinstance(exc, errors.MethodNotAllowed):
+        response.headers["Allow"] = exc.allowed
+    return response
+
+
+def _describe_validation(exc: pydantic.ValidationError) -> str:
+    """A short message naming the offending fields, without echoing their values."""
+    parts = []
+    for item in exc.errors(include_input=False, include_url=False)[:5]:
+        if item["type"] == "json_invalid":
+            return "the body is not valid JSON"
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def _read_body(request: flask.Request, limit: int) -> bytes:
+    """Read at most `limit` bytes of the body; 413 beyond, before reading it all."""
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.PayloadTooLarge(f"the body is over {limit // 1024} KiB")
+    data = request.stream.read(limit + 1)
+    if len(data) > limit:
+        raise errors.PayloadTooLarge(f"the body is over {limit // 1024} KiB")
+    return data
+
+
+def _parse_json(request: flask.Request, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
+    """A JSON body validated into its request model."""
+    if request.mimetype != "application/json":
+        raise errors.UnsupportedMediaType("send Content-Type: application/json")
+    return model.model_validate_json(_read_body(request, MAX_JSON_BYTES))
+
+
+def _parse_seal(request: flask.Request) -> SealUpload:
+    """A seal.svg sent raw (image/svg+xml) or as the multipart field `seal`."""
+    principal = request.args.get("principal")
+    if request.mimetype == "image/svg+xml":
+        svg = _read_body(request, MAX_SEAL_BYTES)
+    elif request.mimetype == "multipart/form-data":
+        raw = _read_body(request, MAX_SEAL_BYTES + MULTIPART_OVERHEAD_BYTES)
+        parser = FormDataParser(max_form_memory_size=MAX_SEAL_BYTES + MULTIPART_OVERHEAD_BYTES, max_form_parts=8, silent=False)
+        try:
+            _, form, files = parser.parse(io.BytesIO(raw), request.mimetype, len(raw), request.mimetype_params)
+        except ValueError as exc:
+            raise errors.InvalidRequest("the multipart body is malformed") from exc
+        upload = files.get("seal")
+        svg = upload.read() if upload is not None else form.get("seal", "").encode()
+        if not svg:
+            raise errors.InvalidRequest("the multipart body has no `seal` field")
+        if len(svg) > MAX_SEAL_BYTES:
+            raise errors.PayloadTooLarge(f"the seal is over {MAX_SEAL_BYTES // 1024} KiB")
+        # The multipart field wins over the query parameter.
+        principal = form.get("principal") or principal
+    else:
+        raise errors.UnsupportedMediaType("send the seal as image/svg+xml or multipart/form-data field `seal`")
+    if principal is not None:
+        principal = principal.strip().lower()
+        if not re.fullmatch(PRINCIPAL_PATTERN, principal):
+            raise errors.InvalidRequest("principal: not an email address")
+    return SealUpload(svg=svg, principal=principal)
+
+
+def _log_request(*, request: flask.Request, request_id: str, endpoint: str, principal: str | None, status: int, started: float) -> None:
+    """One structured JSON line per request for Cloud Logging (no tokens, no bodies)."""
+    severity = "ERROR" if status >= 500 else "WARNING" if status >= 400 else "INFO"
+    entry: dict[str, Any] = {
+        "severity": severity,
+        "message": f"{request.method} {endpoint} {status}",
+        "request_id": request_id,
+        "endpoint": endpoint,
+        "principal": principal,
+        "status": status,
+        "latency_ms": round((time.monotonic() - started) * 1000, 1),
+    }
+    trace_header = request.headers.get("X-Cloud-Trace-Context", "")
+    trace_id = trace_header.split("/", 1)[0]
+    config = get_config()
+    if trace_id and trace_id.isalnum() and config.project:
+        entry["logging.googleapis.com/trace"] = f"projects/{config.project}/traces/{trace_id}"
+    print(json.dumps(entry), file=sys.stdout, flush=True)
+
+
+def handle(
+    request: flask.Request,
+    model: type[pydantic.BaseModel] | None,
+    service: Callable[..., pydantic.BaseModel],
+    *,
+    auth_mode: Auth = Auth.USER,
+    body: Body = Body.JSON,
+    method: str = "POST",
+    idempotency: bool = False,
+) -> flask.Response:
+    """Run one endpoint: every outcome, expected or not, becomes a contract response."""
+    started = time.monotonic()
+    request_id = uuid.uuid4().hex
+    endpoint = getattr(service, "__name__", "endpoint")
+    principal: str | None = None
+    try:
+        if request.method != method:
+            raise errors.MethodNotAllowed(method)
+        args: list[Any] = []
+        if auth_mode is Auth.USER:
+            caller: auth.Identity | auth.Admin = auth.authenticate(request.headers.get("Authorization"))
+            principal = caller.principal
+            args.append(caller)
+        elif auth_mode is Auth.ADMIN:
+            caller = auth.authenticate_admin(request.headers.get(auth.ADMIN_TOKEN_HEADER), request.headers.get("Authorization"))
+            principal = caller.issued_by
+            args.append(caller)
+        if body is Body.JSON:
+            assert model is not None
+            args.append(_parse_json(request, model))
+        elif body is Body.SEAL:
+            args.append(_parse_seal(request))
+        kwargs: dict[str, Any] = {}
+        if idempotency:
+            key = request.headers.get(IDEMPOTENCY_KEY_HEADER)
+            if key is not None and not 1 <= len(key) <= 255:
+                raise errors.InvalidRequest("Idempotency-Key must be 1 to 255 characters")
+            kwargs["idempotency_key"] = key
+        result = service(*args, **kwargs)
+        response = flask.Response(result.model_dump_json(), status=200, mimetype="application/json")
+    except errors.ApiError as exc:
+        response = _error_response(exc, request_id)
+    except pydantic.ValidationError as exc:
+        response = _error_response(errors.InvalidRequest(_describe_validation(exc)), request_id)
+    except _UNAVAILABLE as exc:
+        _log.warning("backing service unavailable (request %s): %s", request_id, type(exc).__name__)
+        response = _error_response(errors.Unavailable(), request_id)
+    except Exception:  # noqa: BLE001 - the one place that turns a bug into a 500 without detail
+        _log.exception("internal error (request %s)", request_id)
+        response = _error_response(errors.ApiError(), request_id)
+    response.headers[REQUEST_ID_HEADER] = request_id
+    response.headers["Cache-Control"] = "no-store"
+    _log_request(request=request, request_id=request_id, endpoint=endpoint, principal=principal, status=response.status_code, started=started)
+    return response

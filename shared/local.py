@@ -1,0 +1,229 @@
+"""Local mode: a local identity issuer, and one server for every endpoint on the Firestore emulator.
+
+Usage: python -m shared.local serve [--port P] | python -m shared.local token EMAIL
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flask
+import google.auth.crypt
+import google.auth.jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from shared import config as config_module
+from shared import emulator as emulator_module
+from shared import errors
+
+# Path of every endpoint → the function directory (and entry point) that serves it.
+ROUTES: dict[str, str] = {
+    "/api/entitlement/issue": "issue",
+    "/api/entitlement/check": "check",
+    "/api/entitlement/consume": "consume",
+    "/api/entitlement/run_start": "run_start",
+    "/api/entitlement/run_complete": "run_complete",
+    "/api/seal/verify": "seal_verify",
+    "/api/entitlement/redeem_seal_once": "redeem_seal_once",
+    "/api/seal/public_keys": "public_keys",
+}
+FUNCTIONS_DIR = config_module.REPO_ROOT / "functions"
+ISSUER = "https://accounts.google.com"
+TOKEN_LIFETIME_SECONDS = 3600
+
+
+class LocalIssuer:
+    """An RSA key standing in for Google's token signer; its certificates are read by the production verifier."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.key_path = folder / "issuer-key.pem"
+        self.certs_path = folder / "certs.json"
+
+    def ensure(self) -> None:
+        """Create the key and its certificate file once (race-safe: the first writer wins)."""
+        if self.key_path.exists() and self.certs_path.exists():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        _write_once(self.key_path, pem, mode=0o600)
+        key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gbx-local-issuer")])
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=3650))
+            .sign(key, hashes.SHA256())
+        )
+        certs = {self._kid(key): cert.public_bytes(serialization.Encoding.PEM).decode()}
+        _write_once(self.certs_path, json.dumps(certs, indent=1).encode(), mode=0o644)
+
+    @staticmethod
+    def _kid(key: Any) -> str:
+        spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return hashlib.sha256(spki).hexdigest()[:40]
+
+    def signer(self) -> google.auth.crypt.RSASigner:
+        """The google-auth signer for the issuer key, with its key id."""
+        self.ensure()
+        key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        return google.auth.crypt.RSASigner.from_string(self.key_path.read_bytes(), key_id=self._kid(key))
+
+    def claims(self, email: str, audience: str) -> dict[str, Any]:
+        """The claims of a Google ID token for `email`."""
+        now = int(time.time())
+        return {
+            "iss": ISSUER,
+            "aud": audience,
+            "azp": email,
+            "sub": hashlib.sha256(email.encode()).hexdigest()[:21],
+            "email": email,
+            "email_verified": True,
+            "iat": now,
+            "exp": now + TOKEN_LIFETIME_SECONDS,
+        }
+
+    def token(self, email: str, *, audience: str = config_module.LOCAL_AUDIENCE, **overrides: Any) -> str:
+        """A signed ID token; `overrides` replace claims (a value of None removes the claim)."""
+        claims = {**self.claims(email, audience), **overrides}
+        claims = {k: v for k, v in claims.items() if v is not None}
+        return google.auth.jwt.encode(self.signer(), claims).decode()
+
+
+def _write_once(path: Path, data: bytes, *, mode: int) -> None:
+    """Write a file unless it exists; concurrent writers agree on the first one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, mode)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+def _load_function(entry: str) -> Callable[[flask.Request], Any] | None:
+    """The entry point of functions/<entry>/main.py, or None when that endpoint is not built."""
+    source = FUNCTIONS_DIR / entry / "main.py"
+    if not source.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(f"gbx_function_{entry}", source)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, entry)
+
+
+def create_app() -> flask.Flask:
+    """One Flask app serving every built endpoint at its /api path, plus /healthz."""
+    app = flask.Flask("gbx-local")
+    all_methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    for path, entry in ROUTES.items():
+        function = _load_function(entry)
+        if function is None:
+            continue
+
+        def view(function: Callable[[flask.Request], Any] = function) -> Any:
+            return function(flask.request)
+
+        app.add_url_rule(path, endpoint=entry, view_func=view, methods=all_methods)
+    app.add_url_rule("/healthz", endpoint="healthz", view_func=lambda: {"status": "ok"})
+
+    @app.errorhandler(404)
+    def not_found(_: Exception) -> flask.Response:
+        exc = errors.NotFound()
+        body = {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
+        return flask.Response(json.dumps(body), status=404, mimetype="application/json")
+
+    return app
+
+
+def configure_local_environment(local_dir: Path | None = None) -> None:
+    """Environment of local mode: local signer, issuer, admin token and operators unless already set."""
+    os.environ[config_module.ENV_LOCAL_MODE] = "1"
+    if local_dir is not None:
+        os.environ[config_module.ENV_LOCAL_DIR] = str(local_dir)
+    config_module.get_config.cache_clear()
+    LocalIssuer(config_module.get_config().local_dir).ensure()
+
+
+def refuse_in_cloud() -> None:
+    """Local mode trusts local keys: never let it start inside Cloud Functions or Cloud Run."""
+    if os.environ.get("K_SERVICE") or os.environ.get("FUNCTION_TARGET") or os.environ.get("CLOUD_RUN_JOB"):
+        sys.exit("refusing to start local mode inside Cloud Functions / Cloud Run (K_SERVICE is set)")
+
+
+def serve(port: int) -> None:
+    """Serve every endpoint on 127.0.0.1:port until Ctrl-C or SIGTERM, with an emulator unless one is given."""
+    refuse_in_cloud()
+    configure_local_environment()
+    config = config_module.get_config()
+    emulator = None
+    if not os.environ.get("FIRESTORE_EMULATOR_HOST"):
+        try:
+            emulator = emulator_module.start(project=config.project, log_path=config.local_dir / "firestore-emulator.log")
+        except emulator_module.EmulatorMissing as exc:
+            sys.exit(str(exc))
+        os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
+        print(f"Firestore emulator on {emulator.host}", flush=True)
+
+    from werkzeug.serving import make_server
+
+    # The service writes one structured line per request; werkzeug's access log would repeat it.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = make_server("127.0.0.1", port, create_app(), threaded=True)
+
+    def stop(signum: int, _frame: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"GBX Entitlements (local mode) on http://127.0.0.1:{port}  (GET /healthz; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        if emulator is not None:
+            emulator.stop()
+        print("stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line of local mode."""
+    parser = argparse.ArgumentParser(prog="python -m shared.local", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="serve every endpoint locally")
+    serve_parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    token_parser = commands.add_parser("token", help="print an ID token that local servers of this checkout accept")
+    token_parser.add_argument("email")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.port)
+    else:
+        configure_local_environment()
+        print(LocalIssuer(config_module.get_config().local_dir).token(args.email))
+
+
+if __name__ == "__main__":
+    main()

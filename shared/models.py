@@ -1,0 +1,142 @@
+"""Pydantic models: the only schema of requests and responses (the OpenAPI document is generated from them)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+RUN_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+IMAGE_PATTERN = r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:(?::[0-9]{1,5})?/[a-z0-9]+(?:[._-][a-z0-9]+)*)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?@sha256:[0-9a-f]{64}$"
+PROJECT_ID_PATTERN = r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$"
+SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+# A principal is an email address (service accounts and users); '/' would break document paths.
+PRINCIPAL_PATTERN = r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+$"
+PLAN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    """Require an explicit offset and normalise to UTC (a naive time is ambiguous for expiry)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("time must be RFC 3339 with an offset, e.g. 2030-01-01T00:00:00Z")
+    return value.astimezone(dt.timezone.utc)
+
+
+def format_time(value: dt.datetime) -> str:
+    """RFC 3339 UTC with `Z`: seconds, plus microseconds when there are any."""
+    value = value.astimezone(dt.timezone.utc)
+    spec = "microseconds" if value.microsecond else "seconds"
+    return value.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
+
+
+RunId = Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN), Field(description="Caller-chosen run id, unique per run.", examples=["nightly-2026-11-28"])]
+Sha256Hex = Annotated[str, StringConstraints(pattern=SHA256_PATTERN, to_lower=True), Field(description="64 hex characters (stored lower-case).")]
+Principal = Annotated[str, StringConstraints(pattern=PRINCIPAL_PATTERN, to_lower=True, max_length=254), Field(description="Service-account or user email (lower-cased).")]
+UtcTime = Annotated[dt.datetime, AfterValidator(_utc)]
+
+
+class Model(BaseModel):
+    """Base of every request and response: unknown fields rejected, instances immutable, no coercion."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class RunIdRequest(Model):
+    """Body of check and consume."""
+
+    run_id: RunId
+
+
+class CheckRequest(RunIdRequest):
+    """POST /api/entitlement/check: may this run_id run now?"""
+
+
+class ConsumeRequest(RunIdRequest):
+    """POST /api/entitlement/consume: take one run for this run_id."""
+
+
+class RunStartRequest(Model):
+    """POST /api/entitlement/run_start: what is about to run, and on what."""
+
+    run_id: RunId
+    container_image: Annotated[str, StringConstraints(pattern=IMAGE_PATTERN, max_length=512)] = Field(
+        description="Digest-pinned image, NAME[:TAG]@sha256:<64 hex>; a bare tag is rejected.",
+        examples=["europe-docker.pkg.dev/acme/jobs/render:1.4@sha256:" + "a" * 64],
+    )
+    project_id: Annotated[str, StringConstraints(pattern=PROJECT_ID_PATTERN)] = Field(description="Google Cloud project the job runs in.")
+    inputs_sha256: Sha256Hex = Field(description="SHA-256 of the run's inputs.")
+    run_manifest_sha256: Sha256Hex | None = Field(default=None, description="SHA-256 of the run manifest, when there is one.")
+
+
+class RunCompleteRequest(Model):
+    """POST /api/entitlement/run_complete: the run succeeded with these outputs."""
+
+    run_id: RunId
+    outputs_sha256: Sha256Hex = Field(description="SHA-256 of the run's outputs.")
+
+
+class IssueRequest(Model):
+    """POST /api/entitlement/issue: grant runs to a principal."""
+
+    principal: Principal
+    runs_total: int = Field(ge=1, le=1_000_000, description="Runs in the grant, 1 to 1,000,000.")
+    plan_id: Annotated[str, StringConstraints(pattern=PLAN_ID_PATTERN)] = Field(default="standard", description="Partner's plan name.")
+    expires_at: UtcTime | None = Field(default=None, description="RFC 3339 expiry in the future; null or absent: never expires.")
+
+# Bodies are validated with `model_validate_json`: strict mode still reads RFC 3339 strings into datetimes
+# there, while refusing "3" for an int or 1 for a bool.
+
+
+class CheckResponse(Model):
+    """200 from check."""
+
+    run_id: str
+    principal: str
+    available: bool = Field(description="Always true on 200 (otherwise 402 or 409).")
+    balance: int = Field(description="Unused runs of unexpired grants.")
+    state: Literal["new", "consumed"] = Field(description="`consumed`: charged earlier, resumable, no new charge.")
+
+
+class ConsumeResponse(Model):
+    """200 from consume."""
+
+    run_id: str
+    principal: str
+    balance: int = Field(description="Balance after this charge, as of the commit.")
+    state: Literal["consumed"]
+    replayed: bool = Field(description="True when the run was charged by an earlier request (no new charge).")
+
+
+class RunStartResponse(Model):
+    """200 from run_start."""
+
+    run_id: str
+    state: Literal["started"]
+    started_at: str
+
+
+class IssueResponse(Model):
+    """200 from issue."""
+
+    grant_id: str
+    principal: str
+    plan_id: str
+    runs_total: int
+    expires_at: str | None
+    balance: int = Field(description="The principal's balance right after this grant was issued.")
+    replayed: bool = Field(description="True when an earlier request with this Idempotency-Key issued the grant.")
+
+
+class ErrorDetail(Model):
+    """The error object."""
+
+    code: str
+    message: str
+    status: int
+
+
+class ErrorBody(Model):
+    """Every error response body."""
+
+    error: ErrorDetail

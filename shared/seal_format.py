@@ -1,0 +1,484 @@
+"""seal.json canonical form and seal.svg render and parse: pure functions, no Firestore, KMS or HTTP."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from xml.etree.ElementTree import Element, ParseError
+from xml.sax.saxutils import escape as _escape_text
+
+import defusedxml.ElementTree
+from defusedxml.common import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden
+
+from shared.errors import InvalidSeal, PayloadTooLarge
+
+SEAL_NS = "urn:gbx:seal:v1"
+SVG_NS = "http://www.w3.org/2000/svg"
+MAX_SEAL_BYTES = 256 * 1024
+# A seal sits three levels deep (svg > metadata > seal); anything near this is not
+# a badge but an attempt to make a tree walker recurse or allocate without end.
+MAX_SEAL_DEPTH = 64
+
+REQUIRED_CLAIMS: frozenset[str] = frozenset(
+    {
+        "v",
+        "seal_id",
+        "run_id",
+        "principal",
+        "project_id",
+        "container_image",
+        "inputs_sha256",
+        "outputs_sha256",
+        "consumed_at",
+        "started_at",
+        "completed_at",
+        "issuer",
+        "key",
+    }
+)
+OPTIONAL_CLAIMS: frozenset[str] = frozenset({"run_manifest_sha256"})
+
+SEAL_VERSION = "1"
+SEAL_ALG = "ES256"
+SEAL_ATTRIBUTES = ("version", "alg", "key", "payload", "signature")
+
+_SVG_TAG = f"{{{SVG_NS}}}svg"
+_METADATA_TAG = f"{{{SVG_NS}}}metadata"
+_SEAL_TAG = f"{{{SEAL_NS}}}seal"
+
+# fullmatch, not match with "$": "$" would also accept a trailing newline.
+_B64URL_ALPHABET = re.compile(r"[A-Za-z0-9_-]*")
+
+
+class SealPayloadInvalid(ValueError):
+    """The seal element's payload is not a valid seal.json; the message is the reason.
+
+    Not an ApiError on purpose: a document that parses but carries a bad payload is a
+    200 INVALID verification (``checks.document`` = the reason), not an HTTP error.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SealElement:
+    """The attributes of the one seal element, as found in the svg (payload and signature still base64url)."""
+
+    version: str
+    alg: str
+    key: str
+    payload: str
+    signature: str
+
+
+def canonical_json(claims: dict) -> bytes:
+    """Return the canonical seal.json bytes: UTF-8, sorted keys, no insignificant whitespace."""
+    # allow_nan=False: NaN/Infinity are not JSON, so they can never be part of a seal.
+    return json.dumps(
+        claims, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def b64url_encode(data: bytes) -> str:
+    """Encode bytes as unpadded base64url text."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode unpadded base64url text strictly; raise ValueError for anything but the canonical encoding."""
+    # Strictness matters: a signed payload must have exactly one textual form, or the
+    # same seal could circulate as many different documents.
+    if not isinstance(text, str) or _B64URL_ALPHABET.fullmatch(text) is None:
+        raise ValueError("not unpadded base64url text")
+    if len(text) % 4 == 1:
+        raise ValueError("impossible base64url length")
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except binascii.Error as exc:
+        raise ValueError("not base64url") from exc
+    # Non-zero unused bits in the last character decode to the same bytes as the
+    # canonical text; re-encoding exposes them.
+    if b64url_encode(data) != text:
+        raise ValueError("non-canonical base64url encoding")
+    return data
+
+
+def parse_seal_svg(data: bytes) -> SealElement:
+    """Parse an uploaded seal.svg safely and return its one seal element; raise InvalidSeal if unusable."""
+    # Size first: nothing about an oversized upload is worth parsing.
+    if len(data) > MAX_SEAL_BYTES:
+        raise PayloadTooLarge(f"a seal.svg is limited to {MAX_SEAL_BYTES} bytes")
+    root = _parse_xml(data)
+    if root.tag != _SVG_TAG:
+        raise InvalidSeal("the document is not an SVG image")
+    seals = _find_seals(root)
+    if not seals:
+        raise InvalidSeal("the document has no seal element")
+    if len(seals) > 1:
+        raise InvalidSeal("the document has more than one seal element")
+    seal, parent = seals[0]
+    if parent is None or parent.tag != _METADATA_TAG:
+        raise InvalidSeal("the seal element is not inside <metadata>")
+    missing = [name for name in SEAL_ATTRIBUTES if seal.get(name) is None]
+    if missing:
+        raise InvalidSeal(f"the seal element lacks attributes: {', '.join(missing)}")
+    element = SealElement(**{name: seal.attrib[name] for name in SEAL_ATTRIBUTES})
+    if element.version != SEAL_VERSION:
+        raise InvalidSeal("unsupported seal version")
+    if element.alg != SEAL_ALG:
+        raise InvalidSeal("unsupported seal algorithm")
+    return element
+
+
+def decode_payload(payload: str) -> tuple[dict[str, Any], bytes]:
+    """Decode a seal element's payload into (claims, seal.json bytes); raise SealPayloadInvalid with the reason."""
+    try:
+        raw = b64url_decode(payload)
+    except ValueError as exc:
+        raise SealPayloadInvalid("payload is not base64url") from exc
+    try:
+        # Decode explicitly: json.loads(bytes) would also guess UTF-16 and UTF-32.
+        claims = json.loads(raw.decode("utf-8"), parse_constant=_reject_json_constant)
+    except (ValueError, RecursionError) as exc:
+        raise SealPayloadInvalid("payload is not UTF-8 JSON") from exc
+    if not isinstance(claims, dict):
+        raise SealPayloadInvalid("payload is not a JSON object")
+    try:
+        canonical = canonical_json(claims)
+    except (ValueError, RecursionError) as exc:
+        # Lone surrogates (from "\ud800" escapes) cannot be encoded back to UTF-8.
+        raise SealPayloadInvalid("payload is not canonical JSON") from exc
+    # Duplicate keys, whitespace, key order, escapes and number spellings all show up here.
+    if canonical != raw:
+        raise SealPayloadInvalid("payload is not canonical JSON")
+    missing = REQUIRED_CLAIMS - claims.keys()
+    if missing:
+        raise SealPayloadInvalid(f"payload lacks claims: {_name_list(missing)}")
+    unknown = claims.keys() - REQUIRED_CLAIMS - OPTIONAL_CLAIMS
+    if unknown:
+        raise SealPayloadInvalid(f"payload has unknown claims: {_name_list(unknown)}")
+    # type() and not isinstance(): True == 1 in Python, and "v": true is not version 1.
+    if type(claims["v"]) is not int or claims["v"] != 1:
+        raise SealPayloadInvalid("payload version is not 1")
+    not_strings = [name for name, value in claims.items() if name != "v" and not isinstance(value, str)]
+    if not_strings:
+        raise SealPayloadInvalid(f"payload claims are not strings: {_name_list(not_strings)}")
+    return claims, raw
+
+
+def render_seal_svg(*, payload: bytes, signature: bytes, key: str, alg: str = SEAL_ALG) -> str:
+    """Render the seal.svg badge: visible text drawn from the payload, the signed payload in <metadata>."""
+    # The visible lines are a courtesy for people; only the metadata is trusted. They
+    # are drawn leniently (any payload renders) so tests can build broken seals too.
+    claims = _claims_for_display(payload)
+    seal_id = _claim(claims, "seal_id")
+    image_name, image_digest = _split_image(_claim(claims, "container_image"))
+    completed_at = _claim(claims, "completed_at")
+    # (label, full value for the accessible description, value as drawn)
+    lines = [
+        ("Seal ID", seal_id, seal_id),
+        ("Run ID", _claim(claims, "run_id"), _claim(claims, "run_id")),
+        ("Image", image_name, image_name),
+        ("Digest", image_digest, _shorten_digest(image_digest)),
+        ("Project", _claim(claims, "project_id"), _claim(claims, "project_id")),
+        ("Principal", _claim(claims, "principal"), _claim(claims, "principal")),
+        ("Completed", completed_at, _display_time(completed_at)),
+        ("Issuer", _claim(claims, "issuer"), _claim(claims, "issuer")),
+    ]
+    title = f"Sealed run {_clean(seal_id)} \u2014 GBX Entitlements"
+    description = "; ".join(f"{label}: {_clean(full)}" for label, full, _ in lines)
+    seal_element = (
+        f'<gbx:seal xmlns:gbx="{SEAL_NS}" version="{SEAL_VERSION}" alg={_attr(alg)} key={_attr(key)}'
+        f' payload="{b64url_encode(payload)}" signature="{b64url_encode(signature)}"/>'
+    )
+    rows = "\n".join(_row(index, label, shown) for index, (label, _, shown) in enumerate(lines))
+    pill_text = _fit(f"SIGNED \u00b7 {_clean(alg)}", _PILL_WIDTH - 28, _PILL_FONT)
+    return _SVG_TEMPLATE.format(
+        **_SVG_LAYOUT,
+        title=_escape_text(title),
+        desc=_escape_text(description),
+        seal=seal_element,
+        rows=rows,
+        pill_text=_escape_text(pill_text),
+    )
+
+
+# --- parsing helpers ---------------------------------------------------------
+
+
+def _parse_xml(data: bytes) -> Element:
+    """Parse with defusedxml, turning every way a hostile document can fail into InvalidSeal."""
+    try:
+        return defusedxml.ElementTree.fromstring(
+            data, forbid_dtd=True, forbid_entities=True, forbid_external=True
+        )
+    except DTDForbidden as exc:
+        raise InvalidSeal("the document has a DTD") from exc
+    except EntitiesForbidden as exc:
+        raise InvalidSeal("the document declares entities") from exc
+    except ExternalReferenceForbidden as exc:
+        raise InvalidSeal("the document has an external reference") from exc
+    # ParseError: not well-formed. ValueError: e.g. "multi-byte encodings are not
+    # supported". LookupError: an unknown encoding in the XML declaration. Recursion
+    # and memory errors must not escape as 500s for a document the caller controls.
+    except (ParseError, ValueError, LookupError, RecursionError, MemoryError) as exc:
+        raise InvalidSeal("the document is not well-formed XML") from exc
+
+
+def _find_seals(root: Element) -> list[tuple[Element, Element | None]]:
+    """Return every seal element with its parent, refusing documents nested too deeply."""
+    # An explicit stack instead of recursion: depth is attacker-controlled, and
+    # ElementTree elements do not know their parents.
+    found: list[tuple[Element, Element | None]] = []
+    stack: list[tuple[Element, int, Element | None]] = [(root, 1, None)]
+    while stack:
+        element, depth, parent = stack.pop()
+        if depth > MAX_SEAL_DEPTH:
+            raise InvalidSeal("the document is nested too deeply")
+        if element.tag == _SEAL_TAG:
+            found.append((element, parent))
+        stack.extend((child, depth + 1, element) for child in element)
+    return found
+
+
+def _reject_json_constant(name: str) -> Any:
+    """Refuse NaN and Infinity, which Python's json accepts but JSON does not have."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def _name_list(names: Iterable[str]) -> str:
+    """List claim names for a reason string, bounded: unknown names come from the uploader."""
+    ordered = sorted(names)
+    shown = [name if len(name) <= 40 else name[:39] + "\u2026" for name in ordered[:5]]
+    more = f" (and {len(ordered) - 5} more)" if len(ordered) > 5 else ""
+    return ", ".join(shown) + more
+
+
+# --- rendering helpers -------------------------------------------------------
+
+_WIDTH = 600
+_HEADER_BOTTOM = 96
+_ROW_TOP = 132
+_ROW_STEP = 30
+_ROW_COUNT = 8
+_FOOTER_TOP = _ROW_TOP + _ROW_STEP * (_ROW_COUNT - 1) + 24
+_HEIGHT = _FOOTER_TOP + 44
+_LABEL_X = 32
+_VALUE_X = 132
+_VALUE_FONT = 14
+_VALUE_WIDTH = _WIDTH - _VALUE_X - 32
+_PILL_X = 440
+_PILL_WIDTH = 128
+_PILL_FONT = 11
+_FOOTER_FONT = 11
+_FOOTER_TEXT = "Only the signed payload in this file\u2019s metadata counts \u00b7 verify at /api/seal/verify"
+
+_MISSING = "\u2014"  # an em dash stands in for a claim the payload lacks
+_ELLIPSIS = "\u2026"
+_TIME = re.compile(r"(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}:\d{2})(?:\.\d+)?Z")
+_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+
+# Advance widths (em/1000) of printable ASCII in DejaVu Sans, from space to "~";
+# Verdana's are nearly the same. Text is measured with these to ellipsize it before
+# it can overflow the badge: SVG 1.1 has no text-overflow.
+_ASCII_WIDTHS = (
+    318, 401, 460, 838, 636, 950, 780, 275, 390, 390, 500, 838, 318, 361, 318, 337,
+    636, 636, 636, 636, 636, 636, 636, 636, 636, 636, 337, 337, 838, 838, 838, 531,
+    1000, 684, 686, 698, 770, 632, 575, 775, 752, 295, 295, 656, 557, 863, 748, 787,
+    603, 787, 695, 635, 611, 732, 684, 989, 685, 611, 685, 390, 337, 390, 838, 500,
+    500, 613, 635, 550, 635, 615, 352, 635, 634, 278, 278, 579, 278, 974, 634, 612,
+    635, 635, 411, 521, 392, 634, 592, 818, 592, 592, 525, 636, 337, 636, 838,
+)
+# Anything else (accents, CJK, symbols) is assumed wider than any ASCII glyph.
+_OTHER_WIDTH = 1050
+# Headroom for Verdana and bold fallbacks, whose glyphs run a few percent wider.
+_WIDTH_MARGIN = 1.06
+
+_SVG_TEMPLATE = """\
+<?xml version="1.0" encoding="UTF-8"?>
+<svg xmlns="http://www.w3.org/2000/svg" version="1.1" width="{width}" height="{height}" \
+viewBox="0 0 {width} {height}" role="img" aria-labelledby="gbx-title gbx-desc">
+<title id="gbx-title">{title}</title>
+<desc id="gbx-desc">{desc}</desc>
+<metadata>{seal}</metadata>
+<defs>
+<linearGradient id="gbx-header" x1="0" y1="0" x2="1" y2="1">
+<stop offset="0" stop-color="#0b2545"/>
+<stop offset="1" stop-color="#134f7c"/>
+</linearGradient>
+<linearGradient id="gbx-medal" x1="0" y1="0" x2="0" y2="1">
+<stop offset="0" stop-color="#f9dc7a"/>
+<stop offset="1" stop-color="#d9a21b"/>
+</linearGradient>
+</defs>
+<rect x="0.5" y="0.5" width="{inner_width}" height="{inner_height}" rx="16" fill="#ffffff" stroke="#d3dce6"/>
+<path d="M0.5 16.5 A16 16 0 0 1 16.5 0.5 H{corner_right} A16 16 0 0 1 {right} 16.5 V{header_bottom} H0.5 Z" \
+fill="url(#gbx-header)"/>
+<path d="M0.5 {footer_top} H{right} V{corner_bottom} A16 16 0 0 1 {corner_right} {bottom} H16.5 \
+A16 16 0 0 1 0.5 {corner_bottom} Z" fill="#f3f6f9"/>
+<line x1="0.5" y1="{footer_top}" x2="{right}" y2="{footer_top}" stroke="#e1e8ef"/>
+<circle cx="58" cy="48" r="29" fill="url(#gbx-medal)" stroke="#f9e7ae" stroke-width="2"/>
+<circle cx="58" cy="48" r="22" fill="none" stroke="#fff6d6" stroke-width="1.5" stroke-dasharray="2 3"/>
+<path d="M46 49 L54 57 L71 39" fill="none" stroke="#0b2545" stroke-width="4.5" \
+stroke-linecap="round" stroke-linejoin="round"/>
+<g font-family="DejaVu Sans, Verdana, sans-serif">
+<text x="104" y="40" font-size="11" font-weight="bold" letter-spacing="2" fill="#9cc5ea">GBX ENTITLEMENTS</text>
+<text x="103" y="70" font-size="26" font-weight="bold" fill="#ffffff">Sealed run</text>
+<rect x="{pill_x}" y="34" width="{pill_width}" height="28" rx="14" fill="#ffffff" fill-opacity="0.12" \
+stroke="#ffffff" stroke-opacity="0.4"/>
+<text x="{pill_center}" y="52" font-size="{pill_font}" font-weight="bold" letter-spacing="1" fill="#ffffff" \
+text-anchor="middle">{pill_text}</text>
+{rows}
+<text x="{label_x}" y="{footer_text_y}" font-size="{footer_font}" fill="#5b6b7c">{footer_text}</text>
+</g>
+</svg>
+"""
+# Fixed geometry, filled into the template once so render_seal_svg only adds content.
+_SVG_LAYOUT = {
+    "width": _WIDTH,
+    "height": _HEIGHT,
+    "inner_width": _WIDTH - 1,
+    "inner_height": _HEIGHT - 1,
+    "right": _WIDTH - 0.5,
+    "bottom": _HEIGHT - 0.5,
+    "corner_right": _WIDTH - 16.5,
+    "corner_bottom": _HEIGHT - 16.5,
+    "header_bottom": _HEADER_BOTTOM,
+    "footer_top": _FOOTER_TOP,
+    "footer_text_y": _FOOTER_TOP + 27,
+    "footer_font": _FOOTER_FONT,
+    "footer_text": _escape_text(_FOOTER_TEXT),
+    "label_x": _LABEL_X,
+    "pill_x": _PILL_X,
+    "pill_width": _PILL_WIDTH,
+    "pill_center": _PILL_X + _PILL_WIDTH / 2,
+    "pill_font": _PILL_FONT,
+}
+
+
+def _row(index: int, label: str, value: str) -> str:
+    """Render one label/value line of the badge, with a hairline under all but the last."""
+    y = _ROW_TOP + index * _ROW_STEP
+    shown = _fit(_clean(value), _VALUE_WIDTH, _VALUE_FONT)
+    line = (
+        f'<text x="{_LABEL_X}" y="{y}" font-size="10.5" font-weight="bold" letter-spacing="1" '
+        f'fill="#6b7a8c">{_escape_text(label.upper())}</text>\n'
+        f'<text x="{_VALUE_X}" y="{y}" font-size="{_VALUE_FONT}" fill="#17212b">{_escape_text(shown)}</text>'
+    )
+    if index < _ROW_COUNT - 1:
+        rule_y = y + 11
+        line += f'\n<line x1="{_LABEL_X}" y1="{rule_y}" x2="{_WIDTH - 32}" y2="{rule_y}" stroke="#edf1f5"/>'
+    return line
+
+
+def _claims_for_display(payload: bytes) -> dict[str, Any]:
+    """Read the payload's claims for display, or none if it is not a JSON object."""
+    try:
+        claims = json.loads(payload.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def _claim(claims: dict[str, Any], name: str) -> str:
+    """Return a string claim for display, or a dash when it is absent or not a string."""
+    value = claims.get(name)
+    return value if isinstance(value, str) and value else _MISSING
+
+
+def _split_image(image: str) -> tuple[str, str]:
+    """Split NAME[:TAG]@sha256:HEX into its name and digest, shown on separate lines."""
+    name, at, digest = image.rpartition("@")
+    if not at or not name:
+        return image, _MISSING
+    return name, digest
+
+
+def _shorten_digest(digest: str) -> str:
+    """Shorten a sha256 digest the way registries do: the full value is in the payload."""
+    match = _DIGEST.fullmatch(digest)
+    if match is None:
+        return digest
+    hex_digits = match.group(1)
+    return f"sha256:{hex_digits[:16]}{_ELLIPSIS}{hex_digits[-8:]}"
+
+
+def _display_time(value: str) -> str:
+    """Show an RFC 3339 UTC time as 'YYYY-MM-DD HH:MM:SS UTC', anything else as is."""
+    match = _TIME.fullmatch(value)
+    if match is None:
+        return value
+    return f"{match.group(1)} {match.group(2)} UTC"
+
+
+def _clean(text: str) -> str:
+    """Replace characters that XML forbids or that can disguise text (controls, bidi overrides)."""
+    # Escaping cannot help here: a control character is illegal in XML 1.0 even as a
+    # character reference, and one bad claim must not make the whole seal unparseable.
+    return "".join(
+        "\ufffd"
+        if not _is_xml_char(char) or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp")
+        else char
+        for char in text
+    )
+
+
+def _text_width(text: str, font_size: float) -> float:
+    """Estimate the rendered width of text in pixels, erring on the wide side."""
+    units = sum(
+        _ASCII_WIDTHS[ord(char) - 32] if 32 <= ord(char) < 127 else _OTHER_WIDTH for char in text
+    )
+    return units / 1000 * font_size * _WIDTH_MARGIN
+
+
+def _fit(text: str, max_width: float, font_size: float) -> str:
+    """Ellipsize text in the middle so that it fits; both ends of an id carry meaning."""
+    if _text_width(text, font_size) <= max_width:
+        return text
+    budget = max_width - _text_width(_ELLIPSIS, font_size)
+    head: list[str] = []
+    tail: list[str] = []
+    start, end = 0, len(text) - 1
+    # Take characters alternately from both ends until the next one would not fit.
+    while start <= end:
+        take_head = len(head) <= len(tail)
+        char = text[start] if take_head else text[end]
+        if _text_width("".join(head) + "".join(tail) + char, font_size) > budget:
+            break
+        if take_head:
+            head.append(char)
+            start += 1
+        else:
+            tail.append(char)
+            end -= 1
+    return "".join(head) + _ELLIPSIS + "".join(reversed(tail))
+
+
+def _attr(value: str) -> str:
+    """Quote a value as an XML attribute that parses back to exactly the same string."""
+    # Unlike display text, an attribute must round-trip exactly, so refuse rather
+    # than silently alter a value that XML cannot carry.
+    if not all(_is_xml_char(char) for char in value):
+        raise ValueError("attribute value contains characters XML cannot carry")
+    # Whitespace is escaped too: parsers normalise a literal tab or newline to a space.
+    escaped = _escape_text(value, {'"': "&quot;", "\t": "&#9;", "\n": "&#10;", "\r": "&#13;"})
+    return f'"{escaped}"'
+
+
+def _is_xml_char(char: str) -> bool:
+    """Say whether XML 1.0 allows this character at all (its Char production)."""
+    code = ord(char)
+    return (
+        code in (0x9, 0xA, 0xD)
+        or 0x20 <= code <= 0xD7FF
+        or 0xE000 <= code <= 0xFFFD
+        or 0x10000 <= code <= 0x10FFFF
+    )

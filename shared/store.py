@@ -1,0 +1,300 @@
+"""All Firestore access: reads outside transactions, and optimistic atomic commits with preconditions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from google.api_core import exceptions as gexc
+from google.cloud import firestore
+from google.cloud.firestore_v1.base_query import FieldFilter
+
+from shared.config import get_config
+
+PRINCIPALS = "principals"
+GRANTS = "grants"
+RUNS = "runs"
+LEDGER = "ledger"
+SEALS = "seals"
+REDEMPTIONS = "redemptions"
+ISSUANCES = "issuances"
+
+
+class Contended(Exception):
+    """The commit lost a race (a precondition failed or a document now exists): re-read and decide again."""
+
+
+@functools.cache
+def client() -> firestore.Client:
+    """The process-wide Firestore client (the emulator when FIRESTORE_EMULATOR_HOST is set)."""
+    return firestore.Client(project=get_config().project)
+
+
+def sha256_hex(text: str) -> str:
+    """Hex SHA-256 of a string: document ids for keys that are not safe ids themselves."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_doc_id(run_id: str) -> str:
+    """A safe document id for a run_id: the prefix keeps `.`, `..` and `__x__` from being ids on their own."""
+    return f"r:{run_id}"
+
+
+def redemption_id(principal: str, seal_id: str) -> str:
+    """Document id of a (principal, seal) redemption."""
+    return sha256_hex(f"{principal}|{seal_id}")
+
+
+def _ledger_id(reason: str, principal: str, ref: str) -> str:
+    """Deterministic ledger id: `create()` then refuses a second entry for the same event."""
+    return sha256_hex(f"{reason}|{principal}|{ref}")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A grant of runs to a principal, as read."""
+
+    grant_id: str
+    principal: str
+    plan_id: str
+    runs_total: int
+    remaining: int
+    expires_at: dt.datetime | None
+    created_at: dt.datetime | None
+    update_time: Any = field(repr=False, compare=False)
+
+    def usable(self, now: dt.datetime) -> bool:
+        """True while the grant has runs left and has not expired."""
+        return self.remaining > 0 and (self.expires_at is None or self.expires_at > now)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run record (`consumed → started → completed`), as read."""
+
+    run_id: str
+    data: dict[str, Any]
+    update_time: Any = field(repr=False, compare=False)
+
+    @property
+    def state(self) -> str:
+        """consumed, started or completed."""
+        return self.data["state"]
+
+
+def _principal_ref(principal: str) -> firestore.DocumentReference:
+    return client().collection(PRINCIPALS).document(principal)
+
+
+def _grant_ref(principal: str, grant_id: str) -> firestore.DocumentReference:
+    return _principal_ref(principal).collection(GRANTS).document(grant_id)
+
+
+def _run_ref(principal: str, run_id: str) -> firestore.DocumentReference:
+    return _principal_ref(principal).collection(RUNS).document(run_doc_id(run_id))
+
+
+def read_grants_with_runs_left(principal: str) -> list[Grant]:
+    """The principal's grants that still hold runs (expired ones included; callers filter by time)."""
+    query = _principal_ref(principal).collection(GRANTS).where(filter=FieldFilter("remaining", ">", 0))
+    grants = []
+    for snap in query.get():
+        data = snap.to_dict()
+        grants.append(
+            Grant(
+                grant_id=snap.id,
+                principal=data["principal"],
+                plan_id=data["plan_id"],
+                runs_total=data["runs_total"],
+                remaining=data["remaining"],
+                expires_at=data.get("expires_at"),
+                created_at=data.get("created_at"),
+                update_time=snap.update_time,
+            )
+        )
+    return grants
+
+
+def read_run(principal: str, run_id: str) -> Run | None:
+    """The principal's run record for run_id, or None."""
+    snap = _run_ref(principal, run_id).get()
+    if not snap.exists:
+        return None
+    return Run(run_id=run_id, data=snap.to_dict(), update_time=snap.update_time)
+
+
+def _commit(batch: firestore.WriteBatch) -> list[Any]:
+    """Commit a batch; a lost race becomes Contended."""
+    try:
+        return batch.commit()
+    except (gexc.FailedPrecondition, gexc.Conflict, gexc.NotFound) as exc:
+        # Conflict covers AlreadyExists (a create lost) and Aborted; NotFound a precondition on a deleted doc.
+        raise Contended(str(exc)) from exc
+
+
+def _ledger(batch: firestore.WriteBatch, *, principal: str, grant_id: str, delta: int, reason: str, ref: str) -> None:
+    """Append the ledger entry of a balance change to the batch that makes the change."""
+    doc = client().collection(LEDGER).document(_ledger_id(reason, principal, ref))
+    batch.create(
+        doc,
+        {"principal": principal, "grant_id": grant_id, "delta": delta, "reason": reason, "ref": ref, "at": firestore.SERVER_TIMESTAMP},
+    )
+
+
+def _grant_fields(*, principal: str, plan_id: str, runs_total: int, expires_at: dt.datetime | None, source: str, ref: str | None, issued_by: str | None) -> dict[str, Any]:
+    return {
+        "principal": principal,
+        "plan_id": plan_id,
+        "runs_total": runs_total,
+        "remaining": runs_total,
+        "expires_at": expires_at,
+        "created_at": firestore.SERVER_TIMESTAMP,
+        "source": source,
+        "ref": ref,
+        "issued_by": issued_by,
+    }
+
+
+def read_issuance(key_hash: str) -> dict[str, Any] | None:
+    """The recorded issuance for an idempotency-key hash, or None."""
+    snap = client().collection(ISSUANCES).document(key_hash).get()
+    return snap.to_dict() if snap.exists else None
+
+
+def commit_issue(
+    *,
+    principal: str,
+    grant_id: str,
+    plan_id: str,
+    runs_total: int,
+    expires_at: dt.datetime | None,
+    issued_by: str | None,
+    idempotency_key_hash: str | None,
+    fingerprint: str,
+    response: dict[str, Any],
+) -> None:
+    """One commit: the grant, its ledger entry and (with a key) the issuance record that makes replays exact."""
+    batch = client().batch()
+    batch.set(_principal_ref(principal), {"principal": principal, "last_issued_at": firestore.SERVER_TIMESTAMP}, merge=True)
+    batch.create(
+        _grant_ref(principal, grant_id),
+        _grant_fields(principal=principal, plan_id=plan_id, runs_total=runs_total, expires_at=expires_at, source="issue", ref=idempotency_key_hash, issued_by=issued_by),
+    )
+    _ledger(batch, principal=principal, grant_id=grant_id, delta=runs_total, reason="issue", ref=grant_id)
+    if idempotency_key_hash is not None:
+        batch.create(
+            client().collection(ISSUANCES).document(idempotency_key_hash),
+            {"fingerprint": fingerprint, "response": response, "principal": principal, "grant_id": grant_id, "created_at": firestore.SERVER_TIMESTAMP},
+        )
+    _commit(batch)
+
+
+def commit_consume(principal: str, run_id: str, grant: Grant) -> None:
+    """One commit: take a run from `grant` (unchanged since read), create the run record, append the ledger entry."""
+    batch = client().batch()
+    batch.update(
+        _grant_ref(principal, grant.grant_id),
+        {"remaining": firestore.Increment(-1)},
+        option=client().write_option(last_update_time=grant.update_time),
+    )
+    batch.create(
+        _run_ref(principal, run_id),
+        {"run_id": run_id, "principal": principal, "state": "consumed", "grant_id": grant.grant_id, "consumed_at": firestore.SERVER_TIMESTAMP},
+    )
+    _ledger(batch, principal=principal, grant_id=grant.grant_id, delta=-1, reason="consume", ref=run_id)
+    _commit(batch)
+
+
+def commit_run_start(principal: str, run: Run, metadata: dict[str, Any]) -> dt.datetime:
+    """Mark a consumed run started with its metadata (run unchanged since read); returns started_at."""
+    batch = client().batch()
+    batch.update(
+        _run_ref(principal, run.run_id),
+        {**metadata, "state": "started", "started_at": firestore.SERVER_TIMESTAMP},
+        option=client().write_option(last_update_time=run.update_time),
+    )
+    (result,) = _commit(batch)
+    # SERVER_TIMESTAMP resolves to the commit time, which is the write's update_time.
+    return result.update_time
+
+
+def commit_run_complete(principal: str, run: Run, *, outputs_sha256: str, completed_at: dt.datetime, seal: dict[str, Any]) -> None:
+    """One commit: record the seal and mark the started run (unchanged since read) completed."""
+    batch = client().batch()
+    batch.update(
+        _run_ref(principal, run.run_id),
+        {"state": "completed", "outputs_sha256": outputs_sha256, "completed_at": completed_at, "seal_id": seal["seal_id"]},
+        option=client().write_option(last_update_time=run.update_time),
+    )
+    batch.create(client().collection(SEALS).document(seal["seal_id"]), {**seal, "created_at": firestore.SERVER_TIMESTAMP})
+    _commit(batch)
+
+
+def read_seal(seal_id: str) -> dict[str, Any] | None:
+    """The seal record, or None."""
+    snap = client().collection(SEALS).document(seal_id).get()
+    return snap.to_dict() if snap.exists else None
+
+
+def redemption_exists(principal: str, seal_id: str) -> bool:
+    """Whether `principal` has redeemed the seal."""
+    return client().collection(REDEMPTIONS).document(redemption_id(principal, seal_id)).get().exists
+
+
+def commit_redeem(principal: str, seal_id: str, grant_id: str) -> None:
+    """One commit: the redemption record (create: a second one fails), a one-run seal_rerun grant and its ledger entry."""
+    batch = client().batch()
+    batch.create(
+        client().collection(REDEMPTIONS).document(redemption_id(principal, seal_id)),
+        {"principal": principal, "seal_id": seal_id, "grant_id": grant_id, "at": firestore.SERVER_TIMESTAMP},
+    )
+    batch.set(_principal_ref(principal), {"principal": principal}, merge=True)
+    batch.create(
+        _grant_ref(principal, grant_id),
+        _grant_fields(principal=principal, plan_id="seal_rerun", runs_total=1, expires_at=None, source="seal_rerun", ref=seal_id, issued_by=None),
+    )
+    _ledger(batch, principal=principal, grant_id=grant_id, delta=1, reason="seal_rerun", ref=seal_id)
+    _commit(batch)
+
+
+def ledger_for_principal(principal: str, limit: int = 100) -> list[dict[str, Any]]:
+    """A principal's ledger, newest first (composite index: principal ASC, at DESC)."""
+    query = (
+        client()
+        .collection(LEDGER)
+        .where(filter=FieldFilter("principal", "==", principal))
+        .order_by("at", direction=firestore.Query.DESCENDING)
+        .limit(limit)
+    )
+    return [snap.to_dict() for snap in query.get()]
+
+
+def ledger_for_grant(grant_id: str) -> list[dict[str, Any]]:
+    """A grant's ledger, oldest first (composite index: grant_id ASC, at ASC)."""
+    query = client().collection(LEDGER).where(filter=FieldFilter("grant_id", "==", grant_id)).order_by("at")
+    return [snap.to_dict() for snap in query.get()]
+
+
+def all_grants(principal: str) -> list[dict[str, Any]]:
+    """Every grant of a principal, spent or not (for audits and tests)."""
+    return [{"grant_id": s.id, **s.to_dict()} for s in _principal_ref(principal).collection(GRANTS).get()]
+
+
+# Races on one principal resolve in a few rounds; the budget is far above what contention needs, so
+# that contention ends in each request's correct answer and only a Firestore outage ends in 503.
+MAX_ATTEMPTS = 200
+MAX_BACKOFF_SECONDS = 0.25
+
+
+def attempts() -> Iterator[int]:
+    """Attempt numbers for an optimistic read-decide-commit loop, with jittered backoff between them."""
+    for attempt in range(MAX_ATTEMPTS):
+        if attempt:
+            time.sleep(random.uniform(0, min(MAX_BACKOFF_SECONDS, 0.01 * 2 ** min(attempt, 10))))
+        yield attempt
+    raise gexc.ServiceUnavailable("too much contention: optimistic commit did not succeed")
