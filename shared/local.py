@@ -104,7 +104,7 @@ class LocalIssuer:
             "exp": now + TOKEN_LIFETIME_SECONDS,
         }
 
-    def token(self, email: str, *, audience: str = config_module.LOCAL_AUDIENCE, **overrides: Any) -> str:
+    def token(self, email: str, /, *, audience: str = config_module.LOCAL_AUDIENCE, **overrides: Any) -> str:
         """A signed ID token; `overrides` replace claims (a value of None removes the claim)."""
         claims = {**self.claims(email, audience), **overrides}
         claims = {k: v for k, v in claims.items() if v is not None}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from shared import errors, store
 from shared.auth import Identity
 from shared.models import RunStartRequest, RunStartResponse, format_time
@@ -22,8 +24,10 @@ def run_start(caller: Identity, req: RunStartRequest) -> RunStartResponse:
             if any(run.data.get(name) != value for name, value in metadata.items()):
                 raise errors.RunStateConflict(f"run_id {req.run_id!r} was started with other metadata")
             return RunStartResponse(run_id=req.run_id, state="started", started_at=format_time(run.data["started_at"]))
+        # The time is taken here, not by the server, so that the response and the record agree exactly.
+        started_at = dt.datetime.now(dt.timezone.utc)
         try:
-            started_at = store.commit_run_start(caller.principal, run, metadata)
+            store.commit_run_start(caller.principal, run, metadata, started_at=started_at)
         except store.Contended:
             continue
         return RunStartResponse(run_id=req.run_id, state="started", started_at=format_time(started_at))

@@ -210,17 +210,15 @@ def commit_consume(principal: str, run_id: str, grant: Grant) -> None:
     _commit(batch)
 
 
-def commit_run_start(principal: str, run: Run, metadata: dict[str, Any]) -> dt.datetime:
-    """Mark a consumed run started with its metadata (run unchanged since read); returns started_at."""
+def commit_run_start(principal: str, run: Run, metadata: dict[str, Any], *, started_at: dt.datetime) -> None:
+    """Mark a consumed run (unchanged since read) started, with its metadata."""
     batch = client().batch()
     batch.update(
         _run_ref(principal, run.run_id),
-        {**metadata, "state": "started", "started_at": firestore.SERVER_TIMESTAMP},
+        {**metadata, "state": "started", "started_at": started_at},
         option=client().write_option(last_update_time=run.update_time),
     )
-    (result,) = _commit(batch)
-    # SERVER_TIMESTAMP resolves to the commit time, which is the write's update_time.
-    return result.update_time
+    _commit(batch)
 
 
 def commit_run_complete(principal: str, run: Run, *, outputs_sha256: str, completed_at: dt.datetime, seal: dict[str, Any]) -> None:

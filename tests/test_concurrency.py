@@ -1,0 +1,63 @@
+"""Races on one principal end exactly: every request gets its correct answer, none a 5xx."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import requests
+
+from shared import store
+from tests.conftest import RUNNER, Api
+
+
+def _together(count: int, call: Callable[[int], requests.Response]) -> list[requests.Response]:
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(call, range(count)))
+
+
+def test_40_consumers_of_10_runs(api: Api) -> None:
+    grant_id = api.issue(RUNNER, 10).json()["grant_id"]
+    responses = _together(40, lambda n: api.consume(f"job-{n}"))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 10 + [402] * 30
+    assert all(r.json()["error"]["code"] == "entitlement_exhausted" for r in responses if r.status_code == 402)
+    (grant,) = store.all_grants(RUNNER)
+    assert grant["remaining"] == 0
+    ledger = store.ledger_for_grant(grant_id)
+    assert sum(e["delta"] for e in ledger) == 10 - 10 == grant["remaining"]
+    assert sorted(e["reason"] for e in ledger) == ["consume"] * 10 + ["issue"]
+    charged = {r.json()["run_id"] for r in responses if r.status_code == 200}
+    assert {e["ref"] for e in ledger if e["reason"] == "consume"} == charged
+    assert all(store.read_run(RUNNER, run_id).state == "consumed" for run_id in charged)
+
+
+def test_20_consumes_of_one_run_id_charge_once(api: Api) -> None:
+    grant_id = api.issue(RUNNER, 5).json()["grant_id"]
+    responses = _together(20, lambda n: api.consume("same-run"))
+    assert [r.status_code for r in responses] == [200] * 20
+    assert sorted(r.json()["replayed"] for r in responses) == [False] + [True] * 19
+    (grant,) = store.all_grants(RUNNER)
+    assert grant["remaining"] == 4
+    assert sum(e["delta"] for e in store.ledger_for_grant(grant_id)) == 4
+
+
+def test_concurrent_issues_with_one_idempotency_key_make_one_grant(api: Api) -> None:
+    responses = _together(10, lambda n: api.issue(RUNNER, 7, key="order-42"))
+    assert [r.status_code for r in responses] == [200] * 10
+    grant_ids = {r.json()["grant_id"] for r in responses}
+    assert len(grant_ids) == 1
+    assert sorted(r.json()["replayed"] for r in responses) == [False] + [True] * 9
+    grants = store.all_grants(RUNNER)
+    assert [g["runs_total"] for g in grants] == [7]
+    assert [e["delta"] for e in store.ledger_for_principal(RUNNER)] == [7]
+
+
+def test_concurrent_consumes_across_several_grants(api: Api) -> None:
+    for runs in (3, 4, 5):
+        api.issue(RUNNER, runs)
+    responses = _together(30, lambda n: api.consume(f"job-{n}"))
+    assert sorted(r.status_code for r in responses) == [200] * 12 + [402] * 18
+    for grant in store.all_grants(RUNNER):
+        assert grant["remaining"] == 0
+        assert sum(e["delta"] for e in store.ledger_for_grant(grant["grant_id"])) == 0

@@ -1,0 +1,213 @@
+"""issue, check and consume over HTTP on the Firestore emulator: every status path, balances, expiry, ledger."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from shared import store
+from tests.conftest import ADMIN_TOKEN, RUNNER, Api, error_code
+
+OTHER = "other@acme-prod.iam.gserviceaccount.com"
+
+
+def _future(days: int = 30) -> str:
+    return (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=days)).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def test_issue_returns_the_grant_and_balance(api: Api) -> None:
+    expires = _future()
+    response = api.issue(RUNNER.upper(), 5, plan_id="pro", expires_at=expires)
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"grant_id", "principal", "plan_id", "runs_total", "expires_at", "balance", "replayed"}
+    assert body["principal"] == RUNNER
+    assert (body["plan_id"], body["runs_total"], body["expires_at"], body["balance"], body["replayed"]) == ("pro", 5, expires, 5, False)
+    again = api.issue(RUNNER, 2).json()
+    assert again["plan_id"] == "standard" and again["expires_at"] is None and again["balance"] == 7
+
+
+def test_issue_writes_one_ledger_entry_per_grant(api: Api) -> None:
+    grant_id = api.issue(RUNNER, 4).json()["grant_id"]
+    entries = store.ledger_for_grant(grant_id)
+    assert [(e["delta"], e["reason"], e["principal"]) for e in entries] == [(4, "issue", RUNNER)]
+
+
+def test_issue_requires_the_admin_token(api: Api) -> None:
+    body = {"principal": RUNNER, "runs_total": 1}
+    missing = api.post("/api/entitlement/issue", body, as_user=None)
+    assert (missing.status_code, error_code(missing)) == (401, "unauthenticated")
+    wrong = api.post("/api/entitlement/issue", body, as_user=None, headers={"X-GBX-ADMIN-TOKEN": ADMIN_TOKEN + "x"})
+    assert (wrong.status_code, error_code(wrong)) == (403, "forbidden")
+    # A user's ID token is no admin token.
+    user = api.post("/api/entitlement/issue", body)
+    assert (user.status_code, error_code(user)) == (401, "unauthenticated")
+
+
+def test_issue_records_the_issuer_of_an_accompanying_id_token(api: Api) -> None:
+    headers = {"X-GBX-ADMIN-TOKEN": ADMIN_TOKEN}
+    response = api.post("/api/entitlement/issue", {"principal": RUNNER, "runs_total": 1}, as_user="Partner@Example.com", headers=headers)
+    assert response.status_code == 200
+    (grant,) = store.all_grants(RUNNER)
+    assert grant["issued_by"] == "partner@example.com"
+    headers["Authorization"] = "Bearer not-a-token"
+    bad = api.post("/api/entitlement/issue", {"principal": RUNNER, "runs_total": 1}, as_user=None, headers=headers)
+    assert (bad.status_code, error_code(bad)) == (401, "unauthenticated")
+    assert len(store.all_grants(RUNNER)) == 1
+
+
+def test_issue_rejects_out_of_range_values(api: Api) -> None:
+    past = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)).isoformat()
+    for fields in (
+        {"runs_total": 0},
+        {"runs_total": 1_000_001},
+        {"runs_total": "3"},
+        {"runs_total": 2.0},
+        {"runs_total": True},
+        {"runs_total": 1, "expires_at": past},
+        {"runs_total": 1, "expires_at": "2099-01-01T00:00:00"},
+        {"runs_total": 1, "expires_at": "tomorrow"},
+        {"runs_total": 1, "plan_id": ""},
+        {"runs_total": 1, "plan_id": "a/b"},
+        {"runs_total": 1, "colour": "red"},
+    ):
+        response = api.issue(RUNNER, **fields)
+        assert (response.status_code, error_code(response)) == (400, "invalid_request"), fields
+    for principal in ("", "no-at-sign", "a/b@example.com", "x@y"):
+        response = api.issue(principal, 1)
+        assert (response.status_code, error_code(response)) == (400, "invalid_request"), principal
+    assert store.all_grants(RUNNER) == []
+
+
+def test_idempotency_key_replays_the_first_response(api: Api) -> None:
+    first = api.issue(RUNNER, 3, key="order-1")
+    assert first.status_code == 200 and first.json()["replayed"] is False
+    api.issue(RUNNER, 1)  # balance changes in between: the replay is still the first response
+    replay = api.issue(RUNNER.upper(), 3, key="order-1", plan_id="standard")
+    assert replay.status_code == 200
+    assert replay.json() == {**first.json(), "replayed": True}
+    conflict = api.issue(RUNNER, 4, key="order-1")
+    assert (conflict.status_code, error_code(conflict)) == (409, "idempotency_conflict")
+    assert sorted(g["runs_total"] for g in store.all_grants(RUNNER)) == [1, 3]
+
+
+def test_idempotency_key_length_is_checked(api: Api) -> None:
+    response = api.issue(RUNNER, 1, key="k" * 256)
+    assert (response.status_code, error_code(response)) == (400, "invalid_request")
+    assert api.issue(RUNNER, 1, key="k" * 255).status_code == 200
+
+
+def test_check_new_run(api: Api) -> None:
+    api.issue(RUNNER, 2)
+    response = api.check("job-1")
+    assert response.status_code == 200
+    assert response.json() == {"run_id": "job-1", "principal": RUNNER, "available": True, "balance": 2, "state": "new"}
+    assert store.read_run(RUNNER, "job-1") is None  # check writes nothing
+
+
+def test_check_without_runs_is_402(api: Api) -> None:
+    response = api.check("job-1")
+    assert (response.status_code, error_code(response)) == (402, "entitlement_exhausted")
+
+
+def test_check_after_consume_resumes_without_charge_even_at_zero_balance(api: Api) -> None:
+    api.issue(RUNNER, 1)
+    assert api.consume("job-1").status_code == 200
+    response = api.check("job-1")
+    assert response.status_code == 200
+    assert response.json() == {"run_id": "job-1", "principal": RUNNER, "available": True, "balance": 0, "state": "consumed"}
+
+
+def test_check_started_run_is_reused(api: Api) -> None:
+    api.issue(RUNNER, 2)
+    api.consume("job-1")
+    api.run_start("job-1")
+    response = api.check("job-1")
+    assert (response.status_code, error_code(response)) == (409, "run_id_reused")
+
+
+def test_consume_charges_once_and_replays(api: Api) -> None:
+    api.issue(RUNNER, 2)
+    first = api.consume("job-1")
+    assert first.status_code == 200
+    assert first.json() == {"run_id": "job-1", "principal": RUNNER, "balance": 1, "state": "consumed", "replayed": False}
+    again = api.consume("job-1")
+    assert again.json() == {"run_id": "job-1", "principal": RUNNER, "balance": 1, "state": "consumed", "replayed": True}
+    assert api.check("job-2").json()["balance"] == 1
+
+
+def test_consume_at_zero_is_402_and_writes_nothing(api: Api) -> None:
+    api.issue(RUNNER, 1)
+    api.consume("job-1")
+    response = api.consume("job-2")
+    assert (response.status_code, error_code(response)) == (402, "entitlement_exhausted")
+    assert store.read_run(RUNNER, "job-2") is None
+
+
+def test_consume_of_started_run_is_409(api: Api) -> None:
+    api.issue(RUNNER, 3)
+    api.consume("job-1")
+    api.run_start("job-1")
+    response = api.consume("job-1")
+    assert (response.status_code, error_code(response)) == (409, "run_id_reused")
+    assert api.check("job-9").json()["balance"] == 2
+
+
+def test_runs_are_namespaced_per_principal(api: Api) -> None:
+    api.issue(RUNNER, 1)
+    api.issue(OTHER, 1)
+    assert api.consume("shared-id").status_code == 200
+    # Another principal's run_id is invisible: the same id is new for OTHER and charges OTHER.
+    assert api.check("shared-id", as_user=OTHER).json()["state"] == "new"
+    response = api.consume("shared-id", as_user=OTHER)
+    assert response.json()["replayed"] is False and response.json()["balance"] == 0
+
+
+def test_run_ids_that_are_not_firestore_ids_work(api: Api) -> None:
+    api.issue(RUNNER, 5)
+    for run_id in (".", "..", "__x__", "a:b.c-d_e", "R" * 128):
+        response = api.consume(run_id)
+        assert response.status_code == 200, run_id
+        assert response.json()["run_id"] == run_id
+    assert api.check("x").status_code == 402
+
+
+def test_invalid_run_ids_are_400(api: Api) -> None:
+    api.issue(RUNNER, 1)
+    for run_id in ("", "R" * 129, "a/b", "a b", "é", 7, None):
+        response = api.post("/api/entitlement/consume", {"run_id": run_id})
+        assert (response.status_code, error_code(response)) == (400, "invalid_request"), run_id
+
+
+def test_earliest_expiring_grant_is_spent_first(api: Api) -> None:
+    never = api.issue(RUNNER, 1).json()["grant_id"]
+    late = api.issue(RUNNER, 1, expires_at=_future(60)).json()["grant_id"]
+    soon = api.issue(RUNNER, 1, expires_at=_future(1)).json()["grant_id"]
+    order = []
+    for n in range(3):
+        api.consume(f"job-{n}")
+        order.append(store.read_run(RUNNER, f"job-{n}").data["grant_id"])
+    assert order == [soon, late, never]
+
+
+def test_expired_grant_is_not_spent(api: Api) -> None:
+    grant_id = api.issue(RUNNER, 2, expires_at=_future(1)).json()["grant_id"]
+    # Let the grant expire by moving its expiry into the past, as time would.
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    store.client().collection("principals").document(RUNNER).collection("grants").document(grant_id).update({"expires_at": past})
+    response = api.consume("job-1")
+    assert (response.status_code, error_code(response)) == (402, "entitlement_exhausted")
+    assert (api.check("job-1").status_code) == 402
+    fresh = api.issue(RUNNER, 1).json()
+    assert fresh["balance"] == 1  # the expired grant's runs do not count
+    assert api.consume("job-1").json()["balance"] == 0
+
+
+def test_ledger_sums_to_unused_runs_per_grant(api: Api) -> None:
+    g1 = api.issue(RUNNER, 3).json()["grant_id"]
+    for n in range(2):
+        api.consume(f"job-{n}")
+    api.consume("job-0")  # a replay charges nothing
+    (grant,) = store.all_grants(RUNNER)
+    assert grant["remaining"] == 1
+    assert sum(e["delta"] for e in store.ledger_for_grant(g1)) == 1
+    assert [e["reason"] for e in store.ledger_for_principal(RUNNER)].count("consume") == 2

@@ -1,0 +1,86 @@
+"""The HTTP contract: methods, media types, body limits, malformed bodies (never a 500), error bodies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from tests.conftest import RUNNER, Api, error_code
+
+JSON_ENDPOINTS = ["/api/entitlement/check", "/api/entitlement/consume", "/api/entitlement/run_start", "/api/entitlement/issue"]
+
+
+@pytest.mark.parametrize("path", JSON_ENDPOINTS)
+def test_wrong_method_is_405(api: Api, path: str) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        response = requests.request(method, api.base_url + path, timeout=30)
+        assert (response.status_code, error_code(response)) == (405, "method_not_allowed")
+        assert response.headers["Allow"] == "POST"
+
+
+@pytest.mark.parametrize("path", JSON_ENDPOINTS)
+def test_wrong_content_type_is_415(api: Api, path: str) -> None:
+    headers = {"Content-Type": "text/plain", "X-GBX-ADMIN-TOKEN": "test-admin-token-0123456789"}
+    response = api.post(path, data='{"run_id": "a"}', headers=headers)
+    assert (response.status_code, error_code(response)) == (415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"not json", b"[]", b"null", b'"run"', b"{", b'{"run_id": "a"', b"\xff\xfe", b'{"run_id": "a", "run_id": 3}', b'{"run_id": ["a"]}', b'{"run_id": {"$gt": ""}}', b'{"run_id": "a", "extra": 1}', b"{}", b"1e999999"],
+)
+def test_malformed_bodies_are_400(api: Api, raw: bytes) -> None:
+    api.issue(RUNNER, 1)
+    response = api.post("/api/entitlement/consume", data=raw, headers={"Content-Type": "application/json"})
+    assert (response.status_code, error_code(response)) == (400, "invalid_request")
+
+
+def test_charset_parameter_is_accepted(api: Api) -> None:
+    api.issue(RUNNER, 1)
+    response = api.post("/api/entitlement/check", data=b'{"run_id": "a"}', headers={"Content-Type": "application/json; charset=utf-8"})
+    assert response.status_code == 200
+
+
+def test_body_over_64_kib_is_413(api: Api) -> None:
+    big = json.dumps({"run_id": "a", "pad": "x" * (64 * 1024)})
+    response = api.post("/api/entitlement/consume", data=big, headers={"Content-Type": "application/json"})
+    assert (response.status_code, error_code(response)) == (413, "payload_too_large")
+
+
+def test_chunked_body_over_limit_is_413(api: Api) -> None:
+    def chunks():
+        yield b'{"run_id": "a", "pad": "'
+        for _ in range(100):
+            yield b"x" * 1024
+        yield b'"}'
+
+    response = api.post("/api/entitlement/consume", data=chunks(), headers={"Content-Type": "application/json"})
+    assert (response.status_code, error_code(response)) == (413, "payload_too_large")
+
+
+def test_huge_numbers_and_deep_json_are_400(api: Api) -> None:
+    api.issue(RUNNER, 1)
+    deep = "[" * 5000 + "]" * 5000
+    for raw in (deep, '{"run_id": "a", "x": ' + deep + "}", '{"run_id": ' + "9" * 5000 + "}"):
+        response = api.post("/api/entitlement/consume", data=raw, headers={"Content-Type": "application/json"})
+        assert (response.status_code, error_code(response)) == (400, "invalid_request")
+    issue = api.post("/api/entitlement/issue", data='{"principal": "a@b.co", "runs_total": ' + "9" * 4000 + "}", as_user=None, headers={"Content-Type": "application/json", "X-GBX-ADMIN-TOKEN": "test-admin-token-0123456789"})
+    assert (issue.status_code, error_code(issue)) == (400, "invalid_request")
+
+
+def test_every_response_has_a_request_id(api: Api) -> None:
+    ok = api.issue(RUNNER, 1)
+    assert ok.status_code == 200 and len(ok.headers["X-Request-Id"]) == 32
+    ids = {api.check("a").headers["X-Request-Id"] for _ in range(3)}
+    assert len(ids) == 3
+
+
+def test_unknown_path_is_404_json(api: Api) -> None:
+    response = requests.get(api.base_url + "/api/nope", timeout=30)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_healthz(api: Api) -> None:
+    assert requests.get(api.base_url + "/healthz", timeout=30).json() == {"status": "ok"}
