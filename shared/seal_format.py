@@ -193,14 +193,16 @@ def render_seal_svg(*, payload: bytes, signature: bytes, key: str, alg: str = SE
         ("Completed", completed_at, _display_time(completed_at)),
         ("Issuer", _claim(claims, "issuer"), _claim(claims, "issuer")),
     ]
-    title = f"Sealed run {_clean(seal_id)} \u2014 GBX Entitlements"
-    description = "; ".join(f"{label}: {_clean(full)}" for label, full, _ in lines)
+    title = f"Sealed run {_clip(_clean(seal_id), 64)} \u2014 GBX Entitlements"
+    # Full values for screen readers, but bounded so that the badge stays far below
+    # MAX_SEAL_BYTES whatever the claims hold: a seal must always fit its own verifier.
+    description = "; ".join(f"{label}: {_clip(_clean(full))}" for label, full, _ in lines)
     seal_element = (
         f'<gbx:seal xmlns:gbx="{SEAL_NS}" version="{SEAL_VERSION}" alg={_attr(alg)} key={_attr(key)}'
         f' payload="{b64url_encode(payload)}" signature="{b64url_encode(signature)}"/>'
     )
     rows = "\n".join(_row(index, label, shown) for index, (label, _, shown) in enumerate(lines))
-    pill_text = _fit(f"SIGNED \u00b7 {_clean(alg)}", _PILL_WIDTH - 28, _PILL_FONT)
+    pill_text = _fit(f"SIGNED \u00b7 {_clean(alg)}", _PILL_WIDTH - 24, _PILL_FONT, bold=True)
     return _SVG_TEMPLATE.format(
         **_SVG_LAYOUT,
         title=_escape_text(title),
@@ -275,8 +277,8 @@ _LABEL_X = 32
 _VALUE_X = 132
 _VALUE_FONT = 14
 _VALUE_WIDTH = _WIDTH - _VALUE_X - 32
-_PILL_X = 440
-_PILL_WIDTH = 128
+_PILL_X = 428
+_PILL_WIDTH = 140
 _PILL_FONT = 11
 _FOOTER_FONT = 11
 _FOOTER_TEXT = "Only the signed payload in this file\u2019s metadata counts \u00b7 verify at /api/seal/verify"
@@ -299,8 +301,10 @@ _ASCII_WIDTHS = (
 )
 # Anything else (accents, CJK, symbols) is assumed wider than any ASCII glyph.
 _OTHER_WIDTH = 1050
-# Headroom for Verdana and bold fallbacks, whose glyphs run a few percent wider.
+# Headroom for Verdana, whose glyphs run a few percent wider.
 _WIDTH_MARGIN = 1.06
+# Bold DejaVu Sans glyphs are up to 12% wider than regular ones.
+_BOLD_FACTOR = 1.12
 
 _SVG_TEMPLATE = """\
 <?xml version="1.0" encoding="UTF-8"?>
@@ -334,7 +338,7 @@ stroke-linecap="round" stroke-linejoin="round"/>
 <text x="103" y="70" font-size="26" font-weight="bold" fill="#ffffff">Sealed run</text>
 <rect x="{pill_x}" y="34" width="{pill_width}" height="28" rx="14" fill="#ffffff" fill-opacity="0.12" \
 stroke="#ffffff" stroke-opacity="0.4"/>
-<text x="{pill_center}" y="52" font-size="{pill_font}" font-weight="bold" letter-spacing="1" fill="#ffffff" \
+<text x="{pill_center}" y="52" font-size="{pill_font}" font-weight="bold" letter-spacing="0.5" fill="#ffffff" \
 text-anchor="middle">{pill_text}</text>
 {rows}
 <text x="{label_x}" y="{footer_text_y}" font-size="{footer_font}" fill="#5b6b7c">{footer_text}</text>
@@ -431,19 +435,27 @@ def _clean(text: str) -> str:
     )
 
 
-def _text_width(text: str, font_size: float) -> float:
+def _clip(text: str, limit: int = 256) -> str:
+    """Shorten text to at most limit characters, keeping both ends."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 1) // 2
+    return text[:half] + _ELLIPSIS + text[-half:]
+
+
+def _text_width(text: str, font_size: float, *, bold: bool = False) -> float:
     """Estimate the rendered width of text in pixels, erring on the wide side."""
     units = sum(
         _ASCII_WIDTHS[ord(char) - 32] if 32 <= ord(char) < 127 else _OTHER_WIDTH for char in text
     )
-    return units / 1000 * font_size * _WIDTH_MARGIN
+    return units / 1000 * font_size * _WIDTH_MARGIN * (_BOLD_FACTOR if bold else 1.0)
 
 
-def _fit(text: str, max_width: float, font_size: float) -> str:
+def _fit(text: str, max_width: float, font_size: float, *, bold: bool = False) -> str:
     """Ellipsize text in the middle so that it fits; both ends of an id carry meaning."""
-    if _text_width(text, font_size) <= max_width:
+    if _text_width(text, font_size, bold=bold) <= max_width:
         return text
-    budget = max_width - _text_width(_ELLIPSIS, font_size)
+    budget = max_width - _text_width(_ELLIPSIS, font_size, bold=bold)
     head: list[str] = []
     tail: list[str] = []
     start, end = 0, len(text) - 1
@@ -451,7 +463,7 @@ def _fit(text: str, max_width: float, font_size: float) -> str:
     while start <= end:
         take_head = len(head) <= len(tail)
         char = text[start] if take_head else text[end]
-        if _text_width("".join(head) + "".join(tail) + char, font_size) > budget:
+        if _text_width("".join(head) + "".join(tail) + char, font_size, bold=bold) > budget:
             break
         if take_head:
             head.append(char)
