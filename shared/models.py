@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -140,3 +140,57 @@ class ErrorBody(Model):
     """Every error response body."""
 
     error: ErrorDetail
+
+
+class SealBundle(Model):
+    """200 from run_complete: the seal and everything needed to check it offline."""
+
+    seal_id: str = Field(description="Opaque, URL-safe, unguessable seal id.")
+    seal_json: str = Field(description="The canonical seal.json that was signed.")
+    signature: str = Field(description="Base64 (standard) of the DER ECDSA signature over SHA-256(seal_json).")
+    alg: Literal["ES256"]
+    key: str = Field(description="CryptoKeyVersion resource name that signed the seal.")
+    public_key_pem: str | None = Field(description="SPKI PEM of `key` (null only once that version is no longer trusted).")
+    seal_svg: str = Field(description="The seal.svg badge carrying the signed payload in its metadata.")
+
+
+class VerifyChecks(Model):
+    """Each check is `ok` or a short reason; later checks are `not checked` once one fails."""
+
+    document: str
+    signature: str
+    key: str
+    record: str
+
+
+class VerifyResponse(Model):
+    """200 from verify."""
+
+    status: Literal["VERIFIED", "INVALID"]
+    seal_id: str | None = Field(description="The payload's seal_id, when the payload decodes.")
+    checks: VerifyChecks
+    seal: dict[str, Any] = Field(description="The payload's claims (empty when the payload does not decode).")
+    redeemed: bool = Field(description="Whether the seal's own principal has redeemed it.")
+
+
+class RedeemResponse(Model):
+    """200 from redeem_seal_once."""
+
+    seal_id: str
+    principal: str
+    granted_runs: Literal[1]
+    balance: int
+
+
+class PublicKeyInfo(Model):
+    """One trusted signing key version."""
+
+    key: str = Field(description="CryptoKeyVersion resource name.")
+    alg: Literal["ES256"]
+    pem: str = Field(description="SPKI PEM public key.")
+
+
+class PublicKeysResponse(Model):
+    """200 from public_keys."""
+
+    keys: list[PublicKeyInfo]

@@ -57,6 +57,9 @@ class PublicKey:
 class Signer(Protocol):
     """Signs seals and lists the public keys that seals verify against."""
 
+    key_version: str
+    """CryptoKeyVersion name that `sign` signs with (written into a seal before it is signed)."""
+
     def sign(self, data: bytes) -> Signature:
         """ECDSA P-256 SHA-256 signature over `data` (SHA-256 of it, signed)."""
         ...
@@ -172,6 +175,7 @@ class LocalSigner:
     def __init__(self, key_dir: Path) -> None:
         """Keep the key in `key_dir/seal-signing-key.pem`; nothing is read or written until first use."""
         self.key_dir = Path(key_dir)
+        self.key_version = LOCAL_KEY_NAME
         self.key_path = self.key_dir / LOCAL_KEY_FILE
         self._key: ec.EllipticCurvePrivateKey | None = None
         self._lock = threading.Lock()

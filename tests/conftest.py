@@ -13,8 +13,9 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from shared import config, emulator, store
+from shared import config, emulator, signing, store
 from shared.local import LocalIssuer
+from tests.kms_server import VERSION_1, FakeKms, fake_kms_server
 
 PROJECT = "gbx-test"
 AUDIENCE = "https://gbx-test.example"
@@ -52,7 +53,21 @@ def firestore_emulator(service_dir: Path) -> Iterator[emulator.Emulator]:
 
 
 @pytest.fixture(scope="session")
-def service_env(service_dir: Path, issuer: LocalIssuer, firestore_emulator: emulator.Emulator) -> Iterator[None]:
+def fake_kms() -> Iterator[FakeKms]:
+    """A local gRPC server speaking the Cloud KMS protocol, reached through the real google-cloud-kms client."""
+    with fake_kms_server() as server:
+        yield server
+
+
+@pytest.fixture
+def kms(fake_kms: FakeKms) -> FakeKms:
+    """The session's KMS with fresh keys, no fault and no recorded calls."""
+    fake_kms.reset()
+    return fake_kms
+
+
+@pytest.fixture(scope="session")
+def service_env(service_dir: Path, issuer: LocalIssuer, firestore_emulator: emulator.Emulator, fake_kms: FakeKms) -> Iterator[None]:
     """The service's configuration for the whole session (read once, like in production)."""
     values = {
         config.ENV_PROJECT: PROJECT,
@@ -60,7 +75,9 @@ def service_env(service_dir: Path, issuer: LocalIssuer, firestore_emulator: emul
         config.ENV_CERTS_URL: str(issuer.certs_path),
         config.ENV_ADMIN_TOKEN: ADMIN_TOKEN,
         config.ENV_OPERATORS: OPERATOR,
-        config.ENV_SIGNER: "local",
+        config.ENV_SIGNER: "kms",
+        config.ENV_KMS_ENDPOINT: fake_kms.endpoint,
+        config.ENV_KMS_KEY_VERSION: VERSION_1,
         config.ENV_LOCAL_DIR: str(service_dir / "local"),
         config.ENV_ISSUER: "gbx-test",
     }
@@ -124,14 +141,37 @@ class Api:
     def consume(self, run_id: str, as_user: str = RUNNER) -> requests.Response:
         return self.post("/api/entitlement/consume", {"run_id": run_id}, as_user=as_user)
 
+    def run_complete(self, run_id: str, outputs_sha256: str = "cd" * 32, as_user: str = RUNNER) -> requests.Response:
+        return self.post("/api/entitlement/run_complete", {"run_id": run_id, "outputs_sha256": outputs_sha256}, as_user=as_user)
+
+    def sealed_run(self, run_id: str = "job-1", as_user: str = RUNNER) -> dict[str, Any]:
+        """Issue, consume, start and complete a run; the seal bundle."""
+        self.issue(as_user, 1)
+        for step in (self.consume(run_id, as_user), self.run_start(run_id, as_user), self.run_complete(run_id, as_user=as_user)):
+            assert step.status_code == 200, step.text
+        return step.json()
+
+    def upload(self, path: str, svg: str | bytes, *, as_user: str | None = RUNNER, **kwargs: Any) -> requests.Response:
+        """POST a seal.svg raw (image/svg+xml)."""
+        data = svg.encode() if isinstance(svg, str) else svg
+        return self.post(path, data=data, as_user=as_user, headers={"Content-Type": "image/svg+xml", **kwargs.pop("headers", {})}, **kwargs)
+
+    def verify(self, svg: str | bytes, **kwargs: Any) -> requests.Response:
+        return self.upload("/api/seal/verify", svg, **kwargs)
+
+    def redeem(self, svg: str | bytes, **kwargs: Any) -> requests.Response:
+        return self.upload("/api/entitlement/redeem_seal_once", svg, **kwargs)
+
     def run_start(self, run_id: str, as_user: str = RUNNER, **fields: Any) -> requests.Response:
         body = {"run_id": run_id, "container_image": IMAGE, "project_id": "acme-prod", "inputs_sha256": "ab" * 32, **fields}
         return self.post("/api/entitlement/run_start", body, as_user=as_user)
 
 
 @pytest.fixture
-def api(server_url: str, issuer: LocalIssuer, db: emulator.Emulator) -> Api:
-    """The service over HTTP, on an empty database."""
+def api(server_url: str, issuer: LocalIssuer, db: emulator.Emulator, kms: FakeKms) -> Api:
+    """The service over HTTP, on an empty database, with fresh KMS keys (and the signer's key cache emptied)."""
+    config.get_config.cache_clear()
+    signing.get_signer.cache_clear()
     return Api(base_url=server_url, issuer=issuer)
 
 

@@ -19,25 +19,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared import config, errors, signing
 from shared.signing import ALG, KmsSigner, LocalSigner, PublicKey, Signature, verify_signature
-from tests.kms_server import VERSION_1, VERSION_2, FakeKms, fake_kms_server
+from tests.kms_server import VERSION_1, VERSION_2, FakeKms
 
 DATA = b'{"seal_id":"abc","v":1}'
 OPENSSL = "/usr/bin/openssl"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def fake_kms() -> Iterator[FakeKms]:
-    """One local KMS for the whole session (meant to move to conftest.py)."""
-    with fake_kms_server() as server:
-        yield server
-
-
-@pytest.fixture
-def kms(fake_kms: FakeKms) -> FakeKms:
-    """The session's KMS with fresh keys, no fault and no recorded calls."""
-    fake_kms.reset()
-    return fake_kms
 
 
 @pytest.fixture

@@ -1,0 +1,224 @@
+"""Seal service: run_complete signs a seal; verify, redeem_seal_once and public_keys read it."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from shared import errors, store
+from shared.auth import Identity
+from shared.config import get_config
+from shared.entitlements import current_balance
+from shared.http import SealUpload
+from shared.models import (
+    PublicKeyInfo,
+    PublicKeysResponse,
+    RedeemResponse,
+    RunCompleteRequest,
+    SealBundle,
+    VerifyChecks,
+    VerifyResponse,
+    format_time,
+)
+from shared.seal_format import (
+    SealPayloadInvalid,
+    b64url_decode,
+    canonical_json,
+    decode_payload,
+    parse_seal_svg,
+    render_seal_svg,
+)
+from shared.signing import get_signer, verify_signature
+
+OK = "ok"
+NOT_CHECKED = "not checked"
+SEAL_ID_BYTES = 24  # 192 random bits
+CHECK_ORDER = ("document", "key", "signature", "record")  # the contract's verification order
+
+
+def _bundle(record: dict[str, Any]) -> SealBundle:
+    """The seal bundle of a seal record; deterministic, so a retry returns identical bytes."""
+    der = base64.b64decode(record["signature"])
+    pems = {key.key: key.pem for key in get_signer().public_keys()}
+    return SealBundle(
+        seal_id=record["seal_id"],
+        seal_json=record["payload"],
+        signature=record["signature"],
+        alg=record["alg"],
+        key=record["key"],
+        public_key_pem=pems.get(record["key"]),
+        seal_svg=render_seal_svg(payload=record["payload"].encode(), signature=der, key=record["key"], alg=record["alg"]),
+    )
+
+
+def _sign_seal(principal: str, run: store.Run, outputs_sha256: str) -> tuple[dict[str, Any], dt.datetime]:
+    """Build seal.json for a started run and sign it (KMS, outside any commit); returns the seal record."""
+    signer = get_signer()
+    data = run.data
+    completed_at = dt.datetime.now(dt.timezone.utc)
+    claims: dict[str, Any] = {
+        "v": 1,
+        "seal_id": secrets.token_urlsafe(SEAL_ID_BYTES),
+        "run_id": run.run_id,
+        "principal": principal,
+        "project_id": data["project_id"],
+        "container_image": data["container_image"],
+        "inputs_sha256": data["inputs_sha256"],
+        "outputs_sha256": outputs_sha256,
+        "consumed_at": format_time(data["consumed_at"]),
+        "started_at": format_time(data["started_at"]),
+        "completed_at": format_time(completed_at),
+        "issuer": get_config().issuer,
+        "key": signer.key_version,
+    }
+    # An absent manifest is left out, not null: every claim of a seal is a string (or v).
+    if data.get("run_manifest_sha256"):
+        claims["run_manifest_sha256"] = data["run_manifest_sha256"]
+    payload = canonical_json(claims)
+    signature = signer.sign(payload)
+    record = {
+        "seal_id": claims["seal_id"],
+        "principal": principal,
+        "run_id": run.run_id,
+        "payload": payload.decode(),
+        "signature": base64.b64encode(signature.der).decode(),
+        "key": signature.key,
+        "alg": signature.alg,
+    }
+    return record, completed_at
+
+
+def run_complete(caller: Identity, req: RunCompleteRequest) -> SealBundle:
+    """Complete a started run and return its seal; a retry (or a concurrent twin) gets the same seal."""
+    principal = caller.principal
+    signed: tuple[dict[str, Any], dt.datetime] | None = None
+    for _ in store.attempts():
+        run = store.read_run(principal, req.run_id)
+        if run is None or run.state == "consumed":
+            raise errors.LifecycleViolation(f"run_id {req.run_id!r} was not started by this principal")
+        if run.state == "completed":
+            if run.data["outputs_sha256"] != req.outputs_sha256:
+                raise errors.RunStateConflict(f"run_id {req.run_id!r} was completed with other outputs")
+            record = store.read_seal(run.data["seal_id"])
+            if record is None:
+                raise RuntimeError(f"completed run {req.run_id!r} has no seal record")
+            return _bundle(record)
+        if signed is None:
+            # Signed once, before the commit: a KMS failure leaves the run started (503, retry succeeds).
+            signed = _sign_seal(principal, run, req.outputs_sha256)
+        record, completed_at = signed
+        try:
+            store.commit_run_complete(principal, run, outputs_sha256=req.outputs_sha256, completed_at=completed_at, seal=record)
+        except store.Contended:
+            continue  # re-read: a concurrent run_complete may have sealed the run first
+        return _bundle(record)
+    raise AssertionError("unreachable: attempts() raises when exhausted")
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of verifying a seal.svg."""
+
+    checks: VerifyChecks
+    claims: dict[str, Any]
+
+    @property
+    def verified(self) -> bool:
+        """True only when every check passed."""
+        return all(value == OK for value in self.checks.model_dump().values())
+
+    def first_failure(self) -> str:
+        """The first failing check, as `name: reason`."""
+        checks = self.checks.model_dump()
+        return next(f"{name}: {checks[name]}" for name in CHECK_ORDER if checks[name] != OK)
+
+
+def verify_seal(svg: bytes) -> Verification:
+    """Run the contract's checks in order; each failure is reported by name and stops the later checks."""
+    element = parse_seal_svg(svg)  # 413 / 400 invalid_seal for documents that are not a usable seal.svg
+    checks = {"document": NOT_CHECKED, "key": NOT_CHECKED, "signature": NOT_CHECKED, "record": NOT_CHECKED}
+    claims: dict[str, Any] = {}
+
+    def done() -> Verification:
+        return Verification(checks=VerifyChecks(**checks), claims=claims)
+
+    try:
+        claims, payload = decode_payload(element.payload)
+    except SealPayloadInvalid as exc:
+        checks["document"] = exc.reason
+        return done()
+    if claims["key"] != element.key:
+        checks["document"] = "payload key differs from the seal element's key"
+        return done()
+    checks["document"] = OK
+    trusted = {key.key: key for key in get_signer().public_keys()}
+    public_key = trusted.get(element.key)
+    if public_key is None:
+        checks["key"] = "key version is not trusted"
+        return done()
+    checks["key"] = OK
+    try:
+        der = b64url_decode(element.signature)
+    except ValueError:
+        checks["signature"] = "signature is not base64url"
+        return done()
+    if not verify_signature(public_key, payload, der):
+        checks["signature"] = "signature does not match the payload"
+        return done()
+    checks["signature"] = OK
+    record = store.read_seal(claims["seal_id"])
+    if record is None:
+        checks["record"] = "no seal with this id was issued here"
+    elif record["payload"].encode() != payload:
+        checks["record"] = "the issued seal differs from this payload"
+    else:
+        checks["record"] = OK
+    return done()
+
+
+def verify(caller: Identity, upload: SealUpload) -> VerifyResponse:
+    """Verify an uploaded seal.svg for any authenticated caller."""
+    result = verify_seal(upload.svg)
+    seal_id = result.claims.get("seal_id")
+    redeemed = bool(seal_id) and result.checks.document == OK and store.redemption_exists(result.claims["principal"], seal_id)
+    return VerifyResponse(
+        status="VERIFIED" if result.verified else "INVALID",
+        seal_id=seal_id,
+        checks=result.checks,
+        seal=result.claims,
+        redeemed=redeemed,
+    )
+
+
+def redeem_seal_once(caller: Identity, upload: SealUpload) -> RedeemResponse:
+    """Grant one bonus run for a verified seal, once per (principal, seal)."""
+    result = verify_seal(upload.svg)
+    if not result.verified:
+        raise errors.SealInvalid(f"the seal does not verify ({result.first_failure()})")
+    seal_id = result.claims["seal_id"]
+    owner = result.claims["principal"]
+    if caller.operator:
+        principal = upload.principal or owner
+    elif upload.principal not in (None, caller.principal):
+        raise errors.Forbidden("only operators may name a principal")
+    else:
+        principal = caller.principal
+    if principal != owner:
+        raise errors.Forbidden("this seal belongs to another principal")
+    for _ in store.attempts():
+        if store.redemption_exists(principal, seal_id):
+            raise errors.AlreadyRedeemed()
+        try:
+            store.commit_redeem(principal, seal_id, secrets.token_hex(16))
+        except store.Contended:
+            continue  # most likely a concurrent redemption: the re-read answers 409
+        return RedeemResponse(seal_id=seal_id, principal=principal, granted_runs=1, balance=current_balance(principal))
+    raise AssertionError("unreachable: attempts() raises when exhausted")
+
+
+def public_keys() -> PublicKeysResponse:
+    """The trusted seal signing keys, for offline verification."""
+    return PublicKeysResponse(keys=[PublicKeyInfo(key=k.key, alg=k.alg, pem=k.pem) for k in get_signer().public_keys()])
