@@ -1,0 +1,639 @@
+"""deploy.sh: the dry run's commands, a re-runnable deployment (against a fake gcloud), self-contained staging."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PROJECT = "demo"
+REGION = "europe-west1"
+SA_EMAIL = f"gbx-runtime@{PROJECT}.iam.gserviceaccount.com"
+KEY = f"projects/{PROJECT}/locations/{REGION}/keyRings/gbx/cryptoKeys/seal"
+# Entry point (= directory under functions/) -> Cloud Function name.
+FUNCTIONS = {
+    "issue": "gbx-issue",
+    "check": "gbx-check",
+    "consume": "gbx-consume",
+    "run_start": "gbx-run-start",
+    "run_complete": "gbx-run-complete",
+    "seal_verify": "gbx-seal-verify",
+    "redeem_seal_once": "gbx-redeem-seal-once",
+    "public_keys": "gbx-public-keys",
+}
+APIS = [f"{api}.googleapis.com" for api in (
+    "cloudfunctions", "run", "cloudbuild", "artifactregistry", "firestore", "cloudkms", "secretmanager", "iam", "logging")]
+CLOUD_RUN_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+HEX_TOKEN = re.compile(r"[0-9a-f]{64}")
+CHECKOUT_FILES = ["deploy.sh", "requirements.txt", "firestore.rules", "firestore.indexes.json", "firebase.json"]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@dataclass
+class Deploy:
+    """One run of deploy.sh: its result and the commands it showed ("+ " lines, parsed)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def commands(self) -> list[list[str]]:
+        return [shlex.split(line[2:]) for line in self.stdout.splitlines() if line.startswith("+ ")]
+
+    def indexes(self, *prefix: str) -> list[int]:
+        """Positions of the commands that start with `prefix`."""
+        return [i for i, cmd in enumerate(self.commands) if cmd[: len(prefix)] == list(prefix)]
+
+    def find(self, *prefix: str) -> list[list[str]]:
+        return [self.commands[i] for i in self.indexes(*prefix)]
+
+
+def flags(cmd: list[str]) -> dict[str, str]:
+    """--name=value flags of a command (a bare --name maps to "")."""
+    out: dict[str, str] = {}
+    for arg in cmd:
+        if arg.startswith("--"):
+            name, _, value = arg[2:].partition("=")
+            out[name] = value
+    return out
+
+
+def env_vars(value: str) -> dict[str, str]:
+    """Parse a gcloud dict flag written with the ^;^ alternate delimiter."""
+    assert value.startswith("^;^"), value
+    return dict(item.split("=", 1) for item in value[3:].split(";"))
+
+
+def make_shims(directory: Path, record: Path, names: list[str], exit_code: int = 1) -> None:
+    """Commands that only record that they were called."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shim = directory / name
+        shim.write_text(f'#!/bin/sh\necho "{name} $*" >> "{record}"\nexit {exit_code}\n')
+        shim.chmod(0o755)
+
+
+def make_checkout(root: Path) -> Path:
+    """A copy of the deployable parts of this repository, with stub functions (tests of the script only)."""
+    root.mkdir(parents=True)
+    for name in CHECKOUT_FILES:
+        shutil.copy2(REPO / name, root / name)
+    shutil.copytree(REPO / "shared", root / "shared", ignore=shutil.ignore_patterns("__pycache__"))
+    # Local-mode modules and byte code must never be shipped, whether or not they exist yet.
+    (root / "shared" / "local.py").write_text('"""local mode"""\n')
+    (root / "shared" / "__pycache__").mkdir(exist_ok=True)
+    (root / "shared" / "__pycache__" / "config.cpython-312.pyc").write_bytes(b"\0")
+    for entry in FUNCTIONS:
+        (root / "functions" / entry).mkdir(parents=True)
+        (root / "functions" / entry / "main.py").write_text(f"# stub for {entry}\n")
+    return root
+
+
+def run_deploy(checkout: Path, args: list[str], *, path: str, env: dict[str, str] | None = None,
+               cwd: Path | None = None) -> Deploy:
+    """Run `bash deploy.sh ARGS` with a controlled PATH and environment."""
+    full_env = {"PATH": path, "HOME": str(checkout.parent), "LANG": "C.UTF-8", **(env or {})}
+    result = subprocess.run(["bash", str(checkout / "deploy.sh"), *args], cwd=cwd or checkout, env=full_env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    return Deploy(result.returncode, result.stdout, result.stderr)
+
+
+DRY_ARGS = ["--project", PROJECT, "--region", REGION, "--dry-run"]
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A stub checkout plus shims for every command a dry run must not call."""
+    base = tmp_path_factory.mktemp("deploy")
+    record = base / "calls.log"
+    make_shims(base / "shims", record, ["gcloud", "firebase", "curl", "openssl", "wget"])
+    return {"checkout": make_checkout(base / "checkout"), "record": record, "path": f"{base / 'shims'}:/usr/bin:/bin"}
+
+
+@pytest.fixture(scope="module")
+def dry(sandbox: dict[str, Path]) -> Deploy:
+    result = run_deploy(sandbox["checkout"], DRY_ARGS, path=str(sandbox["path"]), env={"GBX_OPERATORS": "ops@example.com,b@x.y"})
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+# ---------------------------------------------------------------- the dry run
+
+
+def test_dry_run_succeeds_and_calls_nothing(dry: Deploy, sandbox: dict[str, Path]) -> None:
+    assert not sandbox["record"].exists(), sandbox["record"].read_text()
+    assert dry.commands, dry.stdout
+
+
+def test_every_line_of_the_dry_run_is_a_command_a_note_or_the_summary(dry: Deploy) -> None:
+    body, _, summary = dry.stdout.partition("\n\n")
+    for line in body.splitlines():
+        assert line.startswith(("+ ", "# ")), line
+    assert "Function URLs" in summary
+
+
+def test_apis_are_enabled_first(dry: Deploy) -> None:
+    enables = dry.find("gcloud", "services", "enable")
+    assert len(enables) == 1
+    assert set(APIS) <= set(enables[0])
+    assert "--project=demo" in enables[0]
+    assert dry.indexes("gcloud", "services", "enable")[0] == 0
+
+
+def test_runtime_service_account_is_created_with_least_privilege(dry: Deploy) -> None:
+    assert dry.find("gcloud", "iam", "service-accounts", "describe")[0][4] == SA_EMAIL
+    assert dry.find("gcloud", "iam", "service-accounts", "create")[0][4] == "gbx-runtime"
+    grants = [cmd for cmd in dry.commands if "add-iam-policy-binding" in cmd]
+    member = f"serviceAccount:{SA_EMAIL}"
+    granted = {(cmd[1], cmd[cmd.index("add-iam-policy-binding") + 1], flags(cmd)["role"]) for cmd in grants}
+    assert granted == {
+        ("projects", PROJECT, "roles/datastore.user"),
+        ("kms", "seal", "roles/cloudkms.signerVerifier"),
+        ("secrets", "gbx-admin-token", "roles/secretmanager.secretAccessor"),
+    }
+    for cmd in grants:
+        assert flags(cmd)["member"] == member
+    kms_grant = dry.find("gcloud", "kms", "keys", "add-iam-policy-binding")[0]
+    assert flags(kms_grant)["keyring"] == "gbx" and flags(kms_grant)["location"] == REGION
+
+
+def test_firestore_native_database_is_created(dry: Deploy) -> None:
+    create = dry.find("gcloud", "firestore", "databases", "create")
+    assert len(create) == 1
+    options = flags(create[0])
+    assert (options["database"], options["location"], options["type"], options["project"]) == (
+        "(default)", REGION, "firestore-native", PROJECT)
+    assert dry.indexes("gcloud", "firestore", "databases", "describe")[0] < dry.indexes("gcloud", "firestore", "databases", "create")[0]
+
+
+def test_composite_indexes_come_from_firestore_indexes_json(dry: Deploy) -> None:
+    document = json.loads((REPO / "firestore.indexes.json").read_text())
+    expected = [
+        ["--collection-group=" + index["collectionGroup"], "--query-scope=" + index["queryScope"].lower()]
+        + [f"--field-config=field-path={f['fieldPath']},order={f['order'].lower()}" for f in index["fields"]]
+        for index in document["indexes"]
+    ]
+    created = [cmd[5:] for cmd in dry.find("gcloud", "firestore", "indexes", "composite", "create")]
+    assert [[arg for arg in cmd if arg != f"--project={PROJECT}"] for cmd in created] == expected
+    assert all(f"--project={PROJECT}" in cmd for cmd in created)
+
+
+def test_firestore_indexes_json_has_the_ledger_indexes() -> None:
+    document = json.loads((REPO / "firestore.indexes.json").read_text())
+    assert document["fieldOverrides"] == []
+    shapes = {
+        (index["collectionGroup"], index["queryScope"], tuple((f["fieldPath"], f["order"]) for f in index["fields"]))
+        for index in document["indexes"]
+    }
+    assert shapes == {
+        ("ledger", "COLLECTION", (("principal", "ASCENDING"), ("at", "DESCENDING"))),
+        ("ledger", "COLLECTION", (("grant_id", "ASCENDING"), ("at", "ASCENDING"))),
+    }
+
+
+def test_firebase_json_points_at_the_rules_and_indexes() -> None:
+    config = json.loads((REPO / "firebase.json").read_text())
+    assert config["firestore"] == {"rules": "firestore.rules", "indexes": "firestore.indexes.json"}
+    assert (REPO / config["firestore"]["rules"]).is_file()
+    assert (REPO / config["firestore"]["indexes"]).is_file()
+
+
+def test_rules_are_deployed_with_the_firebase_cli(dry: Deploy) -> None:
+    assert dry.find("firebase", "deploy") == [["firebase", "deploy", "--only", "firestore:rules", "--project", PROJECT, "--non-interactive"]]
+
+
+def test_seal_key_is_an_ec_p256_signing_key(dry: Deploy) -> None:
+    assert dry.find("gcloud", "kms", "keyrings", "create")[0][4] == "gbx"
+    (create,) = dry.find("gcloud", "kms", "keys", "create")
+    assert create[4] == "seal"
+    assert flags(create)["purpose"] == "asymmetric-signing"
+    assert flags(create)["default-algorithm"] == "ec-sign-p256-sha256"
+    assert flags(create)["keyring"] == "gbx" and flags(create)["location"] == REGION
+    (listing,) = dry.find("gcloud", "kms", "keys", "versions", "list")
+    assert flags(listing)["filter"] == "state=ENABLED"
+    assert flags(listing)["sort-by"] == "~createTime"
+    assert "placeholder" in dry.stdout
+
+
+def test_admin_token_secret_is_generated_without_ever_showing_it(dry: Deploy) -> None:
+    lines = [line for line in dry.stdout.splitlines() if "gcloud secrets versions add" in line]
+    assert lines == [
+        "+ openssl rand -hex 32 | tr -d '\\n' | gcloud secrets versions add gbx-admin-token --data-file=- --project=demo"
+    ]
+    assert dry.find("gcloud", "secrets", "create")[0][:4] == ["gcloud", "secrets", "create", "gbx-admin-token"]
+    assert "gcloud secrets versions access latest --secret=gbx-admin-token" in dry.stdout
+    assert not HEX_TOKEN.search(dry.stdout + dry.stderr)
+    assert "GBX_ADMIN_TOKEN=" not in "".join(arg for cmd in dry.commands for arg in cmd if "set-env-vars" in arg)
+
+
+def test_eight_gen2_functions_are_deployed(dry: Deploy) -> None:
+    deploys = dry.find("gcloud", "functions", "deploy")
+    assert [cmd[3] for cmd in deploys] == list(FUNCTIONS.values())
+    for (entry, name), cmd in zip(FUNCTIONS.items(), deploys):
+        assert CLOUD_RUN_NAME.match(name), name
+        options = flags(cmd)
+        assert {"gen2", "trigger-http", "allow-unauthenticated"} <= options.keys(), cmd
+        assert options["runtime"] == "python312"
+        assert options["entry-point"] == entry
+        assert options["source"] == f"build/functions/{entry}"
+        assert options["region"] == REGION
+        assert options["project"] == PROJECT
+        assert options["service-account"] == SA_EMAIL
+        env = env_vars(options["set-env-vars"])
+        version = env["GBX_KMS_KEY_VERSION"]
+        assert re.fullmatch(rf"{KEY}/cryptoKeyVersions/\d+", version)
+        assert env["GOOGLE_CLOUD_PROJECT"] == PROJECT
+        assert env["GBX_ISSUER"] == PROJECT
+        assert version in env["GBX_TRUSTED_KEY_VERSIONS"].split(",")
+        assert env["GBX_OPERATORS"] == "ops@example.com,b@x.y"
+        assert "GBX_ADMIN_TOKEN" not in env
+        if entry == "issue":
+            assert options["set-secrets"] == "GBX_ADMIN_TOKEN=gbx-admin-token:latest"
+        else:
+            assert not any("secret" in arg for arg in cmd), cmd
+
+
+def test_everything_a_function_needs_exists_before_it_is_deployed(dry: Deploy) -> None:
+    first_deploy = dry.indexes("gcloud", "functions", "deploy")[0]
+    for prefix in [("gcloud", "services", "enable"), ("gcloud", "iam", "service-accounts", "create"),
+                   ("gcloud", "projects", "add-iam-policy-binding"), ("gcloud", "firestore", "databases", "create"),
+                   ("gcloud", "secrets", "versions", "list"), ("gcloud", "secrets", "add-iam-policy-binding"),
+                   ("gcloud", "kms", "keys", "create"), ("gcloud", "kms", "keys", "add-iam-policy-binding"),
+                   ("gcloud", "kms", "keys", "versions", "list")]:
+        positions = dry.indexes(*prefix)
+        assert positions and max(positions) < first_deploy, prefix
+    stdout = dry.stdout
+    assert stdout.index("gcloud secrets versions add") < stdout.index("gcloud functions deploy")
+
+
+def test_audiences_are_every_url_and_set_after_all_deploys(dry: Deploy) -> None:
+    last_deploy = dry.indexes("gcloud", "functions", "deploy")[-1]
+    updates = dry.indexes("gcloud", "run", "services", "update")
+    assert len(updates) == len(FUNCTIONS)
+    assert min(updates) > last_deploy
+    urls = [f"https://{name}-PLACEHOLDER.{REGION}.run.app" for name in FUNCTIONS.values()]
+    for name, position in zip(FUNCTIONS.values(), updates):
+        cmd = dry.commands[position]
+        assert cmd[4] == name
+        options = flags(cmd)
+        assert options["region"] == REGION and options["project"] == PROJECT
+        assert env_vars(options["update-env-vars"]) == {"GBX_AUDIENCES": ",".join(urls)}
+    described = dry.find("gcloud", "functions", "describe")
+    assert all(flags(cmd)["format"] == "value(serviceConfig.uri)" for cmd in described)
+    for url in urls:
+        assert url in dry.stdout.partition("\n\n")[2]  # the closing summary lists the URLs
+
+
+def test_staging_ships_main_requirements_and_shared_only(dry: Deploy, sandbox: dict[str, Path]) -> None:
+    checkout = sandbox["checkout"]
+    for entry in FUNCTIONS:
+        staged = checkout / "build" / "functions" / entry
+        assert (staged / "main.py").read_text() == f"# stub for {entry}\n"
+        assert (staged / "requirements.txt").read_bytes() == (REPO / "requirements.txt").read_bytes()
+        assert (staged / "shared" / "__init__.py").is_file()
+        assert not (staged / "shared" / "local.py").exists()
+        assert not (staged / "shared" / "emulator.py").exists()
+        assert not list(staged.rglob("__pycache__")) and not list(staged.rglob("*.pyc"))
+        assert f"staged functions/{entry}/main.py" in dry.stdout
+
+
+def test_build_dir_can_be_moved(sandbox: dict[str, Path], tmp_path: Path) -> None:
+    result = run_deploy(sandbox["checkout"], DRY_ARGS, path=str(sandbox["path"]),
+                        env={"GBX_BUILD_DIR": "elsewhere"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for entry, cmd in zip(FUNCTIONS, result.find("gcloud", "functions", "deploy")):
+        assert flags(cmd)["source"] == f"{tmp_path}/elsewhere/functions/{entry}"
+        assert (tmp_path / "elsewhere" / "functions" / entry / "main.py").is_file()
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["--project", PROJECT],
+    ["--region", REGION, "--dry-run"],
+    ["--project", PROJECT, "--region"],
+    ["--project", PROJECT, "--region", REGION, "--dry-run", "--force"],
+    ["--project", PROJECT, "--region", REGION, "extra"],
+    ["--project", "Bad_Project", "--region", REGION, "--dry-run"],
+    ["--project", PROJECT, "--region", "europe west1", "--dry-run"],
+])
+def test_bad_usage_exits_2_before_doing_anything(sandbox: dict[str, Path], tmp_path: Path, args: list[str]) -> None:
+    result = run_deploy(sandbox["checkout"], args, path=str(sandbox["path"]), env={"GBX_BUILD_DIR": str(tmp_path / "b")})
+    assert result.returncode == 2
+    assert "usage: deploy.sh --project PROJECT --region REGION [--dry-run]" in result.stderr
+    assert result.stdout == ""
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_missing_function_stops_the_deployment(sandbox: dict[str, Path], tmp_path: Path) -> None:
+    checkout = make_checkout(tmp_path / "checkout")
+    (checkout / "functions" / "run_complete" / "main.py").unlink()
+    result = run_deploy(checkout, DRY_ARGS, path=str(sandbox["path"]))
+    assert result.returncode == 1
+    assert "functions/run_complete/main.py is missing" in result.stderr
+    assert result.commands == []
+
+
+def test_the_script_is_strict_and_executable() -> None:
+    script = REPO / "deploy.sh"
+    assert os.access(script, os.X_OK)
+    assert "set -euo pipefail" in script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+
+
+# ---------------------------------------------------------------- a real run, against a fake gcloud
+
+FAKE_GCLOUD = r'''
+"""A stateful stand-in for gcloud: just enough of each command deploy.sh uses."""
+import json, os, sys
+
+STATE = os.environ["FAKE_GCLOUD_STATE"]
+with open(STATE) as file:
+    state = json.load(file)
+argv = sys.argv[1:]
+state["calls"].append(argv)
+words = [a for a in argv if not a.startswith("-")]
+opts = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "") for a in argv if a.startswith("--"))
+
+
+def done(out="", code=0, err=""):
+    with open(STATE, "w") as file:
+        json.dump(state, file)
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    sys.exit(code)
+
+
+def missing():
+    done(code=1, err="ERROR: NOT_FOUND\n")
+
+
+def parse_env(value):
+    if value.startswith("^"):
+        delim, value = value[1:].split("^", 1)
+    else:
+        delim = ","
+    return dict(item.split("=", 1) for item in value.split(delim))
+
+
+def grant(kind, name):
+    binding = [kind, name, opts["member"], opts["role"]]
+    if binding not in state["bindings"]:
+        state["bindings"].append(binding)
+    done()
+
+
+project = opts.get("project")
+match words[:3]:
+    case ["services", "enable", *_]:
+        state["apis"] = sorted(set(state["apis"]) | set(words[2:])); done()
+    case ["iam", "service-accounts", "describe"]:
+        done(words[3] + "\n") if words[3] in state["service_accounts"] else missing()
+    case ["iam", "service-accounts", "create"]:
+        state["service_accounts"].append(f"{words[3]}@{project}.iam.gserviceaccount.com"); done()
+    case ["projects", "add-iam-policy-binding", name]:
+        grant("project", name)
+    case ["firestore", "databases", "describe"]:
+        done("FIRESTORE_NATIVE\n") if state["database"] else missing()
+    case ["firestore", "databases", "create"]:
+        state["database"] = opts["location"]; done()
+    case ["firestore", "indexes", "composite"]:
+        index = [opts["collection-group"]] + [a for a in argv if a.startswith("--field-config=")]
+        if index in state["indexes"]:
+            done(code=1, err="ERROR: (gcloud.firestore.indexes.composite.create) ALREADY_EXISTS: index already exists\n")
+        state["indexes"].append(index); done()
+    case ["secrets", "describe", name]:
+        done(name + "\n") if name in state["secrets"] else missing()
+    case ["secrets", "create", name]:
+        state["secrets"][name] = []; done()
+    case ["secrets", "versions", "list"]:
+        done("".join(f"{i + 1}\n" for i, _ in enumerate(state["secrets"][words[3]])))
+    case ["secrets", "versions", "add"]:
+        state["secrets"][words[3]].append(sys.stdin.read()); done()
+    case ["secrets", "add-iam-policy-binding", name]:
+        grant("secret", name)
+    case ["kms", "keyrings", "describe"]:
+        done(words[3] + "\n") if words[3] in state["keyrings"] else missing()
+    case ["kms", "keyrings", "create"]:
+        state["keyrings"].append(words[3]); done()
+    case ["kms", "keys", "describe"]:
+        done("EC_SIGN_P256_SHA256\n") if state["key_versions"] else missing()
+    case ["kms", "keys", "create"]:
+        state["key_versions"] = [1]; done()
+    case ["kms", "keys", "add-iam-policy-binding"]:
+        grant("kms_key", words[3])
+    case ["kms", "keys", "versions"]:
+        key = f"projects/{project}/locations/{opts['location']}/keyRings/{opts['keyring']}/cryptoKeys/{opts['key']}"
+        done("".join(f"{key}/cryptoKeyVersions/{v}\n" for v in sorted(state["key_versions"], reverse=True)))
+    case ["functions", "describe", name]:
+        done(state["functions"][name]["uri"] + "\n") if name in state["functions"] else missing()
+    case ["functions", "deploy", name]:
+        state["functions"][name] = {
+            "uri": f"https://{name}-x7y8z9-ew.a.run.app",
+            "env": parse_env(opts["set-env-vars"]),
+            "secrets": opts.get("set-secrets"),
+            "source": opts["source"],
+        }
+        done()
+    case ["run", "services", "update"]:
+        state["functions"][words[3]]["env"].update(parse_env(opts["update-env-vars"])); done()
+done(code=3, err=f"fake gcloud: unexpected command {argv}\n")
+'''
+
+
+@dataclass
+class FakeCloud:
+    """A stub checkout and a PATH whose gcloud keeps its state in a JSON file and whose firebase records."""
+
+    checkout: Path
+    state: Path
+    path: str
+    firebase: Path
+    bin_dir: Path
+
+
+@pytest.fixture
+def cloud(tmp_path: Path) -> FakeCloud:
+    """A fresh project: nothing enabled, created or deployed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text(f"#!{sys.executable}\n{FAKE_GCLOUD}")
+    gcloud.chmod(0o755)
+    make_shims(bin_dir, tmp_path / "firebase.log", ["firebase"], exit_code=0)
+    make_shims(bin_dir, tmp_path / "curl.log", ["curl", "wget"])
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({
+        "calls": [], "apis": [], "service_accounts": [], "bindings": [], "database": None, "indexes": [],
+        "secrets": {}, "keyrings": [], "key_versions": [], "functions": {},
+    }))
+    return FakeCloud(checkout=make_checkout(tmp_path / "checkout"), state=state, path=f"{bin_dir}:/usr/bin:/bin",
+                     firebase=tmp_path / "firebase.log", bin_dir=bin_dir)
+
+
+def deploy_for_real(cloud: FakeCloud) -> tuple[Deploy, dict]:
+    """Run deploy.sh without --dry-run against the fake; return its result and the project's state after it."""
+    before = json.loads(cloud.state.read_text())
+    before["calls"] = []
+    cloud.state.write_text(json.dumps(before))
+    result = run_deploy(cloud.checkout, ["--project", PROJECT, "--region", REGION], path=cloud.path,
+                        env={"FAKE_GCLOUD_STATE": str(cloud.state), "GBX_OPERATORS": "ops@example.com"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, json.loads(cloud.state.read_text())
+
+
+def test_first_deployment_creates_everything(cloud: FakeCloud) -> None:
+    result, state = deploy_for_real(cloud)
+    assert set(APIS) <= set(state["apis"])
+    assert state["service_accounts"] == [SA_EMAIL]
+    assert state["database"] == REGION
+    assert len(state["indexes"]) == 2
+    member = f"serviceAccount:{SA_EMAIL}"
+    assert sorted(state["bindings"]) == sorted([
+        ["project", PROJECT, member, "roles/datastore.user"],
+        ["secret", "gbx-admin-token", member, "roles/secretmanager.secretAccessor"],
+        ["kms_key", "seal", member, "roles/cloudkms.signerVerifier"],
+    ])
+    assert cloud.firebase.read_text() == f"firebase deploy --only firestore:rules --project {PROJECT} --non-interactive\n"
+
+    (token,) = state["secrets"]["gbx-admin-token"]
+    assert re.fullmatch(r"[0-9a-f]{64}", token), "one random line, without its newline"
+    everything_shown = result.stdout + result.stderr + json.dumps(state["calls"]) + json.dumps(state["functions"])
+    assert token not in everything_shown
+
+    urls = [f"https://{name}-x7y8z9-ew.a.run.app" for name in FUNCTIONS.values()]
+    assert set(state["functions"]) == set(FUNCTIONS.values())
+    for entry, name in FUNCTIONS.items():
+        deployed = state["functions"][name]
+        assert deployed["source"] == f"build/functions/{entry}"
+        assert deployed["env"] == {
+            "GOOGLE_CLOUD_PROJECT": PROJECT, "GBX_ISSUER": PROJECT,
+            "GBX_KMS_KEY_VERSION": f"{KEY}/cryptoKeyVersions/1", "GBX_TRUSTED_KEY_VERSIONS": f"{KEY}/cryptoKeyVersions/1",
+            "GBX_OPERATORS": "ops@example.com", "GBX_AUDIENCES": ",".join(urls),
+        }
+        assert deployed["secrets"] == ("GBX_ADMIN_TOKEN=gbx-admin-token:latest" if entry == "issue" else None)
+    for url in urls:
+        assert url in result.stdout.partition("\n\n")[2]
+
+
+def test_a_second_deployment_creates_nothing_and_keeps_the_audiences(cloud: FakeCloud) -> None:
+    _, first = deploy_for_real(cloud)
+    result, second = deploy_for_real(cloud)
+    creates = [call for call in second["calls"] if "create" in call or call[:3] == ["secrets", "versions", "add"]]
+    assert creates == [
+        call for call in second["calls"] if call[:4] == ["firestore", "indexes", "composite", "create"]
+    ], "only index creates, which answer ALREADY_EXISTS"
+    assert "index exists" in result.stdout
+    assert not [call for call in second["calls"] if call[:3] == ["run", "services", "update"]]
+    assert second["secrets"] == first["secrets"], "the admin token is not rotated by a redeploy"
+    assert second["bindings"] == first["bindings"]
+    assert second["functions"] == first["functions"]
+    # The audiences ride along with each redeploy: there is no moment without them.
+    for call in second["calls"]:
+        if call[:2] == ["functions", "deploy"]:
+            assert "GBX_AUDIENCES=" in flags(call)["set-env-vars"]
+
+
+def test_after_a_rotation_the_newest_version_signs_and_all_are_trusted(cloud: FakeCloud) -> None:
+    deploy_for_real(cloud)
+    state = json.loads(cloud.state.read_text())
+    state["key_versions"] = [1, 2, 3]
+    cloud.state.write_text(json.dumps(state))
+    _, after = deploy_for_real(cloud)
+    for deployed in after["functions"].values():
+        assert deployed["env"]["GBX_KMS_KEY_VERSION"] == f"{KEY}/cryptoKeyVersions/3"
+        assert deployed["env"]["GBX_TRUSTED_KEY_VERSIONS"] == ",".join(f"{KEY}/cryptoKeyVersions/{v}" for v in (3, 2, 1))
+
+
+def test_without_the_firebase_cli_the_rules_command_is_printed(cloud: FakeCloud) -> None:
+    (cloud.bin_dir / "firebase").unlink()
+    result, _ = deploy_for_real(cloud)
+    assert "firestore.rules was NOT deployed" in result.stdout
+    assert f"firebase deploy --only firestore:rules --project {PROJECT}" in result.stdout
+
+
+# ---------------------------------------------------------------- the real functions/, staged
+# These need every functions/<entry>/main.py of the repository.
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """build/ of a dry run of this repository's own deploy.sh."""
+    base = tmp_path_factory.mktemp("staged")
+    make_shims(base / "shims", base / "calls.log", ["gcloud", "firebase", "curl", "openssl"])
+    result = run_deploy(REPO, DRY_ARGS, path=f"{base / 'shims'}:/usr/bin:/bin", env={"GBX_BUILD_DIR": str(base / "build")},
+                        cwd=base)
+    assert result.returncode == 0, result.stderr
+    assert not (base / "calls.log").exists()
+    return base / "build" / "functions"
+
+
+@pytest.mark.parametrize("entry", FUNCTIONS)
+def test_each_staged_function_is_complete(staged: Path, entry: str) -> None:
+    directory = staged / entry
+    assert (directory / "main.py").read_bytes() == (REPO / "functions" / entry / "main.py").read_bytes()
+    assert (directory / "requirements.txt").read_bytes() == (REPO / "requirements.txt").read_bytes()
+    assert (directory / "shared" / "__init__.py").is_file()
+    for module in (REPO / "shared").glob("*.py"):
+        if module.name not in {"local.py", "emulator.py"}:
+            assert (directory / "shared" / module.name).read_bytes() == module.read_bytes(), module.name
+    assert not (directory / "shared" / "local.py").exists()
+    assert not (directory / "shared" / "emulator.py").exists()
+    assert not list(directory.rglob("__pycache__"))
+
+
+SERVE = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+    import functions_framework
+
+    entry, method, repo = sys.argv[1:4]
+    app = functions_framework.create_app(target=entry, source=str(Path("main.py").resolve()))
+    response = app.test_client().open("/", method=method)
+    import shared
+    from_repo = sorted(
+        name for name, module in list(sys.modules.items())
+        if (getattr(module, "__file__", None) or "").startswith((repo + "/shared", repo + "/functions"))
+    )
+    print(json.dumps({
+        "status": response.status_code,
+        "body": response.get_json(silent=True),
+        "request_id": response.headers.get("X-Request-Id"),
+        "shared": shared.__file__,
+        "from_repo": from_repo,
+    }))
+''')
+
+
+@pytest.mark.parametrize("entry", FUNCTIONS)
+def test_each_staged_function_serves_its_endpoint_on_its_own(staged: Path, entry: str, tmp_path: Path) -> None:
+    """functions-framework loads the staged main.py with nothing of the repository on sys.path (-I)."""
+    directory = staged / entry
+    wrong_method = "POST" if entry == "public_keys" else "GET"
+    env = {
+        "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "GOOGLE_CLOUD_PROJECT": "demo", "GBX_SIGNER": "local",
+        "GBX_LOCAL_DIR": str(tmp_path / "local"), "GBX_AUDIENCES": "x", "GBX_ADMIN_TOKEN": "x",
+    }
+    result = subprocess.run([sys.executable, "-I", "-c", SERVE, entry, wrong_method, str(REPO)], cwd=directory, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    assert served["status"] == 405, served
+    assert served["body"]["error"]["code"] == "method_not_allowed"
+    assert served["body"]["error"]["status"] == 405
+    assert isinstance(served["body"]["error"]["message"], str) and served["body"]["error"]["message"]
+    assert served["request_id"]
+    assert Path(served["shared"]).resolve().is_relative_to(directory.resolve())
+    assert served["from_repo"] == []
