@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from shared import config as config_module
 from shared import emulator as emulator_module
-from shared import errors
+from shared import errors, openapi
 
 # Path of every endpoint → the function directory (and entry point) that serves it.
 ROUTES: dict[str, str] = {
@@ -150,6 +150,7 @@ def create_app() -> flask.Flask:
 
         app.add_url_rule(path, endpoint=entry, view_func=view, methods=all_methods)
     app.add_url_rule("/healthz", endpoint="healthz", view_func=lambda: {"status": "ok"})
+    app.add_url_rule("/openapi.json", endpoint="openapi", view_func=lambda: flask.Response(openapi.render(), mimetype="application/json"))
 
     @app.errorhandler(404)
     def not_found(_: Exception) -> flask.Response:

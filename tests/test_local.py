@@ -1,0 +1,114 @@
+"""Local mode as a user runs it: `python -m shared.local token|serve` in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from shared import config, emulator
+from shared.auth import verify_id_token
+
+REPO = config.REPO_ROOT
+
+
+def _env(local_dir: Path, **extra: str) -> dict[str, str]:
+    """A user's environment: nothing of the test session's configuration."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GBX_") and k not in ("FIRESTORE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "K_SERVICE")}
+    return {**env, config.ENV_LOCAL_DIR: str(local_dir), **extra}
+
+
+def _local(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shared.local", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read() if process.stdout else ""
+        try:
+            if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise AssertionError("local server did not become healthy")
+
+
+def _listening(host: str) -> bool:
+    address, port = host.rsplit(":", 1)
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((address, int(port))) == 0
+
+
+def test_token_command_prints_a_token_the_verifier_accepts(tmp_path: Path) -> None:
+    result = _local("token", "Dev@Example.com", env=_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    local_config = config.load_config({config.ENV_LOCAL_MODE: "1", config.ENV_LOCAL_DIR: str(tmp_path)})
+    identity = verify_id_token(token, local_config)
+    assert identity.principal == "dev@example.com" and identity.operator is False
+    assert oct((tmp_path / "issuer-key.pem").stat().st_mode & 0o777) == "0o600"
+    # A second call reuses the issuer key: both tokens verify against the same certificates.
+    second = _local("token", "operator@gbx.local", env=_env(tmp_path)).stdout.strip()
+    assert verify_id_token(second, local_config).operator is True
+
+
+def test_serve_against_a_given_emulator_walks_the_lifecycle_and_stops_on_sigterm(tmp_path: Path, firestore_emulator: emulator.Emulator) -> None:
+    port = emulator.free_port()
+    env = _env(tmp_path, FIRESTORE_EMULATOR_HOST=firestore_emulator.host)
+    process = subprocess.Popen([sys.executable, "-m", "shared.local", "serve", "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, process)
+        token = _local("token", "ci@acme-prod.iam.gserviceaccount.com", env=env).stdout.strip()
+        user = {"Authorization": f"Bearer {token}"}
+        issued = requests.post(url + "/api/entitlement/issue", json={"principal": "ci@acme-prod.iam.gserviceaccount.com", "runs_total": 1}, headers={"X-GBX-ADMIN-TOKEN": "local-admin-token"}, timeout=30)
+        assert issued.status_code == 200
+        consumed = requests.post(url + "/api/entitlement/consume", json={"run_id": "local-1"}, headers=user, timeout=30)
+        assert consumed.json()["balance"] == 0
+        started = requests.post(url + "/api/entitlement/run_start", json={"run_id": "local-1", "container_image": "job@sha256:" + "a" * 64, "project_id": "acme-prod", "inputs_sha256": "b" * 64}, headers=user, timeout=30)
+        assert started.status_code == 200
+        bundle = requests.post(url + "/api/entitlement/run_complete", json={"run_id": "local-1", "outputs_sha256": "c" * 64}, headers=user, timeout=30).json()
+        assert bundle["key"].startswith("projects/local/") and '"issuer":"local"' in bundle["seal_json"]
+        verified = requests.post(url + "/api/seal/verify", data=bundle["seal_svg"], headers={**user, "Content-Type": "image/svg+xml"}, timeout=30)
+        assert verified.json()["status"] == "VERIFIED"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_starts_and_stops_its_own_emulator(tmp_path: Path) -> None:
+    port = emulator.free_port()
+    process = subprocess.Popen([sys.executable, "-m", "shared.local", "serve", "--port", str(port)], cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        match = re.search(r"Firestore emulator on (\S+)", first)
+        assert match, first
+        host = match.group(1)
+        _wait_healthy(f"http://127.0.0.1:{port}", process)
+        assert _listening(host)
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        assert process.wait(timeout=30) == 0
+        assert not _listening(host), "the emulator outlived `serve`"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_local_mode_refuses_to_start_in_the_cloud(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "shared.local", "serve", "--port", "1"], cwd=REPO, env=_env(tmp_path, K_SERVICE="gbx-consume"), capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "refusing to start local mode" in result.stderr

@@ -1,0 +1,48 @@
+"""Structured request logs: one JSON line per request, with trace; never a token, admin token or key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import ADMIN_TOKEN, PROJECT, RUNNER, Api
+
+
+def _log_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_one_json_line_per_request_with_trace(api: Api, capfd: pytest.CaptureFixture[str]) -> None:
+    capfd.readouterr()
+    api.issue(RUNNER, 1)
+    api.post("/api/entitlement/consume", {"run_id": "job-1"}, headers={"X-Cloud-Trace-Context": "105445aa7843bc8bf206b12000100000/1;o=1"})
+    api.consume("job-2")
+    lines = _log_lines(capfd.readouterr().out)
+    assert [(line["endpoint"], line["status"]) for line in lines] == [("issue", 200), ("consume", 200), ("consume", 402)]
+    for line in lines:
+        assert {"severity", "message", "request_id", "endpoint", "principal", "status", "latency_ms"} <= set(line)
+        assert isinstance(line["latency_ms"], float)
+    assert lines[1]["principal"] == RUNNER and lines[1]["severity"] == "INFO"
+    assert lines[1]["logging.googleapis.com/trace"] == f"projects/{PROJECT}/traces/105445aa7843bc8bf206b12000100000"
+    assert lines[2]["severity"] == "WARNING"
+
+
+def test_no_secret_reaches_a_log_line(api: Api, capfd: pytest.CaptureFixture[str], service_dir) -> None:
+    capfd.readouterr()
+    token = api.token()
+    api.issue(RUNNER, 2)
+    api.post("/api/entitlement/issue", {"principal": RUNNER, "runs_total": 1}, as_user=None, headers={"X-GBX-ADMIN-TOKEN": "wrong-" + ADMIN_TOKEN})
+    api.post("/api/entitlement/consume", {"run_id": "job-1"}, as_user=None, headers={"Authorization": f"Bearer {token}"})
+    api.post("/api/entitlement/consume", {"run_id": "job-2"}, as_user=None, headers={"Authorization": f"Bearer {token[:-5]}AAAAA"})
+    api.post("/api/entitlement/consume", data=b"{not json " + token.encode(), headers={"Content-Type": "application/json"})
+    bundle = api.sealed_run("job-3")
+    captured = capfd.readouterr()
+    output = captured.out + captured.err
+    assert len(_log_lines(captured.out)) >= 8
+    secrets = [ADMIN_TOKEN, token, token.split(".")[2], token.split(".")[1]]
+    secrets += [line for line in (service_dir / "issuer" / "issuer-key.pem").read_text().splitlines() if "PRIVATE" not in line][:3]
+    for secret in secrets:
+        assert secret not in output
+    assert "PRIVATE KEY" not in output
+    assert bundle["seal_id"]  # the run sealed, so the signing path was logged too
