@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 from shared import store
 from tests.conftest import ADMIN_TOKEN, RUNNER, Api, error_code
@@ -211,3 +212,20 @@ def test_ledger_sums_to_unused_runs_per_grant(api: Api) -> None:
     assert grant["remaining"] == 1
     assert sum(e["delta"] for e in store.ledger_for_grant(g1)) == 1
     assert [e["reason"] for e in store.ledger_for_principal(RUNNER)].count("consume") == 2
+
+
+def test_ledger_tool_prints_grants_and_entries_and_checks_sums(api: Api, capsys) -> None:
+    from shared import ledger
+
+    api.issue(RUNNER, 2)
+    api.consume("job-1")
+    capsys.readouterr()
+    assert ledger.main([RUNNER.upper()]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [list(line)[0] for line in lines] == ["grant", "ledger", "ledger"]
+    assert [line["ledger"]["delta"] for line in lines[1:]] == [-1, 2]  # newest first
+    # A grant whose balance was changed without its ledger entry is reported.
+    (grant,) = store.all_grants(RUNNER)
+    store.client().collection("principals").document(RUNNER).collection("grants").document(grant["grant_id"]).update({"remaining": 5})
+    assert ledger.main([RUNNER]) == 1
+    assert "ledger sums to 1, grant holds 5" in capsys.readouterr().err
