@@ -37,10 +37,12 @@ def current_balance(principal: str) -> int:
 
 def check(caller: Identity, req: CheckRequest) -> CheckResponse:
     """May this run_id run now? Writes nothing."""
+    # Grants before the run: a run missing *after* an empty balance was read was missing then too,
+    # so a concurrent consume of this very run_id can never make us answer 402.
+    balance = current_balance(caller.principal)
     run = store.read_run(caller.principal, req.run_id)
     if run is not None and run.state != "consumed":
         raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}")
-    balance = current_balance(caller.principal)
     if run is None and balance < 1:
         raise errors.EntitlementExhausted()
     return CheckResponse(
@@ -52,12 +54,13 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
     """Charge one run for run_id, exactly once however often and however concurrently it is asked."""
     principal = caller.principal
     for _ in store.attempts():
+        # Grants before the run (see check): a retry racing its twin for the last run replays, never 402s.
+        grants = spendable_grants(store.read_grants_with_runs_left(principal), _now())
         run = store.read_run(principal, req.run_id)
         if run is not None:
             if run.state != "consumed":
                 raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}")
             return ConsumeResponse(run_id=req.run_id, principal=principal, balance=current_balance(principal), state="consumed", replayed=True)
-        grants = spendable_grants(store.read_grants_with_runs_left(principal), _now())
         if not grants:
             raise errors.EntitlementExhausted()
         try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from google.api_core import exceptions as gexc
+from google.api_core import retry as gretry
 from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
@@ -23,6 +24,19 @@ LEDGER = "ledger"
 SEALS = "seals"
 REDEMPTIONS = "redemptions"
 ISSUANCES = "issuances"
+
+
+# Every Firestore call is bounded: the client's defaults retry reads for 300 s and commits for 60 s,
+# past the function's own timeout, so an outage would end in the platform's 504 instead of our 503.
+RPC_TIMEOUT_SECONDS = 5.0
+RPC_RETRY = gretry.Retry(
+    initial=0.1,
+    maximum=1.0,
+    multiplier=2.0,
+    timeout=10.0,
+    predicate=gretry.if_exception_type(gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError),
+)
+_RPC: dict[str, Any] = {"retry": RPC_RETRY, "timeout": RPC_TIMEOUT_SECONDS}
 
 
 class Contended(Exception):
@@ -103,7 +117,7 @@ def read_grants_with_runs_left(principal: str) -> list[Grant]:
     """The principal's grants that still hold runs (expired ones included; callers filter by time)."""
     query = _principal_ref(principal).collection(GRANTS).where(filter=FieldFilter("remaining", ">", 0))
     grants = []
-    for snap in query.get():
+    for snap in query.get(**_RPC):
         data = snap.to_dict()
         grants.append(
             Grant(
@@ -122,7 +136,7 @@ def read_grants_with_runs_left(principal: str) -> list[Grant]:
 
 def read_run(principal: str, run_id: str) -> Run | None:
     """The principal's run record for run_id, or None."""
-    snap = _run_ref(principal, run_id).get()
+    snap = _run_ref(principal, run_id).get(**_RPC)
     if not snap.exists:
         return None
     return Run(run_id=run_id, data=snap.to_dict(), update_time=snap.update_time)
@@ -131,7 +145,7 @@ def read_run(principal: str, run_id: str) -> Run | None:
 def _commit(batch: firestore.WriteBatch) -> list[Any]:
     """Commit a batch; a lost race becomes Contended."""
     try:
-        return batch.commit()
+        return batch.commit(**_RPC)
     except (gexc.FailedPrecondition, gexc.Conflict, gexc.NotFound) as exc:
         # Conflict covers AlreadyExists (a create lost) and Aborted; NotFound a precondition on a deleted doc.
         raise Contended(str(exc)) from exc
@@ -162,7 +176,7 @@ def _grant_fields(*, principal: str, plan_id: str, runs_total: int, expires_at: 
 
 def read_issuance(key_hash: str) -> dict[str, Any] | None:
     """The recorded issuance for an idempotency-key hash, or None."""
-    snap = client().collection(ISSUANCES).document(key_hash).get()
+    snap = client().collection(ISSUANCES).document(key_hash).get(**_RPC)
     return snap.to_dict() if snap.exists else None
 
 
@@ -235,13 +249,13 @@ def commit_run_complete(principal: str, run: Run, *, outputs_sha256: str, comple
 
 def read_seal(seal_id: str) -> dict[str, Any] | None:
     """The seal record, or None."""
-    snap = client().collection(SEALS).document(seal_id).get()
+    snap = client().collection(SEALS).document(seal_id).get(**_RPC)
     return snap.to_dict() if snap.exists else None
 
 
 def redemption_exists(principal: str, seal_id: str) -> bool:
     """Whether `principal` has redeemed the seal."""
-    return client().collection(REDEMPTIONS).document(redemption_id(principal, seal_id)).get().exists
+    return client().collection(REDEMPTIONS).document(redemption_id(principal, seal_id)).get(**_RPC).exists
 
 
 def commit_redeem(principal: str, seal_id: str, grant_id: str) -> None:
@@ -269,18 +283,18 @@ def ledger_for_principal(principal: str, limit: int = 100) -> list[dict[str, Any
         .order_by("at", direction=firestore.Query.DESCENDING)
         .limit(limit)
     )
-    return [snap.to_dict() for snap in query.get()]
+    return [snap.to_dict() for snap in query.get(**_RPC)]
 
 
 def ledger_for_grant(grant_id: str) -> list[dict[str, Any]]:
     """A grant's ledger, oldest first (composite index: grant_id ASC, at ASC)."""
     query = client().collection(LEDGER).where(filter=FieldFilter("grant_id", "==", grant_id)).order_by("at")
-    return [snap.to_dict() for snap in query.get()]
+    return [snap.to_dict() for snap in query.get(**_RPC)]
 
 
 def all_grants(principal: str) -> list[dict[str, Any]]:
     """Every grant of a principal, spent or not (for audits and tests)."""
-    return [{"grant_id": s.id, **s.to_dict()} for s in _principal_ref(principal).collection(GRANTS).get()]
+    return [{"grant_id": s.id, **s.to_dict()} for s in _principal_ref(principal).collection(GRANTS).get(**_RPC)]
 
 
 # Races on one principal resolve in a few rounds; the budget is far above what contention needs, so

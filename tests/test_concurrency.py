@@ -61,3 +61,16 @@ def test_concurrent_consumes_across_several_grants(api: Api) -> None:
     for grant in store.all_grants(RUNNER):
         assert grant["remaining"] == 0
         assert sum(e["delta"] for e in store.ledger_for_grant(grant["grant_id"])) == 0
+
+
+def test_retries_racing_for_the_last_run_all_replay(api: Api) -> None:
+    # Each round: one run left, ten copies of one consume at once. The loser copies must replay
+    # (200, replayed) — a 402 would tell a runner it was not charged when it was.
+    for round_ in range(8):
+        principal = f"racer-{round_}@acme-prod.iam.gserviceaccount.com"
+        api.issue(principal, 1)
+        responses = _together(10, lambda n: api.consume("same", as_user=principal))
+        assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses if r.status_code != 200]
+        assert sorted(r.json()["replayed"] for r in responses) == [False] + [True] * 9
+        checks = _together(5, lambda n: api.check("same", as_user=principal))
+        assert [r.json()["state"] for r in checks] == ["consumed"] * 5
