@@ -5,17 +5,19 @@ from __future__ import annotations
 import enum
 import io
 import json
-import logging
 import re
 import sys
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import flask
+import google.auth.exceptions
 import pydantic
 from google.api_core import exceptions as gexc
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
 from shared import auth, errors
@@ -29,10 +31,18 @@ MULTIPART_OVERHEAD_BYTES = 8 * 1024
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 REQUEST_ID_HEADER = "X-Request-Id"
 
-_log = logging.getLogger("gbx")
-
 # Backing-service failures that a retry may cure: 503 with Retry-After, never 500.
-_UNAVAILABLE = (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.RetryError, gexc.InternalServerError, gexc.Aborted)
+_UNAVAILABLE = (
+    gexc.ServiceUnavailable,
+    gexc.DeadlineExceeded,
+    gexc.RetryError,
+    gexc.InternalServerError,
+    gexc.Aborted,
+    gexc.ResourceExhausted,
+    gexc.Cancelled,
+    google.auth.exceptions.TransportError,
+    google.auth.exceptions.RefreshError,
+)
 
 
 class Auth(enum.Enum):
@@ -108,6 +118,8 @@ def _parse_seal(request: flask.Request) -> SealUpload:
         parser = FormDataParser(max_form_memory_size=MAX_SEAL_BYTES + MULTIPART_OVERHEAD_BYTES, max_form_parts=8, silent=False)
         try:
             _, form, files = parser.parse(io.BytesIO(raw), request.mimetype, len(raw), request.mimetype_params)
+        except RequestEntityTooLarge as exc:
+            raise errors.PayloadTooLarge("the multipart body has too many or too large parts") from exc
         except ValueError as exc:
             raise errors.InvalidRequest("the multipart body is malformed") from exc
         upload = files.get("seal")
@@ -139,8 +151,12 @@ def _log_request(*, request: flask.Request, request_id: str, endpoint: str, prin
         "status": status,
         "latency_ms": round((time.monotonic() - started) * 1000, 1),
     }
-    trace_header = request.headers.get("X-Cloud-Trace-Context", "")
-    trace_id = trace_header.split("/", 1)[0]
+    _emit(entry, request)
+
+
+def _emit(entry: dict[str, Any], request: flask.Request) -> None:
+    """Write one JSON log line (Cloud Logging reads stdout), tied to the request's trace."""
+    trace_id = request.headers.get("X-Cloud-Trace-Context", "").split("/", 1)[0]
     config = get_config()
     if trace_id and trace_id.isalnum() and config.project:
         entry["logging.googleapis.com/trace"] = f"projects/{config.project}/traces/{trace_id}"
@@ -192,10 +208,11 @@ def handle(
     except pydantic.ValidationError as exc:
         response = _error_response(errors.InvalidRequest(_describe_validation(exc)), request_id)
     except _UNAVAILABLE as exc:
-        _log.warning("backing service unavailable (request %s): %s", request_id, type(exc).__name__)
+        _emit({"severity": "WARNING", "message": f"backing service unavailable: {type(exc).__name__}", "request_id": request_id, "endpoint": endpoint}, request)
         response = _error_response(errors.Unavailable(), request_id)
     except Exception:  # noqa: BLE001 - the one place that turns a bug into a 500 without detail
-        _log.exception("internal error (request %s)", request_id)
+        # The traceback goes to the log (Error Reporting reads it from `message`), never to the caller.
+        _emit({"severity": "ERROR", "message": traceback.format_exc(), "request_id": request_id, "endpoint": endpoint}, request)
         response = _error_response(errors.ApiError(), request_id)
     response.headers[REQUEST_ID_HEADER] = request_id
     response.headers["Cache-Control"] = "no-store"

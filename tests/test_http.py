@@ -84,3 +84,48 @@ def test_unknown_path_is_404_json(api: Api) -> None:
 
 def test_healthz(api: Api) -> None:
     assert requests.get(api.base_url + "/healthz", timeout=30).json() == {"status": "ok"}
+
+
+def test_firestore_outage_is_a_bounded_503_with_retry_after(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from shared import emulator, store
+
+    api.issue(RUNNER, 1)
+    # Point the service at a port where no Firestore answers, as in an outage.
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{emulator.free_port()}")
+    store.client.cache_clear()
+    try:
+        started = time.monotonic()
+        response = api.consume("job-1")
+        elapsed = time.monotonic() - started
+    finally:
+        monkeypatch.undo()
+        store.client.cache_clear()
+    assert (response.status_code, error_code(response)) == (503, "unavailable")
+    assert response.headers["Retry-After"] == "2"
+    assert elapsed < 45  # well inside a Cloud Function's 60 s default timeout
+    assert store.read_run(RUNNER, "job-1") is None
+    assert api.check("job-1").json()["balance"] == 1
+
+
+def test_internal_errors_are_500_without_detail(api: Api, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    from shared import entitlements
+
+    def broken(principal: str) -> int:
+        raise KeyError("secret-internal-detail")
+
+    monkeypatch.setattr(entitlements, "current_balance", broken)
+    response = api.check("job-1")
+    assert (response.status_code, error_code(response)) == (500, "internal")
+    assert response.json()["error"]["message"] == "internal error"
+    assert "secret-internal-detail" not in response.text
+    logged = [json.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
+    (error,) = [line for line in logged if line["severity"] == "ERROR" and "Traceback" in line["message"]]
+    assert error["request_id"] == response.headers["X-Request-Id"] and "secret-internal-detail" in error["message"]
+
+
+def test_multipart_with_too_many_parts_is_413(api: Api) -> None:
+    files = [("seal", ("seal.svg", b"<svg/>", "image/svg+xml"))] + [(f"f{n}", (None, "x")) for n in range(12)]
+    response = api.post("/api/seal/verify", files=files)
+    assert (response.status_code, error_code(response)) == (413, "payload_too_large")
