@@ -31,25 +31,25 @@ from shared.seal_format import (
     parse_seal_svg,
     render_seal_svg,
 )
-from shared.signing import get_signer, verify_signature
+from shared.signing import PublicKey, get_signer, verify_signature
 
 OK = "ok"
 NOT_CHECKED = "not checked"
 SEAL_ID_BYTES = 24  # 192 random bits
-CHECK_ORDER = ("document", "key", "signature", "record")  # the contract's verification order
+CHECK_ORDER = ("document", "key", "signature", "record")
+SEAL_RERUN_PLAN = "seal_rerun"  # the contract's verification order
 
 
 def _bundle(record: dict[str, Any]) -> SealBundle:
     """The seal bundle of a seal record; deterministic, so a retry returns identical bytes."""
     der = base64.b64decode(record["signature"])
-    pems = {key.key: key.pem for key in get_signer().public_keys()}
     return SealBundle(
         seal_id=record["seal_id"],
         seal_json=record["payload"],
         signature=record["signature"],
         alg=record["alg"],
         key=record["key"],
-        public_key_pem=pems.get(record["key"]),
+        public_key_pem=record["public_key_pem"],
         seal_svg=render_seal_svg(payload=record["payload"].encode(), signature=der, key=record["key"], alg=record["alg"]),
     )
 
@@ -87,8 +87,20 @@ def _sign_seal(principal: str, run: store.Run, outputs_sha256: str) -> tuple[dic
         "signature": base64.b64encode(signature.der).decode(),
         "key": signature.key,
         "alg": signature.alg,
+        # Kept with the seal so that its bundle never depends on KMS again, even after the version is retired.
+        "public_key_pem": _public_key(signature.key).pem,
+        # A bonus rerun's seal is not redeemable: otherwise one purchase would chain into endless free runs.
+        "redeemable": data.get("plan_id") != SEAL_RERUN_PLAN,
     }
     return record, completed_at
+
+
+def _public_key(key: str) -> PublicKey:
+    """The signing version's public key (it is always trusted)."""
+    public_key = get_signer().public_key(key)
+    if public_key is None:
+        raise RuntimeError(f"the signing key version {key} is not trusted")
+    return public_key
 
 
 def run_complete(caller: Identity, req: RunCompleteRequest) -> SealBundle:
@@ -124,6 +136,7 @@ class Verification:
 
     checks: VerifyChecks
     claims: dict[str, Any]
+    record: dict[str, Any] | None
 
     @property
     def verified(self) -> bool:
@@ -141,9 +154,10 @@ def verify_seal(svg: bytes) -> Verification:
     element = parse_seal_svg(svg)  # 413 / 400 invalid_seal for documents that are not a usable seal.svg
     checks = {"document": NOT_CHECKED, "key": NOT_CHECKED, "signature": NOT_CHECKED, "record": NOT_CHECKED}
     claims: dict[str, Any] = {}
+    record: dict[str, Any] | None = None
 
     def done() -> Verification:
-        return Verification(checks=VerifyChecks(**checks), claims=claims)
+        return Verification(checks=VerifyChecks(**checks), claims=claims, record=record)
 
     try:
         claims, payload = decode_payload(element.payload)
@@ -154,8 +168,7 @@ def verify_seal(svg: bytes) -> Verification:
         checks["document"] = "payload key differs from the seal element's key"
         return done()
     checks["document"] = OK
-    trusted = {key.key: key for key in get_signer().public_keys()}
-    public_key = trusted.get(element.key)
+    public_key = get_signer().public_key(element.key)
     if public_key is None:
         checks["key"] = "key version is not trusted"
         return done()
@@ -174,6 +187,9 @@ def verify_seal(svg: bytes) -> Verification:
         checks["record"] = "no seal with this id was issued here"
     elif record["payload"].encode() != payload:
         checks["record"] = "the issued seal differs from this payload"
+    elif base64.b64decode(record["signature"]) != der:
+        # ECDSA signatures are malleable ((r, s) and (r, n - s) both verify): only the issued one counts.
+        checks["record"] = "the issued seal has another signature"
     else:
         checks["record"] = OK
     return done()
@@ -208,6 +224,9 @@ def redeem_seal_once(caller: Identity, upload: SealUpload) -> RedeemResponse:
         principal = caller.principal
     if principal != owner:
         raise errors.Forbidden("this seal belongs to another principal")
+    assert result.record is not None  # a verified seal has its record
+    if not result.record.get("redeemable", True):
+        raise errors.Forbidden("the seal of a bonus rerun cannot be redeemed")
     for _ in store.attempts():
         if store.redemption_exists(principal, seal_id):
             raise errors.AlreadyRedeemed()

@@ -68,6 +68,10 @@ class Signer(Protocol):
         """One public key per trusted key version, the signing one included."""
         ...
 
+    def public_key(self, key: str) -> PublicKey | None:
+        """The public key of one trusted version (fetched once, cached); None when `key` is not trusted."""
+        ...
+
 
 def _crc32c(data: bytes) -> int:
     """CRC32C as Cloud KMS computes it, for the integrity checks of its responses."""
@@ -135,11 +139,16 @@ class KmsSigner:
     def public_keys(self) -> list[PublicKey]:
         """Public keys of every trusted version, each fetched from KMS once and then cached."""
         # One lock for all fetches: concurrent cold requests make one GetPublicKey per version, not many.
+        return [key for key in map(self.public_key, self.trusted_versions) if key is not None]
+
+    def public_key(self, key: str) -> PublicKey | None:
+        """One trusted version's key, fetched on first use: verifying a seal needs no other version reachable."""
+        if key not in self.trusted_versions:
+            return None
         with self._lock:
-            for version in self.trusted_versions:
-                if version not in self._public_keys:
-                    self._public_keys[version] = self._fetch_public_key(version)
-            return [self._public_keys[version] for version in self.trusted_versions]
+            if key not in self._public_keys:
+                self._public_keys[key] = self._fetch_public_key(key)
+            return self._public_keys[key]
 
     def _fetch_public_key(self, version: str) -> PublicKey:
         """GetPublicKey for one version, with the sample's name and pem_crc32c checks."""
@@ -194,6 +203,10 @@ class LocalSigner:
             .decode("ascii")
         )
         return [PublicKey(key=LOCAL_KEY_NAME, alg=ALG, pem=pem)]
+
+    def public_key(self, key: str) -> PublicKey | None:
+        """The local key's public half when `key` names it, else None."""
+        return self.public_keys()[0] if key == LOCAL_KEY_NAME else None
 
     def _private_key(self) -> ec.EllipticCurvePrivateKey:
         """Load the key, creating it first if no process has yet."""

@@ -218,7 +218,14 @@ def commit_consume(principal: str, run_id: str, grant: Grant) -> None:
     )
     batch.create(
         _run_ref(principal, run_id),
-        {"run_id": run_id, "principal": principal, "state": "consumed", "grant_id": grant.grant_id, "consumed_at": firestore.SERVER_TIMESTAMP},
+        {
+            "run_id": run_id,
+            "principal": principal,
+            "state": "consumed",
+            "grant_id": grant.grant_id,
+            "plan_id": grant.plan_id,
+            "consumed_at": firestore.SERVER_TIMESTAMP,
+        },
     )
     _ledger(batch, principal=principal, grant_id=grant.grant_id, delta=-1, reason="consume", ref=run_id)
     _commit(batch)

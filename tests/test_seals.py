@@ -390,3 +390,55 @@ def test_seal_ids_are_unguessable_and_url_safe(api: Api) -> None:
     assert len(ids) == 3
     for seal_id in ids:
         assert re.fullmatch(r"[A-Za-z0-9_-]{32}", seal_id) and b64url_encode(b64url_decode(seal_id)) == seal_id
+
+
+def test_high_s_twin_of_a_genuine_signature_is_invalid(api: Api) -> None:
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+    bundle = api.sealed_run()
+    r, s = decode_dss_signature(base64.b64decode(bundle["signature"]))
+    order = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256 group order
+    twin = encode_dss_signature(r, order - s)
+    key = load_pem_public_key(bundle["public_key_pem"].encode())
+    key.verify(twin, bundle["seal_json"].encode(), ec.ECDSA(hashes.SHA256()))  # mathematically valid too
+    svg = render_seal_svg(payload=bundle["seal_json"].encode(), signature=twin, key=VERSION_1)
+    assert _invalid(api, svg) == {"document": "ok", "key": "ok", "signature": "ok", "record": "the issued seal has another signature"}
+
+
+def test_a_bonus_rerun_seal_cannot_be_redeemed(api: Api) -> None:
+    bundle = api.sealed_run("paid")
+    assert api.redeem(bundle["seal_svg"]).status_code == 200
+    for step in (api.consume("bonus"), api.run_start("bonus"), api.run_complete("bonus")):
+        assert step.status_code == 200
+    rerun_seal = step.json()["seal_svg"]
+    assert api.verify(rerun_seal).json()["status"] == "VERIFIED"
+    response = api.redeem(rerun_seal)
+    assert (response.status_code, error_code(response)) == (403, "forbidden")
+    assert [g["plan_id"] for g in store.all_grants(RUNNER) if g["plan_id"] == "seal_rerun"] == ["seal_rerun"]
+
+
+def test_completed_bundle_survives_its_key_leaving_kms(api: Api, kms: FakeKms, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = api.sealed_run()
+    kms.add_version(VERSION_2)
+    monkeypatch.setenv(config.ENV_KMS_KEY_VERSION, VERSION_2)
+    config.get_config.cache_clear()
+    signing.get_signer.cache_clear()
+    kms.set_fault("unavailable")  # KMS down entirely: a retry of a completed run still gets its bundle
+    again = api.run_complete("job-1")
+    assert again.status_code == 200 and again.json() == bundle
+    kms.set_fault(None)
+    config.get_config.cache_clear()
+    signing.get_signer.cache_clear()
+
+
+def test_verify_fetches_only_the_key_version_it_needs(api: Api, kms: FakeKms, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = api.sealed_run()
+    monkeypatch.setenv(config.ENV_TRUSTED_KEY_VERSIONS, f"{VERSION_1},{VERSION_2}")  # v2 does not exist in KMS
+    config.get_config.cache_clear()
+    signing.get_signer.cache_clear()
+    assert api.verify(bundle["seal_svg"]).json()["status"] == "VERIFIED"
+    assert ("GetPublicKey", VERSION_2) not in kms.requests
+    listing = requests.get(api.base_url + "/api/seal/public_keys", timeout=30)
+    assert (listing.status_code, error_code(listing)) == (503, "unavailable")  # an honest 503, not a partial list
+    config.get_config.cache_clear()
+    signing.get_signer.cache_clear()
