@@ -147,5 +147,6 @@ def authenticate_admin(admin_token: str | None, authorization: str | None) -> Ad
     # An unset secret must never match an empty or any other token.
     if not expected or not hmac.compare_digest(admin_token.encode(), expected):
         raise errors.Forbidden("the admin token is not valid")
-    issued_by = authenticate(authorization).principal if authorization else None
+    # An Authorization header that is present must verify, even an empty one.
+    issued_by = authenticate(authorization).principal if authorization is not None else None
     return Admin(issued_by=issued_by)

@@ -90,15 +90,25 @@ def start(
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     emulator = Emulator(host=f"127.0.0.1:{port}", process=process, project=project)
+    try:
+        _wait_until_ready(emulator, timeout=timeout, log_path=log_path)
+    except BaseException:
+        # Interrupted or failed while starting: the caller never gets the handle, so stop it here.
+        emulator.stop()
+        raise
+    return emulator
+
+
+def _wait_until_ready(emulator: Emulator, *, timeout: float, log_path: Path | None) -> None:
+    """Poll the emulator's port until it answers HTTP 200."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the Firestore emulator exited with code {process.returncode} (log: {log_path})")
+        if emulator.process.poll() is not None:
+            raise RuntimeError(f"the Firestore emulator exited with code {emulator.process.returncode} (log: {log_path})")
         try:
             with urllib.request.urlopen(f"http://{emulator.host}/", timeout=2) as response:
                 if response.status == 200:
-                    return emulator
+                    return
         except (urllib.error.URLError, ConnectionError, OSError):
             time.sleep(0.1)
-    emulator.stop()
     raise RuntimeError(f"the Firestore emulator did not answer within {timeout:.0f}s (log: {log_path})")

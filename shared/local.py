@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -139,7 +140,7 @@ def _load_function(entry: str) -> Callable[[flask.Request], Any] | None:
 def create_app() -> flask.Flask:
     """One Flask app serving every built endpoint at its /api path, plus /healthz."""
     app = flask.Flask("gbx-local")
-    all_methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    all_methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     for path, entry in ROUTES.items():
         function = _load_function(entry)
         if function is None:
@@ -148,7 +149,7 @@ def create_app() -> flask.Flask:
         def view(function: Callable[[flask.Request], Any] = function) -> Any:
             return function(flask.request)
 
-        app.add_url_rule(path, endpoint=entry, view_func=view, methods=all_methods)
+        app.add_url_rule(path, endpoint=entry, view_func=view, methods=all_methods, provide_automatic_options=False)
     app.add_url_rule("/healthz", endpoint="healthz", view_func=lambda: {"status": "ok"})
     app.add_url_rule("/openapi.json", endpoint="openapi", view_func=lambda: flask.Response(openapi.render(), mimetype="application/json"))
 
@@ -156,7 +157,9 @@ def create_app() -> flask.Flask:
     def not_found(_: Exception) -> flask.Response:
         exc = errors.NotFound()
         body = {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
-        return flask.Response(json.dumps(body), status=404, mimetype="application/json")
+        response = flask.Response(json.dumps(body), status=404, mimetype="application/json")
+        response.headers["X-Request-Id"] = uuid.uuid4().hex
+        return response
 
     return app
 
@@ -181,29 +184,34 @@ def serve(port: int) -> None:
     refuse_in_cloud()
     configure_local_environment()
     config = config_module.get_config()
-    emulator = None
-    if not os.environ.get("FIRESTORE_EMULATOR_HOST"):
-        try:
-            emulator = emulator_module.start(project=config.project, log_path=config.local_dir / "firestore-emulator.log")
-        except emulator_module.EmulatorMissing as exc:
-            sys.exit(str(exc))
-        os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
-        print(f"Firestore emulator on {emulator.host}", flush=True)
-
-    from werkzeug.serving import make_server
-
-    # The service writes one structured line per request; werkzeug's access log would repeat it.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = make_server("127.0.0.1", port, create_app(), threaded=True)
+    running: list[Any] = []  # the server, once it exists
 
     def stop(signum: int, _frame: Any) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        if not running:
+            raise KeyboardInterrupt  # still starting: unwind through the `finally` that stops the emulator
+        threading.Thread(target=running[0].shutdown, daemon=True).start()
 
+    # Handlers first: a signal at any point after this leaves no emulator behind.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"GBX Entitlements (local mode) on http://127.0.0.1:{port}  (GET /healthz; Ctrl-C stops)", flush=True)
+    emulator = None
     try:
-        server.serve_forever()
+        if not os.environ.get("FIRESTORE_EMULATOR_HOST"):
+            emulator = emulator_module.start(project=config.project, log_path=config.local_dir / "firestore-emulator.log")
+            os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
+            print(f"Firestore emulator on {emulator.host}", flush=True)
+        from werkzeug.serving import make_server
+
+        # The service writes one structured line per request; werkzeug's access log would repeat it.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        # A busy port makes werkzeug say so and exit; the `finally` still stops the emulator.
+        running.append(make_server("127.0.0.1", port, create_app(), threaded=True))
+        print(f"GBX Entitlements (local mode) on http://127.0.0.1:{port}  (GET /healthz; Ctrl-C stops)", flush=True)
+        running[0].serve_forever()
+    except emulator_module.EmulatorMissing as exc:
+        sys.exit(str(exc))
+    except KeyboardInterrupt:
+        pass
     finally:
         if emulator is not None:
             emulator.stop()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 IMAGE_PATTERN = r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:(?::[0-9]{1,5})?/[a-z0-9]+(?:[._-][a-z0-9]+)*)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?@sha256:[0-9a-f]{64}$"
@@ -16,11 +17,16 @@ PRINCIPAL_PATTERN = r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+$
 PLAN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 
-def _utc(value: dt.datetime) -> dt.datetime:
-    """Require an explicit offset and normalise to UTC (a naive time is ambiguous for expiry)."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError("time must be RFC 3339 with an offset, e.g. 2030-01-01T00:00:00Z")
-    return value.astimezone(dt.timezone.utc)
+RFC3339_UTC_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$"
+
+
+def _rfc3339_utc(value: object) -> dt.datetime:
+    """Accept only the contract's time format, RFC 3339 UTC with `Z` (no epoch numbers, no offsets, no spaces)."""
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        return value.astimezone(dt.timezone.utc)
+    if not isinstance(value, str) or not re.fullmatch(RFC3339_UTC_PATTERN, value):
+        raise ValueError("time must be RFC 3339 UTC with Z, e.g. 2030-01-01T00:00:00Z")
+    return dt.datetime.fromisoformat(value[:-1]).replace(tzinfo=dt.timezone.utc)  # ValueError for 2030-02-30
 
 
 def format_time(value: dt.datetime) -> str:
@@ -33,7 +39,7 @@ def format_time(value: dt.datetime) -> str:
 RunId = Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN), Field(description="Caller-chosen run id, unique per run.", examples=["nightly-2026-11-28"])]
 Sha256Hex = Annotated[str, StringConstraints(pattern=SHA256_PATTERN, to_lower=True), Field(description="64 hex characters (stored lower-case).")]
 Principal = Annotated[str, StringConstraints(pattern=PRINCIPAL_PATTERN, to_lower=True, max_length=254), Field(description="Service-account or user email (lower-cased).")]
-UtcTime = Annotated[dt.datetime, AfterValidator(_utc)]
+UtcTime = Annotated[dt.datetime, BeforeValidator(_rfc3339_utc)]
 
 
 class Model(BaseModel):

@@ -57,7 +57,7 @@ def test_issue_records_the_issuer_of_an_accompanying_id_token(api: Api) -> None:
 
 
 def test_issue_rejects_out_of_range_values(api: Api) -> None:
-    past = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)).isoformat()
+    past = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)).replace(tzinfo=None).isoformat() + "Z"
     for fields in (
         {"runs_total": 0},
         {"runs_total": 1_000_001},
@@ -67,6 +67,13 @@ def test_issue_rejects_out_of_range_values(api: Api) -> None:
         {"runs_total": 1, "expires_at": past},
         {"runs_total": 1, "expires_at": "2099-01-01T00:00:00"},
         {"runs_total": 1, "expires_at": "tomorrow"},
+        {"runs_total": 1, "expires_at": "2099-01-01T00:00:00+02:00"},
+        {"runs_total": 1, "expires_at": "2099-01-01 00:00:00Z"},
+        {"runs_total": 1, "expires_at": "2099-01-01t00:00:00z"},
+        {"runs_total": 1, "expires_at": "4070908800"},
+        {"runs_total": 1, "expires_at": 4070908800},
+        {"runs_total": 1, "expires_at": "2099-01-01T00:00:00.123456789Z"},
+        {"runs_total": 1, "expires_at": "2099-02-30T00:00:00Z"},
         {"runs_total": 1, "plan_id": ""},
         {"runs_total": 1, "plan_id": "a/b"},
         {"runs_total": 1, "colour": "red"},

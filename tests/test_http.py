@@ -129,3 +129,16 @@ def test_multipart_with_too_many_parts_is_413(api: Api) -> None:
     files = [("seal", ("seal.svg", b"<svg/>", "image/svg+xml"))] + [(f"f{n}", (None, "x")) for n in range(12)]
     response = api.post("/api/seal/verify", files=files)
     assert (response.status_code, error_code(response)) == (413, "payload_too_large")
+
+
+def test_options_and_head_are_405_and_404_has_a_request_id(api: Api) -> None:
+    for method in ("OPTIONS", "HEAD"):
+        response = requests.request(method, api.base_url + "/api/entitlement/consume", timeout=30)
+        assert response.status_code == 405 and response.headers["Allow"] == "POST"
+    assert requests.get(api.base_url + "/nope", timeout=30).headers["X-Request-Id"]
+
+
+def test_empty_authorization_beside_the_admin_token_is_401(api: Api) -> None:
+    headers = {"X-GBX-ADMIN-TOKEN": "test-admin-token-0123456789", "Authorization": ""}
+    response = api.post("/api/entitlement/issue", {"principal": RUNNER, "runs_total": 1}, as_user=None, headers=headers)
+    assert (response.status_code, error_code(response)) == (401, "unauthenticated")

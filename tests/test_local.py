@@ -112,3 +112,30 @@ def test_local_mode_refuses_to_start_in_the_cloud(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "shared.local", "serve", "--port", "1"], cwd=REPO, env=_env(tmp_path, K_SERVICE="gbx-consume"), capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "refusing to start local mode" in result.stderr
+
+
+def test_serve_on_a_busy_port_fails_clearly_and_leaves_no_emulator(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "shared.local", "serve", "--port", str(port)], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=90)
+    assert result.returncode != 0 and f"Port {port} is in use" in result.stderr
+    host = re.search(r"Firestore emulator on (\S+)", result.stdout).group(1)
+    assert not _listening(host), "the emulator outlived a failed start"
+
+
+def test_sigterm_during_startup_leaves_no_emulator(tmp_path: Path) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "shared.local", "serve", "--port", str(emulator.free_port())], cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The emulator's log appears as soon as it is launched, before it answers.
+    log = tmp_path / "firestore-emulator.log"
+    deadline = time.monotonic() + 30
+    while not log.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    java = subprocess.run(["pgrep", "-f", "CloudFirestore"], capture_output=True, text=True).stdout.split()
+    for pid in java:
+        # Any emulator still running must be someone else's: ours inherited GBX_LOCAL_DIR=tmp_path.
+        environ = Path(f"/proc/{pid}/environ")
+        assert not environ.exists() or str(tmp_path).encode() not in environ.read_bytes(), "the emulator outlived SIGTERM during start-up"
