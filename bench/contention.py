@@ -253,21 +253,7 @@ def scenario_design(emu: emulator.Emulator, consumers: int, runs: int) -> Scenar
         outcomes, wall = run_together(
             consumers, lambda i: consume_once(principal, f"job-{i:04d}", i), deadline_seconds=DESIGN_DEADLINE_SECONDS
         )
-    result = ScenarioResult(
-        name="A optimistic commit",
-        consumers=consumers,
-        runs=runs,
-        outcomes=outcomes,
-        wall_seconds=wall,
-        commit_attempts=counter.attempts,
-        lost_races=counter.lost,
-        max_tries=max(counter.tries_by_run.values(), default=0),
-    )
-    if result.count("unfinished"):
-        result.invariants.append(f"{result.count('unfinished')} requests still running at the deadline; state not checked")
-    else:
-        result.invariants.extend(design_invariants(principal, grant_id, runs, outcomes))
-    return result
+    return _design_result("A optimistic commit", consumers, runs, outcomes, wall, counter, principal, grant_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,10 +275,17 @@ def scenario_sequential(emu: emulator.Emulator, count: int) -> ScenarioResult:
                 break
             outcomes.append(consume_once(principal, f"seq-{i:04d}", i))
     wall = time.perf_counter() - began
+    return _design_result("C sequential", 1, count, outcomes, wall, counter, principal, grant_id)
+
+
+def _design_result(
+    name: str, consumers: int, runs: int, outcomes: list[Outcome], wall: float, counter: Any, principal: str, grant_id: str
+) -> ScenarioResult:
+    """A result of the design's scenarios (A, C), with its invariants checked once every request has finished."""
     result = ScenarioResult(
-        name="C sequential",
-        consumers=1,
-        runs=count,
+        name=name,
+        consumers=consumers,
+        runs=runs,
         outcomes=outcomes,
         wall_seconds=wall,
         commit_attempts=counter.attempts,
@@ -300,9 +293,9 @@ def scenario_sequential(emu: emulator.Emulator, count: int) -> ScenarioResult:
         max_tries=max(counter.tries_by_run.values(), default=0),
     )
     if result.count("unfinished"):
-        result.invariants.append(f"{result.count('unfinished')} consumes not run before the deadline")
+        result.invariants.append(f"{result.count('unfinished')} requests unfinished at the deadline; state not checked")
     else:
-        result.invariants.extend(design_invariants(principal, grant_id, count, outcomes))
+        result.invariants.extend(design_invariants(principal, grant_id, runs, outcomes))
     return result
 
 

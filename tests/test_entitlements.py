@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import pytest
+
 from shared import store
 from tests.conftest import ADMIN_TOKEN, RUNNER, Api, error_code
 
@@ -125,14 +127,6 @@ def test_check_after_consume_resumes_without_charge_even_at_zero_balance(api: Ap
     assert response.json() == {"run_id": "job-1", "principal": RUNNER, "available": True, "balance": 0, "state": "consumed"}
 
 
-def test_check_started_run_is_reused(api: Api) -> None:
-    api.issue(RUNNER, 2)
-    api.consume("job-1")
-    api.run_start("job-1")
-    response = api.check("job-1")
-    assert (response.status_code, error_code(response)) == (409, "run_id_reused")
-
-
 def test_consume_charges_once_and_replays(api: Api) -> None:
     api.issue(RUNNER, 2)
     first = api.consume("job-1")
@@ -151,13 +145,16 @@ def test_consume_at_zero_is_402_and_writes_nothing(api: Api) -> None:
     assert store.read_run(RUNNER, "job-2") is None
 
 
-def test_consume_of_started_run_is_409(api: Api) -> None:
+@pytest.mark.parametrize("state", ["started", "completed"])
+def test_check_and_consume_of_a_started_or_completed_run_are_409(api: Api, state: str) -> None:
     api.issue(RUNNER, 3)
     api.consume("job-1")
     api.run_start("job-1")
-    response = api.consume("job-1")
-    assert (response.status_code, error_code(response)) == (409, "run_id_reused")
-    assert api.check("job-9").json()["balance"] == 2
+    if state == "completed":
+        assert api.run_complete("job-1").status_code == 200
+    for response in (api.check("job-1"), api.consume("job-1")):
+        assert (response.status_code, error_code(response)) == (409, "run_id_reused")
+    assert api.check("job-9").json()["balance"] == 2  # nothing charged again
 
 
 def test_runs_are_namespaced_per_principal(api: Api) -> None:
