@@ -72,7 +72,7 @@ class SealUpload:
 def _error_response(exc: errors.ApiError, request_id: str) -> flask.Response:
     """The contract's error body for an ApiError, with its status and headers."""
     body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, status=exc.status))
-    response = flask.Response(body.model_dump_json(), status=exc.status, mimetype="application/json")
+    response = flask.Response(body.model_dump_json() + "\n", status=exc.status, mimetype="application/json")
     if isinstance(exc, errors.Unavailable):
         response.headers["Retry-After"] = str(exc.retry_after_seconds)
     if isinstance(exc, errors.MethodNotAllowed):
@@ -202,7 +202,8 @@ def handle(
                 raise errors.InvalidRequest("Idempotency-Key must be 1 to 255 characters")
             kwargs["idempotency_key"] = key
         result = service(*args, **kwargs)
-        response = flask.Response(result.model_dump_json(), status=200, mimetype="application/json")
+        # The trailing newline keeps a shell prompt off the end of `curl` output.
+        response = flask.Response(result.model_dump_json() + "\n", status=200, mimetype="application/json")
     except errors.ApiError as exc:
         response = _error_response(exc, request_id)
     except pydantic.ValidationError as exc:
