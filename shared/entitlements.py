@@ -53,6 +53,8 @@ def check(caller: Identity, req: CheckRequest) -> CheckResponse:
 def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
     """Charge one run for run_id, exactly once however often and however concurrently it is asked."""
     principal = caller.principal
+    # Marks this request's charge, so that its own commit, applied but unanswered, reads back as not replayed.
+    charge_id = secrets.token_hex(12)
     for _ in store.attempts():
         # Grants before the run (see check): a retry racing its twin for the last run replays, never 402s.
         grants = spendable_grants(store.read_grants_with_runs_left(principal), _now())
@@ -60,11 +62,12 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
         if run is not None:
             if run.state != "consumed":
                 raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}")
-            return ConsumeResponse(run_id=req.run_id, principal=principal, balance=current_balance(principal), state="consumed", replayed=True)
+            replayed = run.data.get("charge_id") != charge_id
+            return ConsumeResponse(run_id=req.run_id, principal=principal, balance=current_balance(principal), state="consumed", replayed=replayed)
         if not grants:
             raise errors.EntitlementExhausted()
         try:
-            store.commit_consume(principal, req.run_id, grants[0])
+            store.commit_consume(principal, req.run_id, grants[0], charge_id=charge_id)
         except store.Contended:
             continue
         balance = sum(g.remaining for g in grants) - 1
@@ -77,26 +80,30 @@ def _fingerprint(req: IssueRequest) -> str:
     return store.sha256_hex(json.dumps(req.model_dump(mode="json"), sort_keys=True, separators=(",", ":")))
 
 
-def _replay(record: dict, fingerprint: str) -> IssueResponse:
-    """The first response for an idempotency key, or 409 when this body differs."""
+def _replay(record: dict, fingerprint: str, grant_id: str) -> IssueResponse:
+    """The first response for an idempotency key (not a replay if it was this request's), or 409 when this body differs."""
     if record["fingerprint"] != fingerprint:
         raise errors.IdempotencyConflict()
-    return IssueResponse.model_validate({**record["response"], "replayed": True})
+    return IssueResponse.model_validate({**record["response"], "replayed": record["grant_id"] != grant_id})
 
 
 def issue(caller: Admin, req: IssueRequest, *, idempotency_key: str | None = None) -> IssueResponse:
     """Issue runs to a principal; with an Idempotency-Key, at most once per key."""
     fingerprint = _fingerprint(req)
     key_hash = store.sha256_hex(idempotency_key) if idempotency_key is not None else None
+    # One id for every attempt: a commit applied but unanswered is recognised on the re-read, never issued twice.
+    grant_id = secrets.token_hex(16)
+    response: IssueResponse | None = None
     for _ in store.attempts():
         if key_hash is not None:
             record = store.read_issuance(key_hash)
             if record is not None:
                 # A replay returns the first response even once its expires_at has passed.
-                return _replay(record, fingerprint)
+                return _replay(record, fingerprint, grant_id)
+        elif response is not None and store.grant_exists(req.principal, grant_id):
+            return response
         if req.expires_at is not None and req.expires_at <= _now():
             raise errors.InvalidRequest("expires_at: must be in the future")
-        grant_id = secrets.token_hex(16)
         balance = current_balance(req.principal) + req.runs_total
         response = IssueResponse(
             grant_id=grant_id,

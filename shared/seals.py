@@ -199,7 +199,7 @@ def verify(caller: Identity, upload: SealUpload) -> VerifyResponse:
     """Verify an uploaded seal.svg for any authenticated caller."""
     result = verify_seal(upload.svg)
     seal_id = result.claims.get("seal_id")
-    redeemed = bool(seal_id) and result.checks.document == OK and store.redemption_exists(result.claims["principal"], seal_id)
+    redeemed = bool(seal_id) and result.checks.document == OK and store.read_redemption(result.claims["principal"], seal_id) is not None
     return VerifyResponse(
         status="VERIFIED" if result.verified else "INVALID",
         seal_id=seal_id,
@@ -227,15 +227,19 @@ def redeem_seal_once(caller: Identity, upload: SealUpload) -> RedeemResponse:
     assert result.record is not None  # a verified seal has its record
     if not result.record.get("redeemable", True):
         raise errors.Forbidden("the seal of a bonus rerun cannot be redeemed")
+    grant_id = secrets.token_hex(16)  # one id for every attempt: our own applied commit reads back as ours
     for _ in store.attempts():
-        if store.redemption_exists(principal, seal_id):
-            raise errors.AlreadyRedeemed()
+        redemption = store.read_redemption(principal, seal_id)
+        if redemption is not None:
+            if redemption["grant_id"] != grant_id:
+                raise errors.AlreadyRedeemed()
+            break
         try:
-            store.commit_redeem(principal, seal_id, secrets.token_hex(16))
+            store.commit_redeem(principal, seal_id, grant_id)
         except store.Contended:
             continue  # most likely a concurrent redemption: the re-read answers 409
-        return RedeemResponse(seal_id=seal_id, principal=principal, granted_runs=1, balance=current_balance(principal))
-    raise AssertionError("unreachable: attempts() raises when exhausted")
+        break
+    return RedeemResponse(seal_id=seal_id, principal=principal, granted_runs=1, balance=current_balance(principal))
 
 
 def public_keys() -> PublicKeysResponse:

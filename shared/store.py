@@ -37,6 +37,10 @@ RPC_RETRY = gretry.Retry(
     predicate=gretry.if_exception_type(gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError),
 )
 _RPC: dict[str, Any] = {"retry": RPC_RETRY, "timeout": RPC_TIMEOUT_SECONDS}
+# A commit whose reply is lost may have been applied; it is retried only on UNAVAILABLE, and every
+# caller recognises its own earlier write on the re-read (run charge_id, grant_id), so even an
+# applied-then-retried commit is answered as the success it was.
+_COMMIT_RPC: dict[str, Any] = {"retry": RPC_RETRY.with_predicate(gretry.if_exception_type(gexc.ServiceUnavailable)), "timeout": RPC_TIMEOUT_SECONDS}
 
 
 class Contended(Exception):
@@ -145,7 +149,7 @@ def read_run(principal: str, run_id: str) -> Run | None:
 def _commit(batch: firestore.WriteBatch) -> list[Any]:
     """Commit a batch; a lost race becomes Contended."""
     try:
-        return batch.commit(**_RPC)
+        return batch.commit(**_COMMIT_RPC)
     except (gexc.FailedPrecondition, gexc.Conflict, gexc.NotFound) as exc:
         # Conflict covers AlreadyExists (a create lost) and Aborted; NotFound a precondition on a deleted doc.
         raise Contended(str(exc)) from exc
@@ -208,7 +212,7 @@ def commit_issue(
     _commit(batch)
 
 
-def commit_consume(principal: str, run_id: str, grant: Grant) -> None:
+def commit_consume(principal: str, run_id: str, grant: Grant, *, charge_id: str) -> None:
     """One commit: take a run from `grant` (unchanged since read), create the run record, append the ledger entry."""
     batch = client().batch()
     batch.update(
@@ -224,6 +228,7 @@ def commit_consume(principal: str, run_id: str, grant: Grant) -> None:
             "state": "consumed",
             "grant_id": grant.grant_id,
             "plan_id": grant.plan_id,
+            "charge_id": charge_id,
             "consumed_at": firestore.SERVER_TIMESTAMP,
         },
     )
@@ -260,9 +265,15 @@ def read_seal(seal_id: str) -> dict[str, Any] | None:
     return snap.to_dict() if snap.exists else None
 
 
-def redemption_exists(principal: str, seal_id: str) -> bool:
-    """Whether `principal` has redeemed the seal."""
-    return client().collection(REDEMPTIONS).document(redemption_id(principal, seal_id)).get(**_RPC).exists
+def read_redemption(principal: str, seal_id: str) -> dict[str, Any] | None:
+    """`principal`'s redemption of the seal, or None."""
+    snap = client().collection(REDEMPTIONS).document(redemption_id(principal, seal_id)).get(**_RPC)
+    return snap.to_dict() if snap.exists else None
+
+
+def grant_exists(principal: str, grant_id: str) -> bool:
+    """Whether the grant was written (to recognise an applied commit whose reply was lost)."""
+    return _grant_ref(principal, grant_id).get(**_RPC).exists
 
 
 def commit_redeem(principal: str, seal_id: str, grant_id: str) -> None:
