@@ -24,6 +24,8 @@ ADMIN_TOKEN_HEADER = "X-GBX-ADMIN-TOKEN"
 DEFAULT_CERTS_TTL_SECONDS = 3600
 MIN_REFRESH_INTERVAL_SECONDS = 60
 CLOCK_SKEW_SECONDS = 10
+# Google ID tokens are about 1 KB; anything far larger is refused before it is decoded.
+MAX_TOKEN_CHARS = 16 * 1024
 _MAX_AGE = re.compile(r"max-age=(\d+)")
 
 
@@ -106,6 +108,8 @@ def bearer_token(authorization: str | None) -> str:
 def verify_id_token(token: str, config: Config | None = None) -> Identity:
     """Verify signature, exp, aud, iss and email_verified of an ID token; 401 on any failure."""
     config = config or get_config()
+    if len(token) > MAX_TOKEN_CHARS:
+        raise errors.Unauthenticated("the ID token is not valid")
     if not config.audiences:
         # A deployment without audiences would accept tokens minted for any service.
         raise errors.Unauthenticated("the service has no audiences configured")
@@ -118,7 +122,8 @@ def verify_id_token(token: str, config: Config | None = None) -> Identity:
         claims = google.auth.jwt.decode(
             token, certs=certs, audience=list(config.audiences), clock_skew_in_seconds=CLOCK_SKEW_SECONDS
         )
-    except (ValueError, TypeError, KeyError, AttributeError, google.auth.exceptions.GoogleAuthError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, google.auth.exceptions.GoogleAuthError) as exc:
+        # RecursionError: google-auth json-decodes the segments, and a crafted one can nest arbitrarily deep.
         raise errors.Unauthenticated("the ID token is not valid") from exc
     if claims.get("iss") not in config.token_issuers:
         raise errors.Unauthenticated("the ID token has the wrong issuer")

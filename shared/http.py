@@ -17,7 +17,7 @@ import flask
 import google.auth.exceptions
 import pydantic
 from google.api_core import exceptions as gexc
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
 from shared import auth, errors
@@ -95,7 +95,11 @@ def _read_body(request: flask.Request, limit: int) -> bytes:
     """Read at most `limit` bytes of the body; 413 beyond, before reading it all."""
     if request.content_length is not None and request.content_length > limit:
         raise errors.PayloadTooLarge(f"the body is over {limit // 1024} KiB")
-    data = request.stream.read(limit + 1)
+    try:
+        data = request.stream.read(limit + 1)
+    except (OSError, HTTPException) as exc:
+        # A broken chunked encoding or a client that went away: the body is unusable, not our bug.
+        raise errors.InvalidRequest("the request body could not be read") from exc
     if len(data) > limit:
         raise errors.PayloadTooLarge(f"the body is over {limit // 1024} KiB")
     return data
@@ -105,7 +109,24 @@ def _parse_json(request: flask.Request, model: type[pydantic.BaseModel]) -> pyda
     """A JSON body validated into its request model."""
     if request.mimetype != "application/json":
         raise errors.UnsupportedMediaType("send Content-Type: application/json")
-    return model.model_validate_json(_read_body(request, MAX_JSON_BYTES))
+    raw = _read_body(request, MAX_JSON_BYTES)
+    _reject_duplicate_keys(raw)
+    return model.model_validate_json(raw)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise errors.InvalidRequest("the body repeats a key")
+    return dict(pairs)
+
+
+def _reject_duplicate_keys(raw: bytes) -> None:
+    """400 for a repeated key: parsers disagree on which one wins, so a proxy could read another request."""
+    try:
+        json.loads(raw, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError):
+        pass  # not JSON (or absurdly deep): pydantic reports it as invalid with its own message
 
 
 def _parse_seal(request: flask.Request) -> SealUpload:
@@ -128,15 +149,22 @@ def _parse_seal(request: flask.Request) -> SealUpload:
             raise errors.InvalidRequest("the multipart body has no `seal` field")
         if len(svg) > MAX_SEAL_BYTES:
             raise errors.PayloadTooLarge(f"the seal is over {MAX_SEAL_BYTES // 1024} KiB")
-        # The multipart field wins over the query parameter.
-        principal = form.get("principal") or principal
+        # The multipart field wins over the query parameter, even when it is empty (then it is invalid).
+        if "principal" in form or "principal" in files:
+            principal = form.get("principal", "")
     else:
         raise errors.UnsupportedMediaType("send the seal as image/svg+xml or multipart/form-data field `seal`")
-    if principal is not None:
-        principal = principal.strip().lower()
-        if not re.fullmatch(PRINCIPAL_PATTERN, principal):
-            raise errors.InvalidRequest("principal: not an email address")
     return SealUpload(svg=svg, principal=principal)
+
+
+def principal_named(upload: SealUpload) -> str | None:
+    """The principal an upload names, lower-cased; 400 when it is not an email address."""
+    if upload.principal is None:
+        return None
+    principal = upload.principal.strip().lower()
+    if not re.fullmatch(PRINCIPAL_PATTERN, principal):
+        raise errors.InvalidRequest("principal: not an email address")
+    return principal
 
 
 def _log_request(*, request: flask.Request, request_id: str, endpoint: str, principal: str | None, status: int, started: float) -> None:

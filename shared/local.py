@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from werkzeug.routing import Rule
 
 from shared import config as config_module
 from shared import emulator as emulator_module
@@ -140,7 +141,6 @@ def _load_function(entry: str) -> Callable[[flask.Request], Any] | None:
 def create_app() -> flask.Flask:
     """One Flask app serving every built endpoint at its /api path, plus /healthz."""
     app = flask.Flask("gbx-local")
-    all_methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     for path, entry in ROUTES.items():
         function = _load_function(entry)
         if function is None:
@@ -149,7 +149,9 @@ def create_app() -> flask.Flask:
         def view(function: Callable[[flask.Request], Any] = function) -> Any:
             return function(flask.request)
 
-        app.add_url_rule(path, endpoint=entry, view_func=view, methods=all_methods, provide_automatic_options=False)
+        # A rule without methods matches every method, as functions-framework routes them: the function answers 405.
+        app.url_map.add(Rule(path, endpoint=entry))
+        app.view_functions[entry] = view
     app.add_url_rule("/healthz", endpoint="healthz", view_func=lambda: {"status": "ok"})
     app.add_url_rule("/openapi.json", endpoint="openapi", view_func=lambda: flask.Response(openapi.render(), mimetype="application/json"))
 
@@ -157,8 +159,9 @@ def create_app() -> flask.Flask:
     def not_found(_: Exception) -> flask.Response:
         exc = errors.NotFound()
         body = {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
-        response = flask.Response(json.dumps(body), status=404, mimetype="application/json")
+        response = flask.Response(json.dumps(body) + "\n", status=404, mimetype="application/json")
         response.headers["X-Request-Id"] = uuid.uuid4().hex
+        response.headers["Cache-Control"] = "no-store"
         return response
 
     return app

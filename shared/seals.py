@@ -12,7 +12,7 @@ from shared import errors, store
 from shared.auth import Identity
 from shared.config import get_config
 from shared.entitlements import current_balance
-from shared.http import SealUpload
+from shared.http import SealUpload, principal_named
 from shared.models import (
     PublicKeyInfo,
     PublicKeysResponse,
@@ -216,9 +216,10 @@ def redeem_seal_once(caller: Identity, upload: SealUpload) -> RedeemResponse:
         raise errors.SealInvalid(f"the seal does not verify ({result.first_failure()})")
     seal_id = result.claims["seal_id"]
     owner = result.claims["principal"]
+    named = principal_named(upload)
     if caller.operator:
-        principal = upload.principal or owner
-    elif upload.principal not in (None, caller.principal):
+        principal = named or owner
+    elif named not in (None, caller.principal):
         raise errors.Forbidden("only operators may name a principal")
     else:
         principal = caller.principal

@@ -105,3 +105,15 @@ def test_malformed_authorization_is_401(funded: Api, authorization: str) -> None
 def test_no_request_is_charged_by_a_rejected_token(funded: Api) -> None:
     _consume_with(funded, funded.token(audience="https://attacker.example"))
     assert funded.check("job-1").json() == {"run_id": "job-1", "principal": RUNNER, "available": True, "balance": 5, "state": "new"}
+
+
+@pytest.mark.parametrize("segment", ["header", "payload"])
+def test_deeply_nested_token_segments_are_401(funded: Api, segment: str) -> None:
+    header, payload, signature = funded.token().split(".")
+    deep = base64.urlsafe_b64encode(b"[" * 5000).rstrip(b"=").decode()
+    token = f"{deep}.{payload}.{signature}" if segment == "header" else f"{header}.{deep}.{signature}"
+    assert _consume_with(funded, token) == (401, "unauthenticated")
+
+
+def test_oversized_token_is_401(funded: Api) -> None:
+    assert _consume_with(funded, "a" * 20000 + ".b.c") == (401, "unauthenticated")

@@ -142,3 +142,49 @@ def test_empty_authorization_beside_the_admin_token_is_401(api: Api) -> None:
     headers = {"X-GBX-ADMIN-TOKEN": "test-admin-token-0123456789", "Authorization": ""}
     response = api.post("/api/entitlement/issue", {"principal": RUNNER, "runs_total": 1}, as_user=None, headers=headers)
     assert (response.status_code, error_code(response)) == (401, "unauthenticated")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"run_id": "a", "run_id": "b"}', b'{"run_id": 3, "run_id": "a"}', b'{"run_id": "a", "x": {"k": 1, "k": 2}}'],
+)
+def test_repeated_keys_are_400_whichever_comes_last(api: Api, raw: bytes) -> None:
+    api.issue(RUNNER, 1)
+    response = api.post("/api/entitlement/check", data=raw, headers={"Content-Type": "application/json"})
+    assert (response.status_code, error_code(response)) == (400, "invalid_request")
+
+
+def test_repeated_principal_in_issue_is_400(api: Api) -> None:
+    raw = b'{"principal": "a@example.com", "runs_total": 1, "principal": "b@example.com"}'
+    response = api.post("/api/entitlement/issue", data=raw, as_user=None, headers={"Content-Type": "application/json", "X-GBX-ADMIN-TOKEN": "test-admin-token-0123456789"})
+    assert (response.status_code, error_code(response)) == (400, "invalid_request")
+    from shared import store
+
+    assert store.all_grants("b@example.com") == [] and store.all_grants("a@example.com") == []
+
+
+def test_malformed_chunked_body_is_400(api: Api) -> None:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(api.base_url)
+    token = api.token()
+    request = (
+        f"POST /api/entitlement/check HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nZZZ\r\n{}\r\n0\r\n\r\n"
+    ).encode()
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert b" 400 " in status_line
+    assert b'"code":"invalid_request"' in rest
+
+
+@pytest.mark.parametrize("method", ["PROPFIND", "FOO", "TRACE"])
+def test_any_unlisted_method_is_a_contract_405(api: Api, method: str) -> None:
+    response = requests.request(method, api.base_url + "/api/entitlement/consume", timeout=30)
+    assert (response.status_code, error_code(response)) == (405, "method_not_allowed")
+    assert response.headers["Allow"] == "POST"

@@ -366,6 +366,11 @@ def test_operators_redeem_for_the_seal_principal(api: Api) -> None:
     assert (again.status_code, error_code(again)) == (409, "already_redeemed")
     bad = api.redeem(bundle["seal_svg"], as_user=OPERATOR, params={"principal": "not an email"})
     assert (bad.status_code, error_code(bad)) == (400, "invalid_request")
+    # An empty multipart field still wins over the query parameter (and is invalid).
+    empty = api.post("/api/entitlement/redeem_seal_once", as_user=OPERATOR, files=files, data={"principal": ""}, params={"principal": RUNNER})
+    assert (empty.status_code, error_code(empty)) == (400, "invalid_request")
+    # verify ignores a principal it does not use.
+    assert api.verify(bundle["seal_svg"], params={"principal": "\xff"}).status_code == 200
 
 
 def test_20_concurrent_redeems_grant_one_run(api: Api) -> None:
