@@ -233,3 +233,16 @@ def test_ledger_tool_prints_grants_and_entries_and_checks_sums(api: Api, capsys)
     store.client().collection("principals").document(RUNNER).collection("grants").document(grant["grant_id"]).update({"remaining": 5})
     assert ledger.main([RUNNER]) == 1
     assert "ledger sums to 1, grant holds 5" in capsys.readouterr().err
+
+
+def test_replay_is_answered_after_the_grant_expired(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared import entitlements
+
+    expires = _future(1)
+    first = api.issue(RUNNER, 2, key="short-lived", expires_at=expires).json()
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)
+    monkeypatch.setattr(entitlements, "_now", lambda: later)
+    replay = api.issue(RUNNER, 2, key="short-lived", expires_at=expires)
+    assert replay.status_code == 200 and replay.json() == {**first, "replayed": True}
+    fresh = api.issue(RUNNER, 2, key="another-key", expires_at=expires)
+    assert (fresh.status_code, error_code(fresh)) == (400, "invalid_request")

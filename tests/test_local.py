@@ -41,6 +41,17 @@ def _wait_healthy(url: str, process: subprocess.Popen[str], timeout: float = 60)
     raise AssertionError("local server did not become healthy")
 
 
+def _stop(process: subprocess.Popen[str]) -> None:
+    """End a `serve` left running by a failed test: SIGTERM first, so that it stops its emulator too."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def _listening(host: str) -> bool:
     address, port = host.rsplit(":", 1)
     with socket.socket() as sock:
@@ -83,9 +94,7 @@ def test_serve_against_a_given_emulator_walks_the_lifecycle_and_stops_on_sigterm
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        _stop(process)
 
 
 def test_serve_starts_and_stops_its_own_emulator(tmp_path: Path) -> None:
@@ -103,9 +112,7 @@ def test_serve_starts_and_stops_its_own_emulator(tmp_path: Path) -> None:
         assert process.wait(timeout=30) == 0
         assert not _listening(host), "the emulator outlived `serve`"
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        _stop(process)
 
 
 def test_local_mode_refuses_to_start_in_the_cloud(tmp_path: Path) -> None:
@@ -133,7 +140,10 @@ def test_sigterm_during_startup_leaves_no_emulator(tmp_path: Path) -> None:
     while not log.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
+    try:
+        process.wait(timeout=30)
+    finally:
+        _stop(process)
     java = subprocess.run(["pgrep", "-f", "CloudFirestore"], capture_output=True, text=True).stdout.split()
     for pid in java:
         # Any emulator still running must be someone else's: ours inherited GBX_LOCAL_DIR=tmp_path.
