@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Deploy GBX Entitlements to a Google Cloud project: APIs, runtime service account, Firestore,
-# Cloud KMS seal key, admin-token secret, the eight Cloud Functions (gen2) and their audiences.
+# Deploy GBX Entitlements to a Google Cloud project: APIs, runtime and build service accounts,
+# Firestore, Cloud KMS seal key, admin-token secret, the eight Cloud Functions (gen2), their
+# audiences and, last, the Firestore security rules.
 #
 #   ./deploy.sh --project PROJECT --region REGION [--dry-run]
 #
@@ -16,11 +17,18 @@
 #   GBX_FIRESTORE_LOCATION  Firestore location for a new database (default: REGION; e.g. eur3, nam5)
 #
 # Prerequisites the script does not handle: billing on the project; a deploying identity that may
-# enable services, create service accounts, set IAM policies and act as gbx-runtime; an org policy
-# that allows allUsers invokers (see "allow-unauthenticated" below).
+# enable services, create service accounts, set the project's IAM policy, update Cloud Run
+# services (roles/run.admin) and act as gbx-runtime and gbx-build (roles/iam.serviceAccountUser on
+# both). The Firestore rules additionally need Firebase added to the project and a Firebase CLI
+# that is logged in (firebase login, or GOOGLE_APPLICATION_CREDENTIALS); without them the script
+# warns and carries on.
 set -euo pipefail
 
 readonly ENTRIES=(issue check consume run_start run_complete seal_verify redeem_seal_once public_keys)
+# Deploy order. After a key rotation every function gets the new signing version, but only
+# run_complete signs: the functions that verify seals or publish the keys go first, so the new
+# version is trusted everywhere before the first seal is signed with it; run_complete goes last.
+readonly DEPLOY_ORDER=(seal_verify redeem_seal_once public_keys issue check consume run_start run_complete)
 readonly APIS=(
   cloudfunctions.googleapis.com run.googleapis.com cloudbuild.googleapis.com
   artifactregistry.googleapis.com firestore.googleapis.com cloudkms.googleapis.com
@@ -28,6 +36,10 @@ readonly APIS=(
   firebaserules.googleapis.com
 )
 readonly SA_NAME=gbx-runtime
+# Builds run as gbx-build: since mid-2024 new projects build with the default compute service
+# account, which organisations often strip of the Editor role the build relied on.
+readonly BUILD_SA_NAME=gbx-build
+readonly BUILD_ROLES=(roles/logging.logWriter roles/artifactregistry.writer roles/storage.objectAdmin)
 readonly KEY_RING=gbx
 readonly KEY=seal
 readonly SECRET=gbx-admin-token
@@ -68,8 +80,13 @@ while (($#)); do
 done
 [[ -n $PROJECT ]] || bad_usage "--project is required"
 [[ -n $REGION ]] || bad_usage "--region is required"
-# Both end up inside resource names, URLs and gcloud dict flags: refuse anything unusual.
-[[ $PROJECT =~ ^[a-z][a-z0-9.:-]*[a-z0-9]$ ]] || bad_usage "not a Google Cloud project ID: $PROJECT"
+# Both end up inside resource names, URLs and gcloud dict flags: refuse anything unusual. Legacy
+# domain-scoped IDs (example.com:name) are refused too: their service-account emails and
+# cloudfunctions.net host names have another shape.
+# Letters, digits and hyphens only: a domain-scoped ID (example.com:proj) would make wrong service-account
+# emails. Length is left to gcloud (real IDs have 6 to 30 characters), so the documented `--project demo`
+# dry run works.
+[[ $PROJECT =~ ^[a-z][a-z0-9-]{0,28}[a-z0-9]$ ]] || bad_usage "not a Google Cloud project ID: $PROJECT"
 [[ $REGION =~ ^[a-z]+-[a-z]+[0-9]+$ ]] || bad_usage "not a Google Cloud region: $REGION"
 OPERATORS=${GBX_OPERATORS:-}
 [[ $OPERATORS != *";"* ]] || bad_usage "GBX_OPERATORS must not contain ';'"
@@ -83,6 +100,7 @@ fi
 cd "$ROOT" # firebase reads firebase.json from the working directory; the default build dir is here
 
 SA_EMAIL="$SA_NAME@$PROJECT.iam.gserviceaccount.com"
+BUILD_SA_EMAIL="$BUILD_SA_NAME@$PROJECT.iam.gserviceaccount.com"
 KEY_NAME="projects/$PROJECT/locations/$REGION/keyRings/$KEY_RING/cryptoKeys/$KEY"
 export CLOUDSDK_CORE_DISABLE_PROMPTS=1 # a prompt would hang CI; every answer is in the flags
 
@@ -104,6 +122,7 @@ quote() {
 show() { printf '+ %s\n' "$(quote "$@")" >&3; }
 note() { printf '# %s\n' "$*" >&3; }
 die() { printf 'deploy.sh: error: %s\n' "$*" >&2; exit 1; }
+warn() { printf 'deploy.sh: warning: %s\n' "$*" >&2; }
 
 # Show a command; run it unless this is a dry run. Its stdout is the caller's (capturable).
 run() {
@@ -163,16 +182,28 @@ fi
 # --- 2. APIs (enabling an enabled API is a no-op).
 run gcloud services enable "${APIS[@]}" --project="$PROJECT"
 
-# --- 3. Runtime service account, least privilege: Firestore on the project, the rest per resource.
-sa_found=$(probe gcloud iam service-accounts describe "$SA_EMAIL" --project="$PROJECT" --format='value(email)')
-if [[ -z $sa_found ]]; then
-  run gcloud iam service-accounts create "$SA_NAME" --project="$PROJECT" \
-    --display-name="GBX Entitlements runtime"
-fi
-retry run gcloud projects add-iam-policy-binding "$PROJECT" --member="serviceAccount:$SA_EMAIL" \
-  --role=roles/datastore.user --condition=None --format=none
+# --- 3. Service accounts.
+ensure_service_account() {
+  local name=$1 display_name=$2 found
+  found=$(probe gcloud iam service-accounts describe "$name@$PROJECT.iam.gserviceaccount.com" --project="$PROJECT" \
+    --format='value(email)')
+  if [[ -z $found ]]; then
+    run gcloud iam service-accounts create "$name" --project="$PROJECT" --display-name="$display_name"
+  fi
+}
+grant_on_project() {
+  retry run gcloud projects add-iam-policy-binding "$PROJECT" --member="serviceAccount:$1" --role="$2" \
+    --condition=None --format=none
+}
+# The functions run as gbx-runtime, least privilege: Firestore on the project, the rest per resource.
+ensure_service_account "$SA_NAME" "GBX Entitlements runtime"
+grant_on_project "$SA_EMAIL" roles/datastore.user
+# Cloud Build runs as gbx-build: build logs, the function images in Artifact Registry, the uploaded
+# sources in Cloud Storage.
+ensure_service_account "$BUILD_SA_NAME" "GBX Entitlements build"
+for role in "${BUILD_ROLES[@]}"; do grant_on_project "$BUILD_SA_EMAIL" "$role"; done
 
-# --- 4. Firestore (native mode), its indexes and its security rules.
+# --- 4. Firestore (native mode) and its indexes (its rules are the last step).
 db_type=$(probe gcloud firestore databases describe --database="$DATABASE" --project="$PROJECT" --format='value(type)')
 if [[ -z $db_type ]]; then
   run gcloud firestore databases create --database="$DATABASE" --location="$FIRESTORE_LOCATION" \
@@ -226,17 +257,6 @@ while IFS=$'\t' read -r -a index_flags; do
   create_index "${index_flags[@]}"
 done <<<"$index_lines"
 
-# Rules: the functions reach Firestore with IAM credentials, which rules do not govern; the rules
-# deny every client (mobile/web SDK, REST with end-user tokens) on every path. gcloud cannot
-# release rules; the Firebase CLI can, on a project with Firebase added
-# (firebase projects:addfirebase PROJECT).
-if ((DRY_RUN)) || command -v firebase >/dev/null 2>&1; then
-  run firebase deploy --only firestore:rules --project "$PROJECT" --non-interactive
-else
-  note "firebase CLI not found: firestore.rules was NOT deployed. Deploy it from $ROOT with:"
-  note "  $(quote firebase deploy --only firestore:rules --project "$PROJECT")"
-fi
-
 # --- 5. Admin token: a random secret in Secret Manager that only gbx-issue can read.
 secret_found=$(probe gcloud secrets describe "$SECRET" --project="$PROJECT" --format='value(name)')
 if [[ -z $secret_found ]]; then
@@ -277,80 +297,149 @@ retry run gcloud kms keys add-iam-policy-binding "$KEY" --keyring="$KEY_RING" --
 
 # Sign with the newest ENABLED version; trust every ENABLED version, so that seals signed before a
 # rotation keep verifying (a disabled or destroyed version no longer yields its public key).
-list_enabled_versions() {
+# A version that is still PENDING_GENERATION (a new key, or a rotation moments ago) is waited for,
+# up to 2 minutes: deploying without it would leave the new version neither signing nor trusted.
+list_key_versions() {
   run gcloud kms keys versions list --key="$KEY" --keyring="$KEY_RING" --location="$REGION" --project="$PROJECT" \
-    --filter=state=ENABLED --sort-by=~createTime --format='value(name)'
+    --sort-by=~createTime --format='value(name,state)'
 }
 if ((DRY_RUN)); then
-  list_enabled_versions
+  list_key_versions
   SIGNING_VERSION="$KEY_NAME/cryptoKeyVersions/1"
   TRUSTED_VERSIONS=$SIGNING_VERSION
   note "dry run: the key version below is a placeholder for the newest ENABLED version: $SIGNING_VERSION"
 else
-  versions=""
-  for attempt in 1 2 3 4 5 6 7 8 9 10 11 12; do
-    versions=$(list_enabled_versions)
-    [[ -z $versions ]] || break
-    # A new asymmetric key's first version is PENDING_GENERATION for a little while.
-    note "waiting for an ENABLED version of $KEY_NAME (attempt $attempt)"
+  versions="" pending=""
+  for attempt in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24; do
+    listing=$(list_key_versions)
+    versions=$(awk '$2 == "ENABLED" { print $1 }' <<<"$listing")
+    pending=$(awk '$2 == "PENDING_GENERATION" { print $1 }' <<<"$listing")
+    [[ -n $pending || -z $versions ]] || break
+    # Versions that exist but are neither ENABLED nor being generated will not become ENABLED.
+    [[ -n $pending || -z $listing ]] || die "$KEY_NAME has no ENABLED version; enable one or create a new one"
+    ((attempt < 24)) || break
+    if [[ -n $pending ]]; then
+      note "waiting for $(paste -sd' ' - <<<"$pending") to leave PENDING_GENERATION (attempt $attempt)"
+    else
+      note "waiting for an ENABLED version of $KEY_NAME (attempt $attempt)"
+    fi
     sleep 5
   done
+  [[ -z $pending ]] || die "key versions still PENDING_GENERATION after 2 minutes: $(paste -sd' ' - <<<"$pending")"
   [[ -n $versions ]] || die "$KEY_NAME has no ENABLED version"
   SIGNING_VERSION=$(head -n 1 <<<"$versions")
   TRUSTED_VERSIONS=$(paste -sd, - <<<"$versions")
 fi
 
-# --- 7. The eight functions.
-# --allow-unauthenticated: Cloud Run's IAM check is off because each function verifies the caller
-# itself (Google ID token with this deployment's audiences, or the admin token), so that 401/403
-# come with the contract's JSON bodies; public_keys is public by design.
-# GBX_AUDIENCES are the function URLs, known only after a first deployment (step 8). A redeploy
-# replaces the service's environment, so the URLs known now go in at once: no window of 401s.
-known_urls=()
-for entry in "${ENTRIES[@]}"; do
-  url=$(function_url "$entry")
-  if [[ -n $url ]]; then known_urls+=("$url"); fi
-done
-KNOWN_AUDIENCES=$(IFS=,; printf '%s' "${known_urls[*]}")
+# --- 7. Audiences: the URLs an ID token for a function may be minted for, all known before the
+# first deploy so that no deploy opens a window of 401s. Each gen2 function answers at
+#   https://REGION-PROJECT.cloudfunctions.net/NAME        (Cloud Functions)
+#   https://NAME-PROJECT_NUMBER.REGION.run.app            (Cloud Run's deterministic URL)
+# and at its serviceConfig.uri, which may be a hash-based run.app URL known only once it exists.
+# The service compares `aud` exactly, so each URL is accepted without and with a trailing "/".
+project_number=$(run gcloud projects describe "$PROJECT" --format='value(projectNumber)')
+if ((DRY_RUN)); then
+  project_number=PROJECT_NUMBER
+  note "dry run: PROJECT_NUMBER is a placeholder for the number of $PROJECT"
+fi
+[[ $project_number =~ ^([0-9]+|PROJECT_NUMBER)$ ]] || die "no project number for $PROJECT: '$project_number'"
 
+service_uris=() # serviceConfig.uri of ENTRIES[i], when that function exists
+lookup_service_uris() {
+  local i url
+  for i in "${!ENTRIES[@]}"; do
+    url=$(function_url "${ENTRIES[$i]}")
+    if ((DRY_RUN)) && [[ $1 == after ]]; then url="https://$(function_name "${ENTRIES[$i]}")-PLACEHOLDER.$REGION.run.app"; fi
+    service_uris[i]=$url
+  done
+}
+# Every function's URLs, each without and with a trailing "/", comma-separated, duplicates once.
+audiences() {
+  local i name base url out=","
+  for i in "${!ENTRIES[@]}"; do
+    name=$(function_name "${ENTRIES[$i]}")
+    for base in "https://$REGION-$PROJECT.cloudfunctions.net/$name" "https://$name-$project_number.$REGION.run.app" \
+      "${service_uris[$i]%/}"; do
+      [[ -n $base ]] || continue
+      for url in "$base" "$base/"; do
+        [[ $out == *",$url,"* ]] || out+="$url,"
+      done
+    done
+  done
+  out=${out#,}
+  printf '%s' "${out%,}"
+}
+lookup_service_uris before
+DEPLOY_AUDIENCES=$(audiences)
+
+# --- 8. The eight functions, verifiers first and the signer last (DEPLOY_ORDER).
+# No --allow-unauthenticated: it binds allUsers as invoker, which the domain-restricted-sharing
+# organisation policy forbids. Instead each function's Cloud Run service skips the invoker IAM
+# check (--no-invoker-iam-check): every function verifies its caller itself (a Google ID token for
+# one of GBX_AUDIENCES, or the admin token), so that 401/403 come with the contract's JSON bodies,
+# and public_keys is public by design. A redeploy replaces the service's environment, so the
+# audiences ride along with every deploy.
 env_vars="^;^GOOGLE_CLOUD_PROJECT=$PROJECT;GBX_ISSUER=$PROJECT"
 env_vars+=";GBX_KMS_KEY_VERSION=$SIGNING_VERSION;GBX_TRUSTED_KEY_VERSIONS=$TRUSTED_VERSIONS"
 if [[ -n $OPERATORS ]]; then env_vars+=";GBX_OPERATORS=$OPERATORS"; fi
-if [[ -n $KNOWN_AUDIENCES ]]; then env_vars+=";GBX_AUDIENCES=$KNOWN_AUDIENCES"; fi
+env_vars+=";GBX_AUDIENCES=$DEPLOY_AUDIENCES"
 
-for entry in "${ENTRIES[@]}"; do
-  deploy=(gcloud functions deploy "$(function_name "$entry")" --gen2 --runtime=python312 --trigger-http
-    --allow-unauthenticated --entry-point="$entry" --source="$BUILD_DIR/functions/$entry"
-    --region="$REGION" --project="$PROJECT" --service-account="$SA_EMAIL" --set-env-vars="$env_vars")
+for entry in "${DEPLOY_ORDER[@]}"; do
+  name=$(function_name "$entry")
+  deploy=(gcloud functions deploy "$name" --gen2 --runtime=python312 --trigger-http
+    --entry-point="$entry" --source="$BUILD_DIR/functions/$entry"
+    --region="$REGION" --project="$PROJECT" --service-account="$SA_EMAIL"
+    --build-service-account="projects/$PROJECT/serviceAccounts/$BUILD_SA_EMAIL" --set-env-vars="$env_vars")
   if [[ $entry == issue ]]; then
     deploy+=(--set-secrets="GBX_ADMIN_TOKEN=$SECRET:latest") # the only function that sees the token
   fi
   run "${deploy[@]}"
+  # A gen2 function is a Cloud Run service of the same name.
+  run gcloud run services update "$name" --region="$REGION" --project="$PROJECT" --no-invoker-iam-check
 done
 
-# --- 8. Audiences: every function accepts ID tokens minted for any of the deployment's URLs.
-urls=()
-for entry in "${ENTRIES[@]}"; do
-  url=$(function_url "$entry")
-  if ((DRY_RUN)); then url="https://$(function_name "$entry")-PLACEHOLDER.$REGION.run.app"; fi
-  [[ -n $url ]] || die "no URL for $(function_name "$entry")"
-  urls+=("$url")
+# --- 9. Audiences, again: only when a function's serviceConfig.uri was not known before step 8
+# (a first deployment). Updating the environment makes a new revision without a rebuild; step 8
+# carries the value on every later redeploy.
+lookup_service_uris after
+for i in "${!ENTRIES[@]}"; do
+  [[ -n ${service_uris[$i]} ]] || die "no URL for $(function_name "${ENTRIES[$i]}")"
 done
-AUDIENCES=$(IFS=,; printf '%s' "${urls[*]}")
-if [[ $AUDIENCES == "$KNOWN_AUDIENCES" ]]; then
+AUDIENCES=$(audiences)
+if [[ $AUDIENCES == "$DEPLOY_AUDIENCES" ]]; then
   note "GBX_AUDIENCES unchanged; already set by the deploys"
 else
-  # A gen2 function is a Cloud Run service of the same name: updating its environment makes a new
-  # revision without a rebuild. Step 7 carries the value on every later redeploy.
-  for entry in "${ENTRIES[@]}"; do
+  for entry in "${DEPLOY_ORDER[@]}"; do
     run gcloud run services update "$(function_name "$entry")" --region="$REGION" --project="$PROJECT" \
       --update-env-vars="^;^GBX_AUDIENCES=$AUDIENCES"
   done
 fi
 
+# --- 10. Firestore security rules, last, because they may fail for reasons of their own: the
+# functions reach Firestore with IAM credentials, which rules do not govern, so everything above
+# works without them. The rules deny every client (mobile/web SDK, REST with end-user tokens) on
+# every path. gcloud cannot release rules; the Firebase CLI can, on a project with Firebase added
+# (firebase projects:addfirebase PROJECT) and with credentials (firebase login, or
+# GOOGLE_APPLICATION_CREDENTIALS). A failure is a warning, not an abort.
+rules_command=(firebase deploy --only firestore:rules --project "$PROJECT" --non-interactive)
+rules_deployed=1
+if ((!DRY_RUN)) && ! command -v firebase >/dev/null 2>&1; then
+  rules_deployed=0
+  warn "firebase CLI not found"
+elif ! run "${rules_command[@]}"; then
+  rules_deployed=0
+  warn "firebase deploy failed (is Firebase added to $PROJECT, and is the CLI logged in?)"
+fi
+if ((!rules_deployed)); then
+  warn "firestore.rules was NOT deployed; everything else was. Deploy the rules from $ROOT with:"
+  warn "  $(quote "${rules_command[@]}")"
+fi
+
 echo
 if ((DRY_RUN)); then echo "Function URLs (placeholders; a dry run deploys nothing):"; else echo "Function URLs:"; fi
 for i in "${!ENTRIES[@]}"; do
-  printf '  %-22s %s\n' "$(function_name "${ENTRIES[$i]}")" "${urls[$i]}"
+  printf '  %-22s %s\n' "$(function_name "${ENTRIES[$i]}")" "${service_uris[$i]}"
 done
+echo "Each also answers at https://$REGION-$PROJECT.cloudfunctions.net/NAME and https://NAME-$project_number.$REGION.run.app;"
+echo "an ID token for any of these URLs is accepted (GBX_AUDIENCES)."
 echo "Admin token: gcloud secrets versions access latest --secret=$SECRET --project=$PROJECT"

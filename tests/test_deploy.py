@@ -16,9 +16,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PROJECT = "demo"
+PROJECT = "gbx-demo"
 REGION = "europe-west1"
+PROJECT_NUMBER = "123456789012"  # what the fake gcloud answers; a dry run shows the placeholder PROJECT_NUMBER
 SA_EMAIL = f"gbx-runtime@{PROJECT}.iam.gserviceaccount.com"
+BUILD_SA_EMAIL = f"gbx-build@{PROJECT}.iam.gserviceaccount.com"
+BUILD_ROLES = {"roles/logging.logWriter", "roles/artifactregistry.writer", "roles/storage.objectAdmin"}
 KEY = f"projects/{PROJECT}/locations/{REGION}/keyRings/gbx/cryptoKeys/seal"
 # Entry point (= directory under functions/) -> Cloud Function name.
 FUNCTIONS = {
@@ -31,6 +34,9 @@ FUNCTIONS = {
     "redeem_seal_once": "gbx-redeem-seal-once",
     "public_keys": "gbx-public-keys",
 }
+# Verifiers (and the key publisher) before the only signer, run_complete, which goes last.
+VERIFIERS = ["seal_verify", "redeem_seal_once", "public_keys"]
+DEPLOY_ORDER = [*VERIFIERS, "issue", "check", "consume", "run_start", "run_complete"]
 APIS = [f"{api}.googleapis.com" for api in (
     "cloudfunctions", "run", "cloudbuild", "artifactregistry", "firestore", "cloudkms", "secretmanager", "iam", "logging")]
 CLOUD_RUN_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -75,6 +81,19 @@ def env_vars(value: str) -> dict[str, str]:
     """Parse a gcloud dict flag written with the ^;^ alternate delimiter."""
     assert value.startswith("^;^"), value
     return dict(item.split("=", 1) for item in value[3:].split(";"))
+
+
+def deterministic_urls(name: str, project_number: str) -> list[str]:
+    """The URLs a gen2 function answers at whatever its serviceConfig.uri, each without and with a trailing slash."""
+    bases = [f"https://{REGION}-{PROJECT}.cloudfunctions.net/{name}", f"https://{name}-{project_number}.{REGION}.run.app"]
+    return [url for base in bases for url in (base, base + "/")]
+
+
+def audiences(value: str) -> list[str]:
+    """GBX_AUDIENCES as a list, after checking that it names no URL twice."""
+    urls = value.split(",")
+    assert len(urls) == len(set(urls)), value
+    return urls
 
 
 def make_shims(directory: Path, record: Path, names: list[str], exit_code: int = 1) -> None:
@@ -149,25 +168,37 @@ def test_apis_are_enabled_first(dry: Deploy) -> None:
     enables = dry.find("gcloud", "services", "enable")
     assert len(enables) == 1
     assert set(APIS) <= set(enables[0])
-    assert "--project=demo" in enables[0]
+    assert f"--project={PROJECT}" in enables[0]
     assert dry.indexes("gcloud", "services", "enable")[0] == 0
+
+
+def granted_to(dry: Deploy, email: str) -> set[tuple[str, str, str]]:
+    """(resource kind, resource, role) of every grant the dry run shows for a service account."""
+    return {
+        (cmd[1], cmd[cmd.index("add-iam-policy-binding") + 1], flags(cmd)["role"])
+        for cmd in dry.commands
+        if "add-iam-policy-binding" in cmd and flags(cmd)["member"] == f"serviceAccount:{email}"
+    }
 
 
 def test_runtime_service_account_is_created_with_least_privilege(dry: Deploy) -> None:
     assert dry.find("gcloud", "iam", "service-accounts", "describe")[0][4] == SA_EMAIL
     assert dry.find("gcloud", "iam", "service-accounts", "create")[0][4] == "gbx-runtime"
-    grants = [cmd for cmd in dry.commands if "add-iam-policy-binding" in cmd]
-    member = f"serviceAccount:{SA_EMAIL}"
-    granted = {(cmd[1], cmd[cmd.index("add-iam-policy-binding") + 1], flags(cmd)["role"]) for cmd in grants}
-    assert granted == {
+    assert granted_to(dry, SA_EMAIL) == {
         ("projects", PROJECT, "roles/datastore.user"),
         ("kms", "seal", "roles/cloudkms.signerVerifier"),
         ("secrets", "gbx-admin-token", "roles/secretmanager.secretAccessor"),
     }
-    for cmd in grants:
-        assert flags(cmd)["member"] == member
+    grants = [cmd for cmd in dry.commands if "add-iam-policy-binding" in cmd]
+    assert {flags(cmd)["member"] for cmd in grants} == {f"serviceAccount:{SA_EMAIL}", f"serviceAccount:{BUILD_SA_EMAIL}"}
     kms_grant = dry.find("gcloud", "kms", "keys", "add-iam-policy-binding")[0]
     assert flags(kms_grant)["keyring"] == "gbx" and flags(kms_grant)["location"] == REGION
+
+
+def test_build_service_account_is_created_with_the_build_roles(dry: Deploy) -> None:
+    assert [cmd[4] for cmd in dry.find("gcloud", "iam", "service-accounts", "describe")] == [SA_EMAIL, BUILD_SA_EMAIL]
+    assert [cmd[4] for cmd in dry.find("gcloud", "iam", "service-accounts", "create")] == ["gbx-runtime", "gbx-build"]
+    assert granted_to(dry, BUILD_SA_EMAIL) == {("projects", PROJECT, role) for role in BUILD_ROLES}
 
 
 def test_firestore_native_database_is_created(dry: Deploy) -> None:
@@ -211,8 +242,9 @@ def test_firebase_json_points_at_the_rules_and_indexes() -> None:
     assert (REPO / config["firestore"]["indexes"]).is_file()
 
 
-def test_rules_are_deployed_with_the_firebase_cli(dry: Deploy) -> None:
+def test_rules_are_deployed_with_the_firebase_cli_last(dry: Deploy) -> None:
     assert dry.find("firebase", "deploy") == [["firebase", "deploy", "--only", "firestore:rules", "--project", PROJECT, "--non-interactive"]]
+    assert dry.indexes("firebase", "deploy") == [len(dry.commands) - 1], "nothing waits on the rules"
 
 
 def test_seal_key_is_an_ec_p256_signing_key(dry: Deploy) -> None:
@@ -223,7 +255,7 @@ def test_seal_key_is_an_ec_p256_signing_key(dry: Deploy) -> None:
     assert flags(create)["default-algorithm"] == "ec-sign-p256-sha256"
     assert flags(create)["keyring"] == "gbx" and flags(create)["location"] == REGION
     (listing,) = dry.find("gcloud", "kms", "keys", "versions", "list")
-    assert flags(listing)["filter"] == "state=ENABLED"
+    assert flags(listing)["format"] == "value(name,state)", "states, to wait for PENDING_GENERATION"
     assert flags(listing)["sort-by"] == "~createTime"
     assert "placeholder" in dry.stdout
 
@@ -231,7 +263,7 @@ def test_seal_key_is_an_ec_p256_signing_key(dry: Deploy) -> None:
 def test_admin_token_secret_is_generated_without_ever_showing_it(dry: Deploy) -> None:
     lines = [line for line in dry.stdout.splitlines() if "gcloud secrets versions add" in line]
     assert lines == [
-        "+ openssl rand -hex 32 | tr -d '\\n' | gcloud secrets versions add gbx-admin-token --data-file=- --project=demo"
+        "+ openssl rand -hex 32 | tr -d '\\n' | gcloud secrets versions add gbx-admin-token --data-file=- --project=gbx-demo"
     ]
     assert dry.find("gcloud", "secrets", "create")[0][:4] == ["gcloud", "secrets", "create", "gbx-admin-token"]
     assert "gcloud secrets versions access latest --secret=gbx-admin-token" in dry.stdout
@@ -241,17 +273,19 @@ def test_admin_token_secret_is_generated_without_ever_showing_it(dry: Deploy) ->
 
 def test_eight_gen2_functions_are_deployed(dry: Deploy) -> None:
     deploys = dry.find("gcloud", "functions", "deploy")
-    assert [cmd[3] for cmd in deploys] == list(FUNCTIONS.values())
-    for (entry, name), cmd in zip(FUNCTIONS.items(), deploys):
+    assert [cmd[3] for cmd in deploys] == [FUNCTIONS[entry] for entry in DEPLOY_ORDER]
+    for entry, cmd in zip(DEPLOY_ORDER, deploys):
+        name = FUNCTIONS[entry]
         assert CLOUD_RUN_NAME.match(name), name
         options = flags(cmd)
-        assert {"gen2", "trigger-http", "allow-unauthenticated"} <= options.keys(), cmd
+        assert {"gen2", "trigger-http"} <= options.keys(), cmd
         assert options["runtime"] == "python312"
         assert options["entry-point"] == entry
         assert options["source"] == f"build/functions/{entry}"
         assert options["region"] == REGION
         assert options["project"] == PROJECT
         assert options["service-account"] == SA_EMAIL
+        assert options["build-service-account"] == f"projects/{PROJECT}/serviceAccounts/{BUILD_SA_EMAIL}"
         env = env_vars(options["set-env-vars"])
         version = env["GBX_KMS_KEY_VERSION"]
         assert re.fullmatch(rf"{KEY}/cryptoKeyVersions/\d+", version)
@@ -266,10 +300,33 @@ def test_eight_gen2_functions_are_deployed(dry: Deploy) -> None:
             assert not any("secret" in arg for arg in cmd), cmd
 
 
+def test_nothing_binds_all_users(dry: Deploy) -> None:
+    """The domain-restricted-sharing org policy forbids allUsers; the invoker IAM check is switched off instead."""
+    assert not [cmd for cmd in dry.commands if "--allow-unauthenticated" in cmd]
+    assert "allUsers" not in dry.stdout
+
+
+def test_each_function_skips_the_invoker_iam_check_right_after_its_deploy(dry: Deploy) -> None:
+    deploys = dry.indexes("gcloud", "functions", "deploy")
+    for entry, position in zip(DEPLOY_ORDER, deploys):
+        following = dry.commands[position + 1]
+        assert following == ["gcloud", "run", "services", "update", FUNCTIONS[entry], f"--region={REGION}",
+                             f"--project={PROJECT}", "--no-invoker-iam-check"]
+    assert len([cmd for cmd in dry.commands if "--no-invoker-iam-check" in cmd]) == len(FUNCTIONS)
+
+
+def test_verifiers_are_deployed_before_the_signer(dry: Deploy) -> None:
+    """After a rotation the new key version is trusted everywhere before run_complete signs with it."""
+    order = [cmd[3] for cmd in dry.find("gcloud", "functions", "deploy")]
+    assert order[-1] == FUNCTIONS["run_complete"]
+    assert set(order[:len(VERIFIERS)]) == {FUNCTIONS[entry] for entry in VERIFIERS}
+
+
 def test_everything_a_function_needs_exists_before_it_is_deployed(dry: Deploy) -> None:
     first_deploy = dry.indexes("gcloud", "functions", "deploy")[0]
     for prefix in [("gcloud", "services", "enable"), ("gcloud", "iam", "service-accounts", "create"),
-                   ("gcloud", "projects", "add-iam-policy-binding"), ("gcloud", "firestore", "databases", "create"),
+                   ("gcloud", "projects", "add-iam-policy-binding"), ("gcloud", "projects", "describe"),
+                   ("gcloud", "firestore", "databases", "create"),
                    ("gcloud", "secrets", "versions", "list"), ("gcloud", "secrets", "add-iam-policy-binding"),
                    ("gcloud", "kms", "keys", "create"), ("gcloud", "kms", "keys", "add-iam-policy-binding"),
                    ("gcloud", "kms", "keys", "versions", "list")]:
@@ -279,21 +336,37 @@ def test_everything_a_function_needs_exists_before_it_is_deployed(dry: Deploy) -
     assert stdout.index("gcloud secrets versions add") < stdout.index("gcloud functions deploy")
 
 
-def test_audiences_are_every_url_and_set_after_all_deploys(dry: Deploy) -> None:
+def test_audiences_are_known_before_the_first_deploy(dry: Deploy) -> None:
+    """Every deploy carries both deterministic URLs of all eight functions, with and without a trailing slash."""
+    (describe,) = dry.find("gcloud", "projects", "describe")
+    assert describe == ["gcloud", "projects", "describe", PROJECT, "--format=value(projectNumber)"]
+    assert dry.indexes("gcloud", "projects", "describe")[0] < dry.indexes("gcloud", "functions", "deploy")[0]
+    expected = [url for name in FUNCTIONS.values() for url in deterministic_urls(name, "PROJECT_NUMBER")]
+    for cmd in dry.find("gcloud", "functions", "deploy"):
+        assert audiences(env_vars(flags(cmd)["set-env-vars"])["GBX_AUDIENCES"]) == expected
+    assert f"https://gbx-issue-PROJECT_NUMBER.{REGION}.run.app/" in expected
+    assert f"https://{REGION}-{PROJECT}.cloudfunctions.net/gbx-issue" in expected
+
+
+def test_service_uris_not_known_before_are_added_after_all_deploys(dry: Deploy) -> None:
     last_deploy = dry.indexes("gcloud", "functions", "deploy")[-1]
-    updates = dry.indexes("gcloud", "run", "services", "update")
+    updates = [i for i in dry.indexes("gcloud", "run", "services", "update") if "--no-invoker-iam-check" not in dry.commands[i]]
     assert len(updates) == len(FUNCTIONS)
     assert min(updates) > last_deploy
-    urls = [f"https://{name}-PLACEHOLDER.{REGION}.run.app" for name in FUNCTIONS.values()]
-    for name, position in zip(FUNCTIONS.values(), updates):
+    placeholders = {name: f"https://{name}-PLACEHOLDER.{REGION}.run.app" for name in FUNCTIONS.values()}
+    expected = [url for name in FUNCTIONS.values()
+                for url in [*deterministic_urls(name, "PROJECT_NUMBER"), placeholders[name], placeholders[name] + "/"]]
+    for entry, position in zip(DEPLOY_ORDER, updates):
         cmd = dry.commands[position]
-        assert cmd[4] == name
+        assert cmd[4] == FUNCTIONS[entry]
         options = flags(cmd)
         assert options["region"] == REGION and options["project"] == PROJECT
-        assert env_vars(options["update-env-vars"]) == {"GBX_AUDIENCES": ",".join(urls)}
+        assert env_vars(options["update-env-vars"]).keys() == {"GBX_AUDIENCES"}
+        assert audiences(env_vars(options["update-env-vars"])["GBX_AUDIENCES"]) == expected
     described = dry.find("gcloud", "functions", "describe")
+    assert len(described) == 2 * len(FUNCTIONS), "once before the deploys, once after"
     assert all(flags(cmd)["format"] == "value(serviceConfig.uri)" for cmd in described)
-    for url in urls:
+    for url in placeholders.values():
         assert url in dry.stdout.partition("\n\n")[2]  # the closing summary lists the URLs
 
 
@@ -314,7 +387,7 @@ def test_build_dir_can_be_moved(sandbox: dict[str, Path], tmp_path: Path) -> Non
     result = run_deploy(sandbox["checkout"], DRY_ARGS, path=str(sandbox["path"]),
                         env={"GBX_BUILD_DIR": "elsewhere"}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for entry, cmd in zip(FUNCTIONS, result.find("gcloud", "functions", "deploy")):
+    for entry, cmd in zip(DEPLOY_ORDER, result.find("gcloud", "functions", "deploy")):
         assert flags(cmd)["source"] == f"{tmp_path}/elsewhere/functions/{entry}"
         assert (tmp_path / "elsewhere" / "functions" / entry / "main.py").is_file()
 
@@ -328,6 +401,13 @@ def test_build_dir_can_be_moved(sandbox: dict[str, Path], tmp_path: Path) -> Non
     ["--project", PROJECT, "--region", REGION, "extra"],
     ["--project", "Bad_Project", "--region", REGION, "--dry-run"],
     ["--project", PROJECT, "--region", "europe west1", "--dry-run"],
+    # Project IDs: up to 30 of [a-z0-9-], a letter first, no hyphen last, no domain scope.
+    ["--project", "example.com:gbx-demo", "--region", REGION, "--dry-run"],
+    ["--project", "gbx.demo", "--region", REGION, "--dry-run"],
+    ["--project", "g" * 31, "--region", REGION, "--dry-run"],
+    ["--project", "gbx-demo-", "--region", REGION, "--dry-run"],
+    ["--project", "1gbx-demo", "--region", REGION, "--dry-run"],
+    ["--project=GBX-demo", "--region", REGION, "--dry-run"],
 ])
 def test_bad_usage_exits_2_before_doing_anything(sandbox: dict[str, Path], tmp_path: Path, args: list[str]) -> None:
     result = run_deploy(sandbox["checkout"], args, path=str(sandbox["path"]), env={"GBX_BUILD_DIR": str(tmp_path / "b")})
@@ -335,6 +415,14 @@ def test_bad_usage_exits_2_before_doing_anything(sandbox: dict[str, Path], tmp_p
     assert "usage: deploy.sh --project PROJECT --region REGION [--dry-run]" in result.stderr
     assert result.stdout == ""
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("project", ["gbx-d1", "g" * 30, "my-project-2024"])
+def test_project_ids_at_the_limits_are_accepted(sandbox: dict[str, Path], tmp_path: Path, project: str) -> None:
+    result = run_deploy(sandbox["checkout"], ["--project", project, "--region", REGION, "--dry-run"],
+                        path=str(sandbox["path"]), env={"GBX_BUILD_DIR": str(tmp_path / "b")})
+    assert result.returncode == 0, result.stderr
+    assert result.find("gcloud", "iam", "service-accounts", "describe")[0][4] == f"gbx-runtime@{project}.iam.gserviceaccount.com"
 
 
 def test_a_missing_function_stops_the_deployment(sandbox: dict[str, Path], tmp_path: Path) -> None:
@@ -405,6 +493,8 @@ match words[:3]:
         state["service_accounts"].append(f"{words[3]}@{project}.iam.gserviceaccount.com"); done()
     case ["projects", "add-iam-policy-binding", name]:
         grant("project", name)
+    case ["projects", "describe", name]:
+        done(state["project_number"] + "\n")
     case ["firestore", "databases", "describe"]:
         done("FIRESTORE_NATIVE\n") if state["database"] else missing()
     case ["firestore", "databases", "create"]:
@@ -431,12 +521,18 @@ match words[:3]:
     case ["kms", "keys", "describe"]:
         done("EC_SIGN_P256_SHA256\n") if state["key_versions"] else missing()
     case ["kms", "keys", "create"]:
-        state["key_versions"] = [1]; done()
+        # A new asymmetric key's first version is generated while the caller waits: one listing.
+        state["key_versions"] = {"1": "PENDING_GENERATION"}; state["generation_polls"] = 1; done()
     case ["kms", "keys", "add-iam-policy-binding"]:
         grant("kms_key", words[3])
     case ["kms", "keys", "versions"]:
         key = f"projects/{project}/locations/{opts['location']}/keyRings/{opts['keyring']}/cryptoKeys/{opts['key']}"
-        done("".join(f"{key}/cryptoKeyVersions/{v}\n" for v in sorted(state["key_versions"], reverse=True)))
+        newest_first = sorted(state["key_versions"].items(), key=lambda item: -int(item[0]))
+        listing = "".join(f"{key}/cryptoKeyVersions/{v}\t{s}\n" for v, s in newest_first)
+        state["generation_polls"] -= 1
+        if state["generation_polls"] <= 0:
+            state["key_versions"] = {v: "ENABLED" if s == "PENDING_GENERATION" else s for v, s in newest_first}
+        done(listing)
     case ["functions", "describe", name]:
         done(state["functions"][name]["uri"] + "\n") if name in state["functions"] else missing()
     case ["functions", "deploy", name]:
@@ -445,23 +541,35 @@ match words[:3]:
             "env": parse_env(opts["set-env-vars"]),
             "secrets": opts.get("set-secrets"),
             "source": opts["source"],
+            "build_service_account": opts.get("build-service-account"),
+            "invoker_iam_check": True,  # assume the worst: a deploy switches it back on
         }
         done()
     case ["run", "services", "update"]:
-        state["functions"][words[3]]["env"].update(parse_env(opts["update-env-vars"])); done()
+        service = state["functions"][words[3]]
+        if "no-invoker-iam-check" in opts:
+            service["invoker_iam_check"] = False
+        if "update-env-vars" in opts:
+            service["env"].update(parse_env(opts["update-env-vars"]))
+        done()
 done(code=3, err=f"fake gcloud: unexpected command {argv}\n")
 '''
 
 
 @dataclass
 class FakeCloud:
-    """A stub checkout and a PATH whose gcloud keeps its state in a JSON file and whose firebase records."""
+    """A stub checkout and a PATH whose gcloud keeps its state in a JSON file, whose firebase and sleep record."""
 
     checkout: Path
     state: Path
     path: str
     firebase: Path
+    sleep: Path
     bin_dir: Path
+
+    def update(self, **changes: object) -> None:
+        """Change the project behind deploy.sh's back (a rotation, a stuck key version)."""
+        self.state.write_text(json.dumps({**json.loads(self.state.read_text()), **changes}))
 
 
 @pytest.fixture
@@ -473,31 +581,41 @@ def cloud(tmp_path: Path) -> FakeCloud:
     gcloud.write_text(f"#!{sys.executable}\n{FAKE_GCLOUD}")
     gcloud.chmod(0o755)
     make_shims(bin_dir, tmp_path / "firebase.log", ["firebase"], exit_code=0)
+    make_shims(bin_dir, tmp_path / "sleep.log", ["sleep"], exit_code=0)  # waits take no time here
     make_shims(bin_dir, tmp_path / "curl.log", ["curl", "wget"])
     state = tmp_path / "state.json"
     state.write_text(json.dumps({
         "calls": [], "apis": [], "service_accounts": [], "bindings": [], "database": None, "indexes": [],
-        "secrets": {}, "keyrings": [], "key_versions": [], "functions": {},
+        "secrets": {}, "keyrings": [], "key_versions": {}, "generation_polls": 0, "functions": {},
+        "project_number": PROJECT_NUMBER,
     }))
     return FakeCloud(checkout=make_checkout(tmp_path / "checkout"), state=state, path=f"{bin_dir}:/usr/bin:/bin",
-                     firebase=tmp_path / "firebase.log", bin_dir=bin_dir)
+                     firebase=tmp_path / "firebase.log", sleep=tmp_path / "sleep.log", bin_dir=bin_dir)
+
+
+def run_for_real(cloud: FakeCloud) -> tuple[Deploy, dict]:
+    """Run deploy.sh without --dry-run against the fake; return its result and the project's state after it."""
+    cloud.update(calls=[])
+    result = run_deploy(cloud.checkout, ["--project", PROJECT, "--region", REGION], path=cloud.path,
+                        env={"FAKE_GCLOUD_STATE": str(cloud.state), "GBX_OPERATORS": "ops@example.com"})
+    return result, json.loads(cloud.state.read_text())
 
 
 def deploy_for_real(cloud: FakeCloud) -> tuple[Deploy, dict]:
-    """Run deploy.sh without --dry-run against the fake; return its result and the project's state after it."""
-    before = json.loads(cloud.state.read_text())
-    before["calls"] = []
-    cloud.state.write_text(json.dumps(before))
-    result = run_deploy(cloud.checkout, ["--project", PROJECT, "--region", REGION], path=cloud.path,
-                        env={"FAKE_GCLOUD_STATE": str(cloud.state), "GBX_OPERATORS": "ops@example.com"})
+    """run_for_real, which must succeed."""
+    result, state = run_for_real(cloud)
     assert result.returncode == 0, result.stdout + result.stderr
-    return result, json.loads(cloud.state.read_text())
+    return result, state
+
+
+def service_uri(name: str) -> str:
+    return f"https://{name}-x7y8z9-ew.a.run.app"
 
 
 def test_first_deployment_creates_everything(cloud: FakeCloud) -> None:
     result, state = deploy_for_real(cloud)
     assert set(APIS) <= set(state["apis"])
-    assert state["service_accounts"] == [SA_EMAIL]
+    assert state["service_accounts"] == [SA_EMAIL, BUILD_SA_EMAIL]
     assert state["database"] == REGION
     assert len(state["indexes"]) == 2
     member = f"serviceAccount:{SA_EMAIL}"
@@ -505,27 +623,49 @@ def test_first_deployment_creates_everything(cloud: FakeCloud) -> None:
         ["project", PROJECT, member, "roles/datastore.user"],
         ["secret", "gbx-admin-token", member, "roles/secretmanager.secretAccessor"],
         ["kms_key", "seal", member, "roles/cloudkms.signerVerifier"],
+        *(["project", PROJECT, f"serviceAccount:{BUILD_SA_EMAIL}", role] for role in BUILD_ROLES),
     ])
     assert cloud.firebase.read_text() == f"firebase deploy --only firestore:rules --project {PROJECT} --non-interactive\n"
+    assert "PENDING_GENERATION" in result.stdout and cloud.sleep.read_text() == "sleep 5\n", "the new key was waited for"
 
     (token,) = state["secrets"]["gbx-admin-token"]
     assert re.fullmatch(r"[0-9a-f]{64}", token), "one random line, without its newline"
     everything_shown = result.stdout + result.stderr + json.dumps(state["calls"]) + json.dumps(state["functions"])
     assert token not in everything_shown
 
-    urls = [f"https://{name}-x7y8z9-ew.a.run.app" for name in FUNCTIONS.values()]
+    all_urls = [url for name in FUNCTIONS.values()
+                for url in [*deterministic_urls(name, PROJECT_NUMBER), service_uri(name), service_uri(name) + "/"]]
     assert set(state["functions"]) == set(FUNCTIONS.values())
     for entry, name in FUNCTIONS.items():
         deployed = state["functions"][name]
         assert deployed["source"] == f"build/functions/{entry}"
+        assert deployed["build_service_account"] == f"projects/{PROJECT}/serviceAccounts/{BUILD_SA_EMAIL}"
+        assert deployed["invoker_iam_check"] is False
+        assert audiences(deployed["env"].pop("GBX_AUDIENCES")) == all_urls
         assert deployed["env"] == {
             "GOOGLE_CLOUD_PROJECT": PROJECT, "GBX_ISSUER": PROJECT,
             "GBX_KMS_KEY_VERSION": f"{KEY}/cryptoKeyVersions/1", "GBX_TRUSTED_KEY_VERSIONS": f"{KEY}/cryptoKeyVersions/1",
-            "GBX_OPERATORS": "ops@example.com", "GBX_AUDIENCES": ",".join(urls),
+            "GBX_OPERATORS": "ops@example.com",
         }
         assert deployed["secrets"] == ("GBX_ADMIN_TOKEN=gbx-admin-token:latest" if entry == "issue" else None)
-    for url in urls:
-        assert url in result.stdout.partition("\n\n")[2]
+    for name in FUNCTIONS.values():
+        assert service_uri(name) in result.stdout.partition("\n\n")[2]
+
+
+def test_the_first_deploy_already_accepts_the_deterministic_urls(cloud: FakeCloud) -> None:
+    """No 401 window: the URLs a client can know in advance are in the environment the first revision starts with."""
+    _, state = deploy_for_real(cloud)
+    deploys = [call for call in state["calls"] if call[:2] == ["functions", "deploy"]]
+    expected = [url for name in FUNCTIONS.values() for url in deterministic_urls(name, PROJECT_NUMBER)]
+    assert [call[2] for call in deploys] == [FUNCTIONS[entry] for entry in DEPLOY_ORDER]
+    for call in deploys:
+        assert audiences(env_vars(flags(call)["set-env-vars"])["GBX_AUDIENCES"]) == expected
+        assert "--allow-unauthenticated" not in call
+    # Each deploy is followed at once by switching its invoker IAM check off.
+    for position, call in enumerate(state["calls"]):
+        if call[:2] == ["functions", "deploy"]:
+            assert state["calls"][position + 1] == ["run", "services", "update", call[2], f"--region={REGION}",
+                                                    f"--project={PROJECT}", "--no-invoker-iam-check"]
 
 
 def test_a_second_deployment_creates_nothing_and_keeps_the_audiences(cloud: FakeCloud) -> None:
@@ -536,32 +676,72 @@ def test_a_second_deployment_creates_nothing_and_keeps_the_audiences(cloud: Fake
         call for call in second["calls"] if call[:4] == ["firestore", "indexes", "composite", "create"]
     ], "only index creates, which answer ALREADY_EXISTS"
     assert "index exists" in result.stdout
-    assert not [call for call in second["calls"] if call[:3] == ["run", "services", "update"]]
+    assert not [call for call in second["calls"] if call[:3] == ["run", "services", "update"] and "--no-invoker-iam-check" not in call]
+    assert len([call for call in second["calls"] if "--no-invoker-iam-check" in call]) == len(FUNCTIONS)
     assert second["secrets"] == first["secrets"], "the admin token is not rotated by a redeploy"
     assert second["bindings"] == first["bindings"]
     assert second["functions"] == first["functions"]
-    # The audiences ride along with each redeploy: there is no moment without them.
+    assert cloud.sleep.read_text() == "sleep 5\n", "only the first run waited (for the new key)"
+    # The audiences, service URIs included, ride along with each redeploy: there is no moment without them.
     for call in second["calls"]:
         if call[:2] == ["functions", "deploy"]:
-            assert "GBX_AUDIENCES=" in flags(call)["set-env-vars"]
+            assert env_vars(flags(call)["set-env-vars"])["GBX_AUDIENCES"] == first["functions"][call[2]]["env"]["GBX_AUDIENCES"]
 
 
-def test_after_a_rotation_the_newest_version_signs_and_all_are_trusted(cloud: FakeCloud) -> None:
+def test_after_a_rotation_the_newest_version_signs_once_generated_and_the_enabled_ones_are_trusted(cloud: FakeCloud) -> None:
     deploy_for_real(cloud)
-    state = json.loads(cloud.state.read_text())
-    state["key_versions"] = [1, 2, 3]
-    cloud.state.write_text(json.dumps(state))
-    _, after = deploy_for_real(cloud)
+    cloud.update(key_versions={"1": "DISABLED", "2": "ENABLED", "3": "PENDING_GENERATION"}, generation_polls=2)
+    result, after = deploy_for_real(cloud)
+    assert result.stdout.count("to leave PENDING_GENERATION") == 2
     for deployed in after["functions"].values():
         assert deployed["env"]["GBX_KMS_KEY_VERSION"] == f"{KEY}/cryptoKeyVersions/3"
-        assert deployed["env"]["GBX_TRUSTED_KEY_VERSIONS"] == ",".join(f"{KEY}/cryptoKeyVersions/{v}" for v in (3, 2, 1))
+        assert deployed["env"]["GBX_TRUSTED_KEY_VERSIONS"] == f"{KEY}/cryptoKeyVersions/3,{KEY}/cryptoKeyVersions/2"
+    deployed_order = [call[2] for call in after["calls"] if call[:2] == ["functions", "deploy"]]
+    assert deployed_order[-1] == FUNCTIONS["run_complete"], "the signer comes last"
+    assert {FUNCTIONS[entry] for entry in VERIFIERS} == set(deployed_order[:len(VERIFIERS)])
+
+
+def test_a_key_version_stuck_in_generation_stops_before_any_deploy(cloud: FakeCloud) -> None:
+    deploy_for_real(cloud)
+    cloud.update(key_versions={"1": "ENABLED", "2": "PENDING_GENERATION"}, generation_polls=1000)
+    result, state = run_for_real(cloud)
+    assert result.returncode == 1
+    assert "still PENDING_GENERATION" in result.stderr
+    assert not [call for call in state["calls"] if call[:2] == ["functions", "deploy"]]
+    listings = [call for call in state["calls"] if call[:4] == ["kms", "keys", "versions", "list"]]
+    assert 1 < len(listings) <= 30, "bounded"
+
+
+def test_a_key_without_enabled_versions_stops_at_once(cloud: FakeCloud) -> None:
+    deploy_for_real(cloud)
+    cloud.update(key_versions={"1": "DISABLED"})
+    result, state = run_for_real(cloud)
+    assert result.returncode == 1
+    assert "has no ENABLED version" in result.stderr
+    assert cloud.sleep.read_text() == "sleep 5\n", "only the first run waited (for the new key)"
+    assert not [call for call in state["calls"] if call[:2] == ["functions", "deploy"]]
+
+
+def test_a_failing_firebase_deploy_is_a_warning_not_an_abort(cloud: FakeCloud) -> None:
+    """No Firebase on the project, or no firebase login: everything else is deployed and the run succeeds."""
+    make_shims(cloud.bin_dir, cloud.firebase, ["firebase"], exit_code=1)
+    result, state = deploy_for_real(cloud)
+    assert cloud.firebase.read_text().startswith("firebase deploy --only firestore:rules")
+    assert "deploy.sh: warning: firebase deploy failed" in result.stderr
+    assert "firestore.rules was NOT deployed" in result.stderr
+    assert f"firebase deploy --only firestore:rules --project {PROJECT} --non-interactive" in result.stderr
+    assert set(state["functions"]) == set(FUNCTIONS.values())
+    assert all(not deployed["invoker_iam_check"] for deployed in state["functions"].values())
+    assert "Function URLs:" in result.stdout
 
 
 def test_without_the_firebase_cli_the_rules_command_is_printed(cloud: FakeCloud) -> None:
     (cloud.bin_dir / "firebase").unlink()
-    result, _ = deploy_for_real(cloud)
-    assert "firestore.rules was NOT deployed" in result.stdout
-    assert f"firebase deploy --only firestore:rules --project {PROJECT}" in result.stdout
+    result, state = deploy_for_real(cloud)
+    assert "firebase CLI not found" in result.stderr
+    assert "firestore.rules was NOT deployed" in result.stderr
+    assert f"firebase deploy --only firestore:rules --project {PROJECT}" in result.stderr
+    assert set(state["functions"]) == set(FUNCTIONS.values())
 
 
 # ---------------------------------------------------------------- the real functions/, staged
@@ -637,3 +817,10 @@ def test_each_staged_function_serves_its_endpoint_on_its_own(staged: Path, entry
     assert served["request_id"]
     assert Path(served["shared"]).resolve().is_relative_to(directory.resolve())
     assert served["from_repo"] == []
+
+
+def test_the_issue_documented_dry_run_works(sandbox: dict[str, Path], tmp_path: Path) -> None:
+    result = run_deploy(sandbox["checkout"], ["--project", "demo", "--region", "europe-west1", "--dry-run"], path=str(sandbox["path"]), env={"GBX_BUILD_DIR": str(tmp_path / "b")})
+    assert result.returncode == 0, result.stderr
+    deploys = [line for line in result.stdout.splitlines() if line.startswith("+ gcloud functions deploy ")]
+    assert len(deploys) == 8 and all("--project=demo" in line for line in deploys)
