@@ -345,7 +345,7 @@ def _consume_in_transaction(
     )
     transaction.create(
         client.collection(store.LEDGER).document(store.sha256_hex(f"txn-consume|{principal}|{run_id}")),
-        {"principal": principal, "grant_id": grant_ref.id, "delta": -1, "reason": "consume", "ref": run_id, "at": firestore.SERVER_TIMESTAMP},
+        {"principal": principal, "grant": grant_ref.id, "delta": -1, "reason": "consume", "ref": run_id, "at": firestore.SERVER_TIMESTAMP},
     )
     return remaining - 1
 

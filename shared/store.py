@@ -160,7 +160,7 @@ def _ledger(batch: firestore.WriteBatch, *, principal: str, grant_id: str, delta
     doc = client().collection(LEDGER).document(_ledger_id(reason, principal, ref))
     batch.create(
         doc,
-        {"principal": principal, "grant_id": grant_id, "delta": delta, "reason": reason, "ref": ref, "at": firestore.SERVER_TIMESTAMP},
+        {"principal": principal, "grant": grant_id, "delta": delta, "reason": reason, "ref": ref, "at": firestore.SERVER_TIMESTAMP},
     )
 
 
@@ -305,8 +305,8 @@ def ledger_for_principal(principal: str, limit: int = 100) -> list[dict[str, Any
 
 
 def ledger_for_grant(grant_id: str) -> list[dict[str, Any]]:
-    """A grant's ledger, oldest first (composite index: grant_id ASC, at ASC)."""
-    query = client().collection(LEDGER).where(filter=FieldFilter("grant_id", "==", grant_id)).order_by("at")
+    """A grant's ledger, oldest first (composite index: grant ASC, at ASC)."""
+    query = client().collection(LEDGER).where(filter=FieldFilter("grant", "==", grant_id)).order_by("at")
     return [snap.to_dict() for snap in query.get(**_RPC)]
 
 

@@ -231,7 +231,7 @@ def test_firestore_indexes_json_has_the_ledger_indexes() -> None:
     }
     assert shapes == {
         ("ledger", "COLLECTION", (("principal", "ASCENDING"), ("at", "DESCENDING"))),
-        ("ledger", "COLLECTION", (("grant_id", "ASCENDING"), ("at", "ASCENDING"))),
+        ("ledger", "COLLECTION", (("grant", "ASCENDING"), ("at", "ASCENDING"))),
     }
 
 
