@@ -211,13 +211,13 @@ def handle(
             raise errors.MethodNotAllowed(method)
         args: list[Any] = []
         if auth_mode is Auth.USER:
-            caller: auth.Identity | auth.Admin = auth.authenticate(request.headers.get("Authorization"))
-            principal = caller.principal
-            args.append(caller)
+            identity = auth.authenticate(request.headers.get("Authorization"))
+            principal = identity.principal
+            args.append(identity)
         elif auth_mode is Auth.ADMIN:
-            caller = auth.authenticate_admin(request.headers.get(auth.ADMIN_TOKEN_HEADER), request.headers.get("Authorization"))
-            principal = caller.issued_by
-            args.append(caller)
+            admin = auth.authenticate_admin(request.headers.get(auth.ADMIN_TOKEN_HEADER), request.headers.get("Authorization"))
+            principal = admin.issued_by
+            args.append(admin)
         if body is Body.JSON:
             assert model is not None
             args.append(_parse_json(request, model))

@@ -76,6 +76,7 @@ def _responses(endpoint: Endpoint) -> dict[str, Any]:
         "200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": REF.format(model=endpoint.response.__name__)}}}}
     }
     by_status: dict[int, list[str]] = {}
+    error: type[errors.ApiError]
     for error in (*endpoint.errors, errors.ApiError):
         by_status.setdefault(error.status, []).append(error.code)
     for status, codes in sorted(by_status.items()):

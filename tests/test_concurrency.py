@@ -69,8 +69,8 @@ def test_retries_racing_for_the_last_run_all_replay(api: Api) -> None:
     for round_ in range(8):
         principal = f"racer-{round_}@acme-prod.iam.gserviceaccount.com"
         api.issue(principal, 1)
-        responses = _together(10, lambda n: api.consume("same", as_user=principal))
+        responses = _together(10, lambda n, principal=principal: api.consume("same", as_user=principal))
         assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses if r.status_code != 200]
         assert sorted(r.json()["replayed"] for r in responses) == [False] + [True] * 9
-        checks = _together(5, lambda n: api.check("same", as_user=principal))
+        checks = _together(5, lambda n, principal=principal: api.check("same", as_user=principal))
         assert [r.json()["state"] for r in checks] == ["consumed"] * 5
