@@ -28,7 +28,11 @@ class EmulatorMissing(RuntimeError):
 def find_jar() -> Path:
     """Locate the emulator jar: $GBX_FIRESTORE_EMULATOR_JAR, else under the SDK that holds `gcloud`."""
     explicit = os.environ.get("GBX_FIRESTORE_EMULATOR_JAR")
-    candidates: list[Path] = [Path(explicit)] if explicit else []
+    if explicit:
+        if not Path(explicit).is_file():
+            raise EmulatorMissing(f"GBX_FIRESTORE_EMULATOR_JAR={explicit} is not a file. {MISSING_MESSAGE}")
+        return Path(explicit)
+    candidates: list[Path] = []
     gcloud = shutil.which("gcloud")
     if gcloud:
         # gcloud lives in <sdk>/bin (often behind a symlink from /usr/bin).
