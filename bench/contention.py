@@ -35,7 +35,8 @@ from shared.auth import Admin, Identity  # noqa: E402
 from shared.models import ConsumeRequest, IssueRequest  # noqa: E402
 
 PROJECT = "gbx-bench"
-DESIGN_SHAPES: tuple[tuple[int, int], ...] = ((40, 10), (40, 40), (100, 100))  # (consumers, runs in the grant)
+DESIGN_SHAPES: tuple[tuple[int, int], ...] = ((40, 10), (40, 40), (100, 100), (100, 256))  # (consumers, runs in the grant)
+SHARDING_SHAPE = (100, 256)  # also run with the grant in one document, for comparison
 TRANSACTION_SHAPE = (40, 10)
 SEQUENTIAL_CONSUMES = 200
 WARMUP_CONSUMES = 30
@@ -159,13 +160,13 @@ class CommitCounter:
         self.lost = 0
         self.tries_by_run: Counter[str] = Counter()
 
-    def __call__(self, principal: str, run_id: str, grant: store.Grant) -> None:
+    def __call__(self, principal: str, run_id: str, grant: store.Grant, *, charge_id: str) -> None:
         """Count, then commit as the service would."""
         with self._lock:
             self.attempts += 1
             self.tries_by_run[run_id] += 1
         try:
-            self._inner(principal, run_id, grant)
+            self._inner(principal, run_id, grant, charge_id=charge_id)
         except store.Contended:
             with self._lock:
                 self.lost += 1
@@ -215,23 +216,26 @@ def design_invariants(principal: str, grant_id: str, runs: int, outcomes: list[O
         problems.append(f"expected {expected_ok} × 200 and {len(outcomes) - expected_ok} × 402, got {dict(Counter(o.kind for o in outcomes))}")
     if any(o.value.replayed for o in ok):
         problems.append("a first consume of a run_id answered replayed=true")
-    balances = sorted((o.value.balance for o in ok), reverse=True)
-    if balances != list(range(runs - 1, runs - 1 - len(ok), -1)):
-        # Each commit was preconditioned on the grant as read, so the balances it reports are exactly R-1, R-2, ...
-        problems.append(f"returned balances are not R-1 … R-{len(ok)} once each: {balances}")
-    grants = store.all_grants(principal)
-    if [g["grant_id"] for g in grants] != [grant_id]:
-        problems.append(f"expected exactly grant {grant_id}, found {[g['grant_id'] for g in grants]}")
+    grants = [g for g in store.all_grants(principal) if g.get("group", g["grant_id"]) == grant_id]
+    if len(grants) != len(store.all_grants(principal)) or not grants:
+        problems.append(f"expected only grant {grant_id} (or its shards), found {[g['grant_id'] for g in store.all_grants(principal)]}")
         return problems
-    remaining = grants[0]["remaining"]
+    if len(grants) == 1:
+        balances = sorted((o.value.balance for o in ok), reverse=True)
+        if balances != list(range(runs - 1, runs - 1 - len(ok), -1)):
+            # One document, each commit preconditioned on it as read: the balances are exactly R-1, R-2, ...
+            problems.append(f"returned balances are not R-1 … R-{len(ok)} once each: {balances}")
+    remaining = sum(g["remaining"] for g in grants)
     if remaining != runs - len(ok):
         problems.append(f"grant remaining {remaining} != {runs} - {len(ok)} successes")
-    ledger = store.ledger_for_grant(grant_id)
-    if sum(e["delta"] for e in ledger) != remaining:
-        problems.append(f"ledger sum {sum(e['delta'] for e in ledger)} != grant remaining {remaining}")
+    ledger = [entry for g in grants for entry in store.ledger_for_grant(g["grant_id"])]
+    for g in grants:
+        shard_sum = sum(e["delta"] for e in store.ledger_for_grant(g["grant_id"]))
+        if shard_sum != g["remaining"]:
+            problems.append(f"ledger sum {shard_sum} != remaining {g['remaining']} of {g['grant_id']}")
     issues = [e for e in ledger if e["reason"] == "issue"]
     consumes = [e for e in ledger if e["reason"] == "consume"]
-    if [e["delta"] for e in issues] != [runs] or any(e["delta"] != -1 for e in consumes) or len(issues) + len(consumes) != len(ledger):
+    if sum(e["delta"] for e in issues) != runs or any(e["delta"] != -1 for e in consumes) or len(issues) + len(consumes) != len(ledger):
         problems.append(f"unexpected ledger entries: {Counter((e['reason'], e['delta']) for e in ledger)}")
     charged = {o.value.run_id for o in ok}
     if {e["ref"] for e in consumes} != charged or len(consumes) != len(charged):
@@ -243,16 +247,23 @@ def design_invariants(principal: str, grant_id: str, runs: int, outcomes: list[O
     return problems
 
 
-def scenario_design(emu: emulator.Emulator, consumers: int, runs: int) -> ScenarioResult:
-    """A: `consumers` threads consume distinct run_ids against one grant of `runs` runs."""
+def scenario_design(emu: emulator.Emulator, consumers: int, runs: int, *, shards: bool = True) -> ScenarioResult:
+    """A: `consumers` threads consume distinct run_ids against one grant of `runs` runs (sharded as issue does, or not)."""
     emu.clear()
     principal = f"bench-design-{consumers}-{runs}@example.com"
-    grant_id = issue_grant(principal, runs)
+    max_shards = store.MAX_SHARDS
+    store.MAX_SHARDS = max_shards if shards else 1
+    try:
+        grant_id = issue_grant(principal, runs)
+    finally:
+        store.MAX_SHARDS = max_shards
+    shard_count = len(store.all_grants(principal))
     with counting_commits() as counter:
         outcomes, wall = run_together(
             consumers, lambda i: consume_once(principal, f"job-{i:04d}", i), deadline_seconds=DESIGN_DEADLINE_SECONDS
         )
-    return _design_result("A optimistic commit", consumers, runs, outcomes, wall, counter, principal, grant_id)
+    name = f"A optimistic commit, {shard_count} grant document{'s' if shard_count > 1 else ''}"
+    return _design_result(name, consumers, runs, outcomes, wall, counter, principal, grant_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,6 +560,10 @@ def run_all(emu: emulator.Emulator) -> list[ScenarioResult]:
     for consumers, runs in DESIGN_SHAPES:
         print(f"A: {consumers} consumers vs {runs} runs …", file=sys.stderr, flush=True)
         results.append(scenario_design(emu, consumers, runs))
+    # The same large grant kept in one document: what sharding saves.
+    consumers, runs = SHARDING_SHAPE
+    print(f"A: {consumers} consumers vs {runs} runs in one document …", file=sys.stderr, flush=True)
+    results.append(scenario_design(emu, consumers, runs, shards=False))
     print(f"C: {SEQUENTIAL_CONSUMES} sequential consumes …", file=sys.stderr, flush=True)
     results.append(scenario_sequential(emu, SEQUENTIAL_CONSUMES))
     print(f"B: {TRANSACTION_SHAPE[0]} transactions vs {TRANSACTION_SHAPE[1]} runs (at most {TRANSACTION_DEADLINE_SECONDS:.0f}s) …", file=sys.stderr, flush=True)

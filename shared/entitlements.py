@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 import secrets
 
 from shared import errors, store
@@ -27,7 +28,13 @@ def spendable_grants(grants: list[store.Grant], now: dt.datetime) -> list[store.
     """Usable grants in spending order: earliest expiry first, never-expiring last, then oldest first."""
     far = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
     usable = [g for g in grants if g.usable(now)]
-    return sorted(usable, key=lambda g: (g.expires_at or far, g.created_at or far, g.grant_id))
+    return sorted(usable, key=lambda g: (g.expires_at or far, g.created_at or far, g.group, g.grant_id))
+
+
+def grant_to_spend(grants: list[store.Grant]) -> store.Grant:
+    """The grant to charge: the first in spending order, or any shard of it, so concurrent consumers spread out."""
+    first = grants[0]
+    return random.choice([g for g in grants if g.group == first.group])
 
 
 def current_balance(principal: str) -> int:
@@ -67,7 +74,7 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
         if not grants:
             raise errors.EntitlementExhausted()
         try:
-            store.commit_consume(principal, req.run_id, grants[0], charge_id=charge_id)
+            store.commit_consume(principal, req.run_id, grant_to_spend(grants), charge_id=charge_id)
         except store.Contended:
             continue
         balance = sum(g.remaining for g in grants) - 1
@@ -100,7 +107,7 @@ def issue(caller: Admin, req: IssueRequest, *, idempotency_key: str | None = Non
             if record is not None:
                 # A replay returns the first response even once its expires_at has passed.
                 return _replay(record, fingerprint, grant_id)
-        elif response is not None and store.grant_exists(req.principal, grant_id):
+        elif response is not None and store.grant_exists(req.principal, store.grant_doc_ids(grant_id, req.runs_total)[0][0]):
             return response
         if req.expires_at is not None and req.expires_at <= _now():
             raise errors.InvalidRequest("expires_at: must be in the future")

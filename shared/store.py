@@ -73,11 +73,28 @@ def _ledger_id(reason: str, principal: str, ref: str) -> str:
     return sha256_hex(f"{reason}|{principal}|{ref}")
 
 
+# A large grant is written as several shard documents, so that concurrent consumers of one principal
+# spread over several documents instead of queueing on one (a document takes about one write per
+# second in production). Each shard is a grant of its own in the ledger; `group` names the issued grant.
+SHARD_MIN_RUNS = 32
+MAX_SHARDS = 8
+
+
+def grant_doc_ids(grant_id: str, runs_total: int) -> list[tuple[str, int]]:
+    """The documents (id, runs) an issued grant is written as: itself, or up to MAX_SHARDS shards."""
+    count = max(1, min(MAX_SHARDS, runs_total // SHARD_MIN_RUNS))
+    if count == 1:
+        return [(grant_id, runs_total)]
+    base, extra = divmod(runs_total, count)
+    return [(f"{grant_id}-{k}", base + (1 if k < extra else 0)) for k in range(count)]
+
+
 @dataclass(frozen=True)
 class Grant:
-    """A grant of runs to a principal, as read."""
+    """A grant (or one shard of a large grant) of runs to a principal, as read."""
 
     grant_id: str
+    group: str
     principal: str
     plan_id: str
     runs_total: int
@@ -126,6 +143,7 @@ def read_grants_with_runs_left(principal: str) -> list[Grant]:
         grants.append(
             Grant(
                 grant_id=snap.id,
+                group=data.get("group", snap.id),
                 principal=data["principal"],
                 plan_id=data["plan_id"],
                 runs_total=data["runs_total"],
@@ -196,14 +214,13 @@ def commit_issue(
     fingerprint: str,
     response: dict[str, Any],
 ) -> None:
-    """One commit: the grant, its ledger entry and (with a key) the issuance record that makes replays exact."""
+    """One commit: the grant (or its shards), their ledger entries and (with a key) the issuance record that makes replays exact."""
     batch = client().batch()
     batch.set(_principal_ref(principal), {"principal": principal, "last_issued_at": firestore.SERVER_TIMESTAMP}, merge=True)
-    batch.create(
-        _grant_ref(principal, grant_id),
-        _grant_fields(principal=principal, plan_id=plan_id, runs_total=runs_total, expires_at=expires_at, source="issue", ref=idempotency_key_hash, issued_by=issued_by),
-    )
-    _ledger(batch, principal=principal, grant_id=grant_id, delta=runs_total, reason="issue", ref=grant_id)
+    for doc_id, runs in grant_doc_ids(grant_id, runs_total):
+        fields = _grant_fields(principal=principal, plan_id=plan_id, runs_total=runs, expires_at=expires_at, source="issue", ref=idempotency_key_hash, issued_by=issued_by)
+        batch.create(_grant_ref(principal, doc_id), {**fields, "group": grant_id})
+        _ledger(batch, principal=principal, grant_id=doc_id, delta=runs, reason="issue", ref=doc_id)
     if idempotency_key_hash is not None:
         batch.create(
             client().collection(ISSUANCES).document(idempotency_key_hash),

@@ -74,3 +74,17 @@ def test_retries_racing_for_the_last_run_all_replay(api: Api) -> None:
         assert sorted(r.json()["replayed"] for r in responses) == [False] + [True] * 9
         checks = _together(5, lambda n, principal=principal: api.check("same", as_user=principal))
         assert [r.json()["state"] for r in checks] == ["consumed"] * 5
+
+
+def test_100_consumers_of_a_sharded_grant_spread_over_its_shards(api: Api) -> None:
+    group = api.issue(RUNNER, 96).json()["grant_id"]
+    responses = _together(100, lambda n: api.consume(f"job-{n}"))
+    assert sorted(r.status_code for r in responses) == [200] * 96 + [402] * 4
+    shards = store.all_grants(RUNNER)
+    assert len(shards) == 3 and {g["group"] for g in shards} == {group}
+    for shard in shards:
+        assert shard["remaining"] == 0
+        assert sum(e["delta"] for e in store.ledger_for_grant(shard["grant_id"])) == 0
+    charged = {r.json()["run_id"] for r in responses if r.status_code == 200}
+    used = {store.read_run(RUNNER, run_id).data["grant_id"] for run_id in charged}
+    assert used == {g["grant_id"] for g in shards}

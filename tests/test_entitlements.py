@@ -246,3 +246,30 @@ def test_replay_is_answered_after_the_grant_expired(api: Api, monkeypatch: pytes
     assert replay.status_code == 200 and replay.json() == {**first, "replayed": True}
     fresh = api.issue(RUNNER, 2, key="another-key", expires_at=expires)
     assert (fresh.status_code, error_code(fresh)) == (400, "invalid_request")
+
+
+def test_large_grants_are_sharded_and_the_ledger_holds_per_shard(api: Api) -> None:
+    body = api.issue(RUNNER, 100, plan_id="bulk").json()
+    assert body["runs_total"] == 100 and body["balance"] == 100
+    shards = sorted(store.all_grants(RUNNER), key=lambda g: g["grant_id"])
+    assert [g["grant_id"] for g in shards] == [f"{body['grant_id']}-{k}" for k in range(3)]
+    assert [g["runs_total"] for g in shards] == [34, 33, 33]
+    assert {g["group"] for g in shards} == {body["grant_id"]} and {g["plan_id"] for g in shards} == {"bulk"}
+    for g in shards:
+        assert [(e["reason"], e["delta"]) for e in store.ledger_for_grant(g["grant_id"])] == [("issue", g["runs_total"])]
+    assert api.check("x").json()["balance"] == 100
+
+
+def test_shard_sizes() -> None:
+    assert store.grant_doc_ids("g", 31) == [("g", 31)]
+    assert store.grant_doc_ids("g", 64) == [("g-0", 32), ("g-1", 32)]
+    assert store.grant_doc_ids("g", 1_000_000) == [(f"g-{k}", 125_000) for k in range(8)]
+    assert sum(runs for _, runs in store.grant_doc_ids("g", 999_999)) == 999_999
+
+
+def test_an_earlier_expiring_small_grant_is_still_spent_before_a_sharded_one(api: Api) -> None:
+    api.issue(RUNNER, 200)
+    soon = api.issue(RUNNER, 2, expires_at=_future(1)).json()["grant_id"]
+    for n in range(2):
+        api.consume(f"job-{n}")
+        assert store.read_run(RUNNER, f"job-{n}").data["grant_id"] == soon
