@@ -62,10 +62,13 @@ class LocalIssuer:
         if self.key_path.exists() and self.certs_path.exists():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        fresh = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = fresh.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
         _write_once(self.key_path, pem, mode=0o600)
+        # Another process may have won the race: certify the key on disk, not ours.
         key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise RuntimeError(f"{self.key_path} does not hold an RSA key")
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gbx-local-issuer")])
         now = dt.datetime.now(dt.timezone.utc)
         cert = (

@@ -198,8 +198,8 @@ def verify_seal(svg: bytes) -> Verification:
 def verify(caller: Identity, upload: SealUpload) -> VerifyResponse:
     """Verify an uploaded seal.svg for any authenticated caller."""
     result = verify_seal(upload.svg)
-    seal_id = result.claims.get("seal_id")
-    redeemed = bool(seal_id) and result.checks.document == OK and store.read_redemption(result.claims["principal"], seal_id) is not None
+    seal_id: str | None = result.claims.get("seal_id")
+    redeemed = seal_id is not None and result.checks.document == OK and store.read_redemption(result.claims["principal"], seal_id) is not None
     return VerifyResponse(
         status="VERIFIED" if result.verified else "INVALID",
         seal_id=seal_id,
@@ -245,4 +245,4 @@ def redeem_seal_once(caller: Identity, upload: SealUpload) -> RedeemResponse:
 
 def public_keys() -> PublicKeysResponse:
     """The trusted seal signing keys, for offline verification."""
-    return PublicKeysResponse(keys=[PublicKeyInfo(key=k.key, alg=k.alg, pem=k.pem) for k in get_signer().public_keys()])
+    return PublicKeysResponse(keys=[PublicKeyInfo.model_validate({"key": k.key, "alg": k.alg, "pem": k.pem}) for k in get_signer().public_keys()])

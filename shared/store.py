@@ -161,7 +161,7 @@ def read_run(principal: str, run_id: str) -> Run | None:
     snap = _run_ref(principal, run_id).get(**_RPC)
     if not snap.exists:
         return None
-    return Run(run_id=run_id, data=snap.to_dict(), update_time=snap.update_time)
+    return Run(run_id=run_id, data=snap.to_dict() or {}, update_time=snap.update_time)
 
 
 def _commit(batch: firestore.WriteBatch) -> list[Any]:
@@ -318,13 +318,13 @@ def ledger_for_principal(principal: str, limit: int = 100) -> list[dict[str, Any
         .order_by("at", direction=firestore.Query.DESCENDING)
         .limit(limit)
     )
-    return [snap.to_dict() for snap in query.get(**_RPC)]
+    return [snap.to_dict() or {} for snap in query.get(**_RPC)]
 
 
 def ledger_for_grant(grant_id: str) -> list[dict[str, Any]]:
     """A grant's ledger, oldest first (composite index: grant ASC, at ASC)."""
     query = client().collection(LEDGER).where(filter=FieldFilter("grant", "==", grant_id)).order_by("at")
-    return [snap.to_dict() for snap in query.get(**_RPC)]
+    return [snap.to_dict() or {} for snap in query.get(**_RPC)]
 
 
 def all_grants(principal: str) -> list[dict[str, Any]]:
