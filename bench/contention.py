@@ -228,9 +228,9 @@ def design_invariants(principal: str, grant_id: str, runs: int, outcomes: list[O
     remaining = sum(g["remaining"] for g in grants)
     if remaining != runs - len(ok):
         problems.append(f"grant remaining {remaining} != {runs} - {len(ok)} successes")
-    ledger = [entry for g in grants for entry in store.ledger_for_grant(g["grant_id"])]
+    ledger = store.ledger_for_grant(grant_id)
     for g in grants:
-        shard_sum = sum(e["delta"] for e in store.ledger_for_grant(g["grant_id"]))
+        shard_sum = sum(e["delta"] for e in ledger if e["shard"] == g["grant_id"])
         if shard_sum != g["remaining"]:
             problems.append(f"ledger sum {shard_sum} != remaining {g['remaining']} of {g['grant_id']}")
     issues = [e for e in ledger if e["reason"] == "issue"]

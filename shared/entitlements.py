@@ -67,17 +67,24 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
         grants = spendable_grants(store.read_grants_with_runs_left(principal), _now())
         run = store.read_run(principal, req.run_id)
         if run is not None:
-            if run.state != "consumed":
-                raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}")
+            # Our own charge (applied, reply lost) is ours whatever happened to the run since.
             replayed = run.data.get("charge_id") != charge_id
+            if replayed and run.state != "consumed":
+                raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}")
             return ConsumeResponse(run_id=req.run_id, principal=principal, balance=current_balance(principal), state="consumed", replayed=replayed)
         if not grants:
             raise errors.EntitlementExhausted()
+        grant = grant_to_spend(grants)
         try:
-            store.commit_consume(principal, req.run_id, grant_to_spend(grants), charge_id=charge_id)
+            store.commit_consume(principal, req.run_id, grant, charge_id=charge_id)
         except store.Contended:
             continue
-        balance = sum(g.remaining for g in grants) - 1
+        if sum(g.group == grant.group for g in grants) == 1:
+            # The commit was preconditioned on this grant as read: the balance after it is exact for it.
+            balance = sum(g.remaining for g in grants) - 1
+        else:
+            # Shards of one grant commit independently: read the balance again rather than overstate it.
+            balance = current_balance(principal)
         return ConsumeResponse(run_id=req.run_id, principal=principal, balance=balance, state="consumed", replayed=False)
     raise AssertionError("unreachable: attempts() raises when exhausted")
 

@@ -23,10 +23,13 @@ def audit(principal: str, limit: int) -> tuple[list[dict[str, Any]], list[dict[s
     """The principal's grants, newest ledger entries, and any grant whose ledger disagrees with it."""
     grants = store.all_grants(principal)
     problems = []
-    for grant in grants:
-        total = sum(entry["delta"] for entry in store.ledger_for_grant(grant["grant_id"]))
-        if total != grant["remaining"]:
-            problems.append(f"grant {grant['grant_id']}: ledger sums to {total}, grant holds {grant['remaining']}")
+    for group in sorted({grant.get("group", grant["grant_id"]) for grant in grants}):
+        entries = store.ledger_for_grant(group)
+        # Per shard document (a grant that is not sharded is its own single shard).
+        for grant in (g for g in grants if g.get("group", g["grant_id"]) == group):
+            total = sum(entry["delta"] for entry in entries if entry.get("shard", entry["grant"]) == grant["grant_id"])
+            if total != grant["remaining"]:
+                problems.append(f"grant {grant['grant_id']}: ledger sums to {total}, grant holds {grant['remaining']}")
     return grants, store.ledger_for_principal(principal, limit), problems
 
 

@@ -75,7 +75,8 @@ def _ledger_id(reason: str, principal: str, ref: str) -> str:
 
 # A large grant is written as several shard documents, so that concurrent consumers of one principal
 # spread over several documents instead of queueing on one (a document takes about one write per
-# second in production). Each shard is a grant of its own in the ledger; `group` names the issued grant.
+# second in production). Every shard carries `group` (the issued grant id); ledger entries and run
+# records name the issued grant (`grant`) and the shard document they touched (`shard`).
 SHARD_MIN_RUNS = 32
 MAX_SHARDS = 8
 
@@ -83,10 +84,9 @@ MAX_SHARDS = 8
 def grant_doc_ids(grant_id: str, runs_total: int) -> list[tuple[str, int]]:
     """The documents (id, runs) an issued grant is written as: itself, or up to MAX_SHARDS shards."""
     count = max(1, min(MAX_SHARDS, runs_total // SHARD_MIN_RUNS))
-    if count == 1:
-        return [(grant_id, runs_total)]
     base, extra = divmod(runs_total, count)
-    return [(f"{grant_id}-{k}", base + (1 if k < extra else 0)) for k in range(count)]
+    # The first shard is the grant's own document, so `grants/{grant_id}` always exists.
+    return [(grant_id if k == 0 else f"{grant_id}-{k}", base + (1 if k < extra else 0)) for k in range(count)]
 
 
 @dataclass(frozen=True)
@@ -173,17 +173,20 @@ def _commit(batch: firestore.WriteBatch) -> list[Any]:
         raise Contended(str(exc)) from exc
 
 
-def _ledger(batch: firestore.WriteBatch, *, principal: str, grant_id: str, delta: int, reason: str, ref: str) -> None:
+def _ledger(batch: firestore.WriteBatch, *, principal: str, grant_id: str, shard: str, delta: int, reason: str, ref: str) -> None:
     """Append the ledger entry of a balance change to the batch that makes the change."""
     doc = client().collection(LEDGER).document(_ledger_id(reason, principal, ref))
     batch.create(
         doc,
-        {"principal": principal, "grant": grant_id, "delta": delta, "reason": reason, "ref": ref, "at": firestore.SERVER_TIMESTAMP},
+        {"principal": principal, "grant": grant_id, "shard": shard, "delta": delta, "reason": reason, "ref": ref, "at": firestore.SERVER_TIMESTAMP},
     )
 
 
-def _grant_fields(*, principal: str, plan_id: str, runs_total: int, expires_at: dt.datetime | None, source: str, ref: str | None, issued_by: str | None) -> dict[str, Any]:
+def _grant_fields(
+    *, group: str, principal: str, plan_id: str, runs_total: int, expires_at: dt.datetime | None, source: str, ref: str | None, issued_by: str | None
+) -> dict[str, Any]:
     return {
+        "group": group,
         "principal": principal,
         "plan_id": plan_id,
         "runs_total": runs_total,
@@ -218,9 +221,9 @@ def commit_issue(
     batch = client().batch()
     batch.set(_principal_ref(principal), {"principal": principal, "last_issued_at": firestore.SERVER_TIMESTAMP}, merge=True)
     for doc_id, runs in grant_doc_ids(grant_id, runs_total):
-        fields = _grant_fields(principal=principal, plan_id=plan_id, runs_total=runs, expires_at=expires_at, source="issue", ref=idempotency_key_hash, issued_by=issued_by)
-        batch.create(_grant_ref(principal, doc_id), {**fields, "group": grant_id})
-        _ledger(batch, principal=principal, grant_id=doc_id, delta=runs, reason="issue", ref=doc_id)
+        fields = _grant_fields(group=grant_id, principal=principal, plan_id=plan_id, runs_total=runs, expires_at=expires_at, source="issue", ref=idempotency_key_hash, issued_by=issued_by)
+        batch.create(_grant_ref(principal, doc_id), fields)
+        _ledger(batch, principal=principal, grant_id=grant_id, shard=doc_id, delta=runs, reason="issue", ref=doc_id)
     if idempotency_key_hash is not None:
         batch.create(
             client().collection(ISSUANCES).document(idempotency_key_hash),
@@ -243,13 +246,14 @@ def commit_consume(principal: str, run_id: str, grant: Grant, *, charge_id: str)
             "run_id": run_id,
             "principal": principal,
             "state": "consumed",
-            "grant_id": grant.grant_id,
+            "grant_id": grant.group,
+            "shard": grant.grant_id,
             "plan_id": grant.plan_id,
             "charge_id": charge_id,
             "consumed_at": firestore.SERVER_TIMESTAMP,
         },
     )
-    _ledger(batch, principal=principal, grant_id=grant.grant_id, delta=-1, reason="consume", ref=run_id)
+    _ledger(batch, principal=principal, grant_id=grant.group, shard=grant.grant_id, delta=-1, reason="consume", ref=run_id)
     _commit(batch)
 
 
@@ -303,9 +307,9 @@ def commit_redeem(principal: str, seal_id: str, grant_id: str) -> None:
     batch.set(_principal_ref(principal), {"principal": principal}, merge=True)
     batch.create(
         _grant_ref(principal, grant_id),
-        _grant_fields(principal=principal, plan_id="seal_rerun", runs_total=1, expires_at=None, source="seal_rerun", ref=seal_id, issued_by=None),
+        _grant_fields(group=grant_id, principal=principal, plan_id="seal_rerun", runs_total=1, expires_at=None, source="seal_rerun", ref=seal_id, issued_by=None),
     )
-    _ledger(batch, principal=principal, grant_id=grant_id, delta=1, reason="seal_rerun", ref=seal_id)
+    _ledger(batch, principal=principal, grant_id=grant_id, shard=grant_id, delta=1, reason="seal_rerun", ref=seal_id)
     _commit(batch)
 
 
@@ -322,7 +326,7 @@ def ledger_for_principal(principal: str, limit: int = 100) -> list[dict[str, Any
 
 
 def ledger_for_grant(grant_id: str) -> list[dict[str, Any]]:
-    """A grant's ledger, oldest first (composite index: grant ASC, at ASC)."""
+    """An issued grant's ledger (all its shards), oldest first (composite index: grant ASC, at ASC)."""
     query = client().collection(LEDGER).where(filter=FieldFilter("grant", "==", grant_id)).order_by("at")
     return [snap.to_dict() or {} for snap in query.get(**_RPC)]
 

@@ -251,19 +251,28 @@ def test_replay_is_answered_after_the_grant_expired(api: Api, monkeypatch: pytes
 def test_large_grants_are_sharded_and_the_ledger_holds_per_shard(api: Api) -> None:
     body = api.issue(RUNNER, 100, plan_id="bulk").json()
     assert body["runs_total"] == 100 and body["balance"] == 100
+    grant_id = body["grant_id"]
     shards = sorted(store.all_grants(RUNNER), key=lambda g: g["grant_id"])
-    assert [g["grant_id"] for g in shards] == [f"{body['grant_id']}-{k}" for k in range(3)]
+    assert [g["grant_id"] for g in shards] == [grant_id, f"{grant_id}-1", f"{grant_id}-2"]
     assert [g["runs_total"] for g in shards] == [34, 33, 33]
-    assert {g["group"] for g in shards} == {body["grant_id"]} and {g["plan_id"] for g in shards} == {"bulk"}
-    for g in shards:
-        assert [(e["reason"], e["delta"]) for e in store.ledger_for_grant(g["grant_id"])] == [("issue", g["runs_total"])]
+    assert {g["group"] for g in shards} == {grant_id} and {g["plan_id"] for g in shards} == {"bulk"}
+    # The ledger names the issued grant (as the contract's data model does) and the shard it touched.
+    entries = store.ledger_for_grant(grant_id)
+    assert sorted((e["shard"], e["reason"], e["delta"]) for e in entries) == sorted((g["grant_id"], "issue", g["runs_total"]) for g in shards)
     assert api.check("x").json()["balance"] == 100
+    api.consume("job-1")
+    run = store.read_run(RUNNER, "job-1").data
+    assert run["grant_id"] == grant_id and run["shard"] in {g["grant_id"] for g in shards}
+    assert sum(e["delta"] for e in store.ledger_for_grant(grant_id)) == 99
+    from shared import ledger
+
+    assert ledger.audit(RUNNER, 10)[2] == []
 
 
 def test_shard_sizes() -> None:
     assert store.grant_doc_ids("g", 31) == [("g", 31)]
-    assert store.grant_doc_ids("g", 64) == [("g-0", 32), ("g-1", 32)]
-    assert store.grant_doc_ids("g", 1_000_000) == [(f"g-{k}", 125_000) for k in range(8)]
+    assert store.grant_doc_ids("g", 64) == [("g", 32), ("g-1", 32)]
+    assert store.grant_doc_ids("g", 1_000_000) == [("g", 125_000)] + [(f"g-{k}", 125_000) for k in range(1, 8)]
     assert sum(runs for _, runs in store.grant_doc_ids("g", 999_999)) == 999_999
 
 

@@ -16,10 +16,10 @@ from tests.conftest import RUNNER, Api, error_code
 
 
 @pytest.fixture
-def lose_next_reply(monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[str]]:
-    """Arm: the next commit is applied, then answered as a lost race. Returns the list of lost replies."""
+def lose_next_reply(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[str]]:
+    """Arm: the next commit is applied, then (after `meanwhile`, if given) answered as a lost race."""
 
-    def arm() -> list[str]:
+    def arm(meanwhile: Callable[[], object] | None = None) -> list[str]:
         real_commit = store._commit
         lost: list[str] = []
 
@@ -27,6 +27,8 @@ def lose_next_reply(monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[str]]:
             result = real_commit(batch)
             if not lost:
                 lost.append("lost")
+                if meanwhile is not None:
+                    meanwhile()
                 raise store.Contended("reply lost after the commit was applied")
             return result
 
@@ -86,3 +88,19 @@ def test_redeem_is_answered_as_the_success_it_was(api: Api, lose_next_reply: Cal
     again = api.redeem(bundle["seal_svg"])
     assert (again.status_code, error_code(again)) == (409, "already_redeemed")
     assert len([g for g in store.all_grants(RUNNER) if g["plan_id"] == "seal_rerun"]) == 1
+
+
+def test_consume_whose_run_started_before_the_re_read_is_still_its_own_charge(api: Api, lose_next_reply: Callable[..., list[str]]) -> None:
+    api.issue(RUNNER, 3)
+
+    def runner_retried_and_started() -> None:
+        run = store.read_run(RUNNER, "job-1")
+        assert run is not None
+        store.commit_run_start(RUNNER, run, {"container_image": "x", "project_id": "acme-prod", "inputs_sha256": "ab" * 32, "run_manifest_sha256": None}, started_at=run.data["consumed_at"])
+
+    lost = lose_next_reply(runner_retried_and_started)
+    response = api.consume("job-1")
+    assert lost and response.status_code == 200 and response.json()["replayed"] is False
+    assert store.all_grants(RUNNER)[0]["remaining"] == 2
+    other = api.consume("job-1")  # anyone else asking now is told the run is taken
+    assert (other.status_code, error_code(other)) == (409, "run_id_reused")
