@@ -71,7 +71,9 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
             replayed = run.data.get("charge_id") != charge_id
             if replayed and run.state != "consumed":
                 raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}")
-            return ConsumeResponse(run_id=req.run_id, principal=principal, balance=current_balance(principal), state="consumed", replayed=replayed)
+            # The grants read just above are the current balance: no second read.
+            balance = sum(g.remaining for g in grants)
+            return ConsumeResponse(run_id=req.run_id, principal=principal, balance=balance, state="consumed", replayed=replayed)
         if not grants:
             raise errors.EntitlementExhausted()
         grant = grant_to_spend(grants)

@@ -31,13 +31,12 @@ from shared.seal_format import (
     parse_seal_svg,
     render_seal_svg,
 )
-from shared.signing import PublicKey, get_signer, verify_signature
+from shared.signing import PublicKey, Signer, get_signer, verify_signature
 
 OK = "ok"
 NOT_CHECKED = "not checked"
 SEAL_ID_BYTES = 24  # 192 random bits
-CHECK_ORDER = ("document", "key", "signature", "record")
-SEAL_RERUN_PLAN = "seal_rerun"  # the contract's verification order
+CHECK_ORDER = ("document", "key", "signature", "record")  # the contract's verification order
 
 
 def _bundle(record: dict[str, Any]) -> SealBundle:
@@ -88,16 +87,16 @@ def _sign_seal(principal: str, run: store.Run, outputs_sha256: str) -> tuple[dic
         "key": signature.key,
         "alg": signature.alg,
         # Kept with the seal so that its bundle never depends on KMS again, even after the version is retired.
-        "public_key_pem": _public_key(signature.key).pem,
+        "public_key_pem": _signing_public_key(signer, signature.key).pem,
         # A bonus rerun's seal is not redeemable: otherwise one purchase would chain into endless free runs.
-        "redeemable": data.get("plan_id") != SEAL_RERUN_PLAN,
+        "redeemable": data.get("plan_id") != store.SEAL_RERUN_PLAN,
     }
     return record, completed_at
 
 
-def _public_key(key: str) -> PublicKey:
+def _signing_public_key(signer: Signer, key: str) -> PublicKey:
     """The signing version's public key (it is always trusted)."""
-    public_key = get_signer().public_key(key)
+    public_key = signer.public_key(key)
     if public_key is None:
         raise RuntimeError(f"the signing key version {key} is not trusted")
     return public_key

@@ -43,6 +43,10 @@ _RPC: dict[str, Any] = {"retry": RPC_RETRY, "timeout": RPC_TIMEOUT_SECONDS}
 _COMMIT_RPC: dict[str, Any] = {"retry": RPC_RETRY.with_predicate(gretry.if_exception_type(gexc.ServiceUnavailable)), "timeout": RPC_TIMEOUT_SECONDS}
 
 
+# Plan (and ledger reason) of the one-run grant a redeemed seal gives.
+SEAL_RERUN_PLAN = "seal_rerun"
+
+
 class Contended(Exception):
     """The commit lost a race (a precondition failed or a document now exists): re-read and decide again."""
 
@@ -307,9 +311,9 @@ def commit_redeem(principal: str, seal_id: str, grant_id: str) -> None:
     batch.set(_principal_ref(principal), {"principal": principal}, merge=True)
     batch.create(
         _grant_ref(principal, grant_id),
-        _grant_fields(group=grant_id, principal=principal, plan_id="seal_rerun", runs_total=1, expires_at=None, source="seal_rerun", ref=seal_id, issued_by=None),
+        _grant_fields(group=grant_id, principal=principal, plan_id=SEAL_RERUN_PLAN, runs_total=1, expires_at=None, source=SEAL_RERUN_PLAN, ref=seal_id, issued_by=None),
     )
-    _ledger(batch, principal=principal, grant_id=grant_id, shard=grant_id, delta=1, reason="seal_rerun", ref=seal_id)
+    _ledger(batch, principal=principal, grant_id=grant_id, shard=grant_id, delta=1, reason=SEAL_RERUN_PLAN, ref=seal_id)
     _commit(batch)
 
 
