@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 JAR_RELATIVE = Path("platform/cloud-firestore-emulator/cloud-firestore-emulator.jar")
 MISSING_MESSAGE = (
@@ -23,6 +24,10 @@ MISSING_MESSAGE = (
 
 class EmulatorMissing(RuntimeError):
     """The emulator (or Java) is not installed on this machine."""
+
+
+class StartCancelled(Exception):
+    """The caller asked to stop while the emulator was starting; it has been stopped."""
 
 
 def find_jar() -> Path:
@@ -79,9 +84,19 @@ class Emulator:
 
 
 def start(
-    *, project: str, port: int | None = None, rules: Path | None = None, log_path: Path | None = None, timeout: float = 60.0
+    *,
+    project: str,
+    port: int | None = None,
+    rules: Path | None = None,
+    log_path: Path | None = None,
+    timeout: float = 60.0,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Emulator:
-    """Start the emulator on 127.0.0.1 and return once it answers HTTP."""
+    """Start the emulator on 127.0.0.1 and return once it answers HTTP; `cancelled()` true stops it (StartCancelled).
+
+    A caller that must react to signals while this runs should have its handler set a flag read by
+    `cancelled` rather than raise: an exception raised inside Popen can leave a child without a handle.
+    """
     jar = find_jar()
     java = shutil.which("java")
     if java is None:
@@ -95,7 +110,7 @@ def start(
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     emulator = Emulator(host=f"127.0.0.1:{port}", process=process, project=project)
     try:
-        _wait_until_ready(emulator, timeout=timeout, log_path=log_path)
+        _wait_until_ready(emulator, timeout=timeout, log_path=log_path, cancelled=cancelled or (lambda: False))
     except BaseException:
         # Interrupted or failed while starting: the caller never gets the handle, so stop it here.
         emulator.stop()
@@ -103,10 +118,12 @@ def start(
     return emulator
 
 
-def _wait_until_ready(emulator: Emulator, *, timeout: float, log_path: Path | None) -> None:
+def _wait_until_ready(emulator: Emulator, *, timeout: float, log_path: Path | None, cancelled: Callable[[], bool]) -> None:
     """Poll the emulator's port until it answers HTTP 200."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if cancelled():
+            raise StartCancelled()
         if emulator.process.poll() is not None:
             raise RuntimeError(f"the Firestore emulator exited with code {emulator.process.returncode} (log: {log_path})")
         try:

@@ -191,11 +191,13 @@ def serve(port: int) -> None:
     configure_local_environment()
     config = config_module.get_config()
     running: list[Any] = []  # the server, once it exists
+    stop_requested: list[int] = []
 
     def stop(signum: int, _frame: Any) -> None:
-        if not running:
-            raise KeyboardInterrupt  # still starting: unwind through the `finally` that stops the emulator
-        threading.Thread(target=running[0].shutdown, daemon=True).start()
+        # Only a flag while starting: raising here could interrupt Popen and orphan the emulator.
+        stop_requested.append(signum)
+        if running:
+            threading.Thread(target=running[0].shutdown, daemon=True).start()
 
     # Handlers first: a signal at any point after this leaves no emulator behind.
     signal.signal(signal.SIGTERM, stop)
@@ -203,7 +205,8 @@ def serve(port: int) -> None:
     emulator = None
     try:
         if not os.environ.get("FIRESTORE_EMULATOR_HOST"):
-            emulator = emulator_module.start(project=config.project, log_path=config.local_dir / "firestore-emulator.log")
+            log_path = config.local_dir / "firestore-emulator.log"
+            emulator = emulator_module.start(project=config.project, log_path=log_path, cancelled=lambda: bool(stop_requested))
             os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
             print(f"Firestore emulator on {emulator.host}", flush=True)
         from werkzeug.serving import make_server
@@ -212,11 +215,14 @@ def serve(port: int) -> None:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         # A busy port makes werkzeug say so and exit; the `finally` still stops the emulator.
         running.append(make_server("127.0.0.1", port, create_app(), threaded=True))
+        if stop_requested:
+            return  # asked to stop while starting
         print(f"GBX Entitlements (local mode) on http://127.0.0.1:{port}  (GET /healthz; Ctrl-C stops)", flush=True)
+        # A signal from here on shuts the server down, even one that lands before serve_forever starts.
         running[0].serve_forever()
     except emulator_module.EmulatorMissing as exc:
         sys.exit(str(exc))
-    except KeyboardInterrupt:
+    except emulator_module.StartCancelled:
         pass
     finally:
         if emulator is not None:
