@@ -158,7 +158,7 @@ function_url() {
     --format='value(serviceConfig.uri)'
 }
 
-# --- 1. Stage each function: its main.py + shared/ (minus local-mode modules) + requirements.txt.
+# --- 1. Stage each function: its main.py + shared/ (minus local-mode modules) + gbx_client/ + requirements.txt.
 stage() {
   local entry=$1
   local source="functions/$entry/main.py" dest="$BUILD_DIR/functions/$entry"
@@ -168,7 +168,9 @@ stage() {
   cp -- "$source" "$dest/main.py"
   cp -- requirements.txt "$dest/requirements.txt"
   cp -R -- shared "$dest/shared"
-  find "$dest/shared" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf -- {} +
+  # The seal format lives in the runner client's package, once for both: ship that module's package.
+  cp -R -- client/gbx_client "$dest/gbx_client"
+  find "$dest/shared" "$dest/gbx_client" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf -- {} +
   # local.py serves everything on one port with local keys; emulator.py starts the emulator.
   rm -f -- "$dest/shared/local.py" "$dest/shared/emulator.py"
   note "staged $source -> $dest"

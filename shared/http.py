@@ -23,7 +23,7 @@ from werkzeug.formparser import FormDataParser
 from shared import auth, errors
 from shared.config import get_config
 from shared.models import PRINCIPAL_PATTERN, ErrorBody, ErrorDetail
-from shared.seal_format import MAX_SEAL_BYTES
+from gbx_client.seal_format import MAX_SEAL_BYTES
 
 MAX_JSON_BYTES = 64 * 1024
 # Multipart framing (boundaries, part headers, the principal field) around a seal of the maximum size.

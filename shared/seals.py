@@ -23,8 +23,10 @@ from shared.models import (
     VerifyResponse,
     format_time,
 )
-from shared.seal_format import (
+from gbx_client.seal_format import (
+    SealDocumentInvalid,
     SealPayloadInvalid,
+    SealTooLarge,
     b64url_decode,
     canonical_json,
     decode_payload,
@@ -150,7 +152,12 @@ class Verification:
 
 def verify_seal(svg: bytes) -> Verification:
     """Run the contract's checks in order; each failure is reported by name and stops the later checks."""
-    element = parse_seal_svg(svg)  # 413 / 400 invalid_seal for documents that are not a usable seal.svg
+    try:
+        element = parse_seal_svg(svg)
+    except SealTooLarge as exc:
+        raise errors.PayloadTooLarge(str(exc)) from exc
+    except SealDocumentInvalid as exc:
+        raise errors.InvalidSeal(exc.reason) from exc
     checks = {"document": NOT_CHECKED, "key": NOT_CHECKED, "signature": NOT_CHECKED, "record": NOT_CHECKED}
     claims: dict[str, Any] = {}
     record: dict[str, Any] | None = None

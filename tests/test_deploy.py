@@ -111,6 +111,7 @@ def make_checkout(root: Path) -> Path:
     for name in CHECKOUT_FILES:
         shutil.copy2(REPO / name, root / name)
     shutil.copytree(REPO / "shared", root / "shared", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "client" / "gbx_client", root / "client" / "gbx_client", ignore=shutil.ignore_patterns("__pycache__"))
     # Local-mode modules and byte code must never be shipped, whether or not they exist yet.
     (root / "shared" / "local.py").write_text('"""local mode"""\n')
     (root / "shared" / "__pycache__").mkdir(exist_ok=True)
@@ -771,6 +772,9 @@ def test_each_staged_function_is_complete(staged: Path, entry: str) -> None:
             assert (directory / "shared" / module.name).read_bytes() == module.read_bytes(), module.name
     assert not (directory / "shared" / "local.py").exists()
     assert not (directory / "shared" / "emulator.py").exists()
+    # The seal format ships once, from the client package the service shares it with.
+    for module in (REPO / "client" / "gbx_client").glob("*.py"):
+        assert (directory / "gbx_client" / module.name).read_bytes() == module.read_bytes(), module.name
     assert not list(directory.rglob("__pycache__"))
 
 
@@ -785,7 +789,7 @@ SERVE = textwrap.dedent('''
     import shared
     from_repo = sorted(
         name for name, module in list(sys.modules.items())
-        if (getattr(module, "__file__", None) or "").startswith((repo + "/shared", repo + "/functions"))
+        if (getattr(module, "__file__", None) or "").startswith((repo + "/shared", repo + "/functions", repo + "/client"))
     )
     print(json.dumps({
         "status": response.status_code,

@@ -1,4 +1,4 @@
-"""Tests for shared.seal_format: seal.json canonical form, seal.svg render and hostile-document parsing."""
+"""Tests for gbx_client.seal_format (shared by the service and the runner client): seal.json canonical form, seal.svg render and hostile-document parsing."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from typing import Any
 
 import pytest
 
-from shared.errors import ApiError, InvalidSeal, PayloadTooLarge
-from shared.seal_format import (
+from gbx_client.seal_format import (
     MAX_SEAL_BYTES,
     OPTIONAL_CLAIMS,
     REQUIRED_CLAIMS,
     SEAL_NS,
     SVG_NS,
+    SealDocumentInvalid,
     SealElement,
+    SealTooLarge,
     SealPayloadInvalid,
     b64url_decode,
     b64url_encode,
@@ -222,9 +223,16 @@ def test_decode_payload_bounds_the_unknown_claim_names_it_reports() -> None:
     assert len(excinfo.value.reason) < 400
 
 
-def test_payload_errors_are_verification_results_not_http_errors() -> None:
+def test_payload_errors_are_verification_results_not_document_errors() -> None:
     assert issubclass(SealPayloadInvalid, ValueError)
-    assert not issubclass(SealPayloadInvalid, ApiError)
+    assert not issubclass(SealPayloadInvalid, SealDocumentInvalid)
+
+
+def test_the_format_module_imports_nothing_of_the_service() -> None:
+    import gbx_client.seal_format as module
+
+    source = open(module.__file__, encoding="utf-8").read()
+    assert "shared" not in {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
 
 
 # --- render and round trip -----------------------------------------------------
@@ -454,27 +462,25 @@ METADATA_SEAL = f"<metadata>{seal_tag()}</metadata>"
 )
 def test_unusable_documents_are_invalid_seals(document: bytes, reason: str) -> None:
     assert len(document) <= MAX_SEAL_BYTES
-    with pytest.raises(InvalidSeal) as excinfo:
+    with pytest.raises(SealDocumentInvalid) as excinfo:
         parse_seal_svg(document)
-    assert reason in excinfo.value.message
-    assert excinfo.value.status == 400
-    assert excinfo.value.code == "invalid_seal"
+    assert reason in excinfo.value.reason
 
 
 @pytest.mark.parametrize("attribute", ["version", "alg", "key", "payload", "signature"])
 def test_a_seal_missing_an_attribute_is_invalid(attribute: str) -> None:
-    with pytest.raises(InvalidSeal, match=f"lacks attributes: {attribute}$"):
+    with pytest.raises(SealDocumentInvalid, match=f"lacks attributes: {attribute}$"):
         parse_seal_svg(svg_doc(f"<metadata>{seal_tag(**{attribute: None})}</metadata>"))
 
 
 def test_a_namespaced_attribute_does_not_stand_in_for_a_plain_one() -> None:
     tag = seal_tag(version=None).replace("<gbx:seal ", '<gbx:seal gbx:version="1" ')
-    with pytest.raises(InvalidSeal, match="lacks attributes: version"):
+    with pytest.raises(SealDocumentInvalid, match="lacks attributes: version"):
         parse_seal_svg(svg_doc(f"<metadata>{tag}</metadata>"))
 
 
 def test_parse_errors_are_chained_to_their_cause() -> None:
-    with pytest.raises(InvalidSeal) as excinfo:
+    with pytest.raises(SealDocumentInvalid) as excinfo:
         parse_seal_svg(b"<svg")
     assert isinstance(excinfo.value.__cause__, ET.ParseError)
 
@@ -491,12 +497,12 @@ def test_a_seal_in_an_otherwise_busy_document_is_found() -> None:
 
 
 def test_an_oversized_upload_is_refused_before_parsing() -> None:
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(SealTooLarge):
         parse_seal_svg(b"<" * (MAX_SEAL_BYTES + 1))  # not XML either: size wins
 
 
 def test_a_100000_level_document_is_refused_by_size() -> None:
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(SealTooLarge):
         parse_seal_svg(svg_doc("<g>" * 100_000 + "</g>" * 100_000))
 
 
@@ -506,5 +512,5 @@ def test_a_seal_of_exactly_the_limit_is_parsed() -> None:
     document = svg[:-7] + filler + svg[-7:]  # inside the root, before "</svg>\n"
     assert len(document) == MAX_SEAL_BYTES
     assert parse_seal_svg(document).key == KEY
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(SealTooLarge):
         parse_seal_svg(document + b" ")

@@ -1,4 +1,8 @@
-"""seal.json canonical form and seal.svg render and parse: pure functions, no Firestore, KMS or HTTP."""
+"""The seal format, once for the service and the runner client: canonical seal.json, base64url, seal.svg render and parse.
+
+Pure functions on the standard library and defusedxml: no Firestore, KMS, HTTP or pydantic, so the
+client installs it alone and the service ships it with every function (deploy.sh stages this package).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ from xml.sax.saxutils import escape as _escape_text
 import defusedxml.ElementTree
 from defusedxml.common import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden
 
-from shared.errors import InvalidSeal, PayloadTooLarge
 
 SEAL_NS = "urn:gbx:seal:v1"
 SVG_NS = "http://www.w3.org/2000/svg"
@@ -56,10 +59,25 @@ _SEAL_TAG = f"{{{SEAL_NS}}}seal"
 _B64URL_ALPHABET = re.compile(r"[A-Za-z0-9_-]*")
 
 
+class SealDocumentInvalid(ValueError):
+    """The upload is not a usable seal.svg (not XML, a DTD, no or several seal elements…); the message is the reason.
+
+    The service answers it as 400 `invalid_seal`: the document is refused, not verified.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SealTooLarge(ValueError):
+    """The upload is over MAX_SEAL_BYTES (the service answers 413 `payload_too_large`)."""
+
+
 class SealPayloadInvalid(ValueError):
     """The seal element's payload is not a valid seal.json; the message is the reason.
 
-    Not an ApiError on purpose: a document that parses but carries a bad payload is a
+    Apart from SealDocumentInvalid on purpose: a document that parses but carries a bad payload is a
     200 INVALID verification (``checks.document`` = the reason), not an HTTP error.
     """
 
@@ -112,29 +130,29 @@ def b64url_decode(text: str) -> bytes:
 
 
 def parse_seal_svg(data: bytes) -> SealElement:
-    """Parse an uploaded seal.svg safely and return its one seal element; raise InvalidSeal if unusable."""
+    """Parse an uploaded seal.svg safely and return its one seal element; raise SealDocumentInvalid if unusable."""
     # Size first: nothing about an oversized upload is worth parsing.
     if len(data) > MAX_SEAL_BYTES:
-        raise PayloadTooLarge(f"a seal.svg is limited to {MAX_SEAL_BYTES} bytes")
+        raise SealTooLarge(f"a seal.svg is limited to {MAX_SEAL_BYTES} bytes")
     root = _parse_xml(data)
     if root.tag != _SVG_TAG:
-        raise InvalidSeal("the document is not an SVG image")
+        raise SealDocumentInvalid("the document is not an SVG image")
     seals = _find_seals(root)
     if not seals:
-        raise InvalidSeal("the document has no seal element")
+        raise SealDocumentInvalid("the document has no seal element")
     if len(seals) > 1:
-        raise InvalidSeal("the document has more than one seal element")
+        raise SealDocumentInvalid("the document has more than one seal element")
     seal, parent = seals[0]
     if parent is None or parent.tag != _METADATA_TAG:
-        raise InvalidSeal("the seal element is not inside <metadata>")
+        raise SealDocumentInvalid("the seal element is not inside <metadata>")
     missing = [name for name in SEAL_ATTRIBUTES if seal.get(name) is None]
     if missing:
-        raise InvalidSeal(f"the seal element lacks attributes: {', '.join(missing)}")
+        raise SealDocumentInvalid(f"the seal element lacks attributes: {', '.join(missing)}")
     element = SealElement(**{name: seal.attrib[name] for name in SEAL_ATTRIBUTES})
     if element.version != SEAL_VERSION:
-        raise InvalidSeal("unsupported seal version")
+        raise SealDocumentInvalid("unsupported seal version")
     if element.alg != SEAL_ALG:
-        raise InvalidSeal("unsupported seal algorithm")
+        raise SealDocumentInvalid("unsupported seal algorithm")
     return element
 
 
@@ -217,22 +235,22 @@ def render_seal_svg(*, payload: bytes, signature: bytes, key: str, alg: str = SE
 
 
 def _parse_xml(data: bytes) -> Element:
-    """Parse with defusedxml, turning every way a hostile document can fail into InvalidSeal."""
+    """Parse with defusedxml, turning every way a hostile document can fail into SealDocumentInvalid."""
     try:
         return defusedxml.ElementTree.fromstring(
             data, forbid_dtd=True, forbid_entities=True, forbid_external=True
         )
     except DTDForbidden as exc:
-        raise InvalidSeal("the document has a DTD") from exc
+        raise SealDocumentInvalid("the document has a DTD") from exc
     except EntitiesForbidden as exc:
-        raise InvalidSeal("the document declares entities") from exc
+        raise SealDocumentInvalid("the document declares entities") from exc
     except ExternalReferenceForbidden as exc:
-        raise InvalidSeal("the document has an external reference") from exc
+        raise SealDocumentInvalid("the document has an external reference") from exc
     # ParseError: not well-formed. ValueError: e.g. "multi-byte encodings are not
     # supported". LookupError: an unknown encoding in the XML declaration. Recursion
     # and memory errors must not escape as 500s for a document the caller controls.
     except (ParseError, ValueError, LookupError, RecursionError, MemoryError) as exc:
-        raise InvalidSeal("the document is not well-formed XML") from exc
+        raise SealDocumentInvalid("the document is not well-formed XML") from exc
 
 
 def _find_seals(root: Element) -> list[tuple[Element, Element | None]]:
@@ -244,7 +262,7 @@ def _find_seals(root: Element) -> list[tuple[Element, Element | None]]:
     while stack:
         element, depth, parent = stack.pop()
         if depth > MAX_SEAL_DEPTH:
-            raise InvalidSeal("the document is nested too deeply")
+            raise SealDocumentInvalid("the document is nested too deeply")
         if element.tag == _SEAL_TAG:
             found.append((element, parent))
         stack.extend((child, depth + 1, element) for child in element)
