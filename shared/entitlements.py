@@ -49,7 +49,7 @@ def check(caller: Identity, req: CheckRequest) -> CheckResponse:
     balance = current_balance(caller.principal)
     run = store.read_run(caller.principal, req.run_id)
     if run is not None and run.state != "consumed":
-        raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}")
+        raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}", state=run.state)
     if run is None and balance < 1:
         raise errors.EntitlementExhausted()
     return CheckResponse(
@@ -70,7 +70,7 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
             # Our own charge (applied, reply lost) is ours whatever happened to the run since.
             replayed = run.data.get("charge_id") != charge_id
             if replayed and run.state != "consumed":
-                raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}")
+                raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}", state=run.state)
             # The grants read just above are the current balance: no second read.
             balance = sum(g.remaining for g in grants)
             return ConsumeResponse(run_id=req.run_id, principal=principal, balance=balance, state="consumed", replayed=replayed)

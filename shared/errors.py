@@ -1,6 +1,8 @@
-"""One exception hierarchy: each error carries its own HTTP status and code (werkzeug-style)."""
+"""One exception hierarchy: each error carries its own HTTP status, code and headers (werkzeug-style)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ApiError(Exception):
@@ -10,9 +12,15 @@ class ApiError(Exception):
     code = "internal"
     default_message = "internal error"
 
-    def __init__(self, message: str | None = None) -> None:
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        """`details` are extra fields of the error object (documented per code in models.ErrorDetail)."""
         super().__init__(message or self.default_message)
         self.message = message or self.default_message
+        self.details = details
+
+    def headers(self) -> dict[str, str]:
+        """Response headers this error needs (like werkzeug's HTTPException.get_headers())."""
+        return {}
 
 
 class InvalidRequest(ApiError):
@@ -73,6 +81,10 @@ class MethodNotAllowed(ApiError):
     def __init__(self, allowed: str, message: str | None = None) -> None:
         super().__init__(message or f"use {allowed}")
         self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        """The methods the endpoint answers."""
+        return {"Allow": self.allowed}
 
 
 class Conflict(ApiError):
@@ -149,3 +161,7 @@ class Unavailable(ApiError):
     code = "unavailable"
     default_message = "a backing service is unavailable; retry later"
     retry_after_seconds = 2
+
+    def headers(self) -> dict[str, str]:
+        """When to retry."""
+        return {"Retry-After": str(self.retry_after_seconds)}

@@ -1,17 +1,15 @@
-"""The one HTTP wrapper: method, size, media type, parsing, auth, errors → status, and a log line per request."""
+"""The one HTTP wrapper: method, size, media type, parsing, auth, errors → status, and a log line per request.\n\nEverything HTTP stays here: services get plain, validated values and raise ApiErrors.\n"""
 
 from __future__ import annotations
 
-import enum
 import io
 import json
-import re
 import sys
+import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import flask
 import google.auth.exceptions
@@ -20,10 +18,13 @@ from google.api_core import exceptions as gexc
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
+import functions_framework
+from gbx_client.seal_format import MAX_SEAL_BYTES
+
 from shared import auth, errors
 from shared.config import get_config
-from shared.models import PRINCIPAL_PATTERN, ErrorBody, ErrorDetail
-from gbx_client.seal_format import MAX_SEAL_BYTES
+from shared.endpoints import ENDPOINTS, Body, Caller, Endpoint
+from shared.models import ErrorBody, ErrorDetail
 
 MAX_JSON_BYTES = 64 * 1024
 # Multipart framing (boundaries, part headers, the principal field) around a seal of the maximum size.
@@ -45,38 +46,14 @@ _UNAVAILABLE = (
 )
 
 
-class Auth(enum.Enum):
-    """Who may call an endpoint."""
-
-    USER = "user"
-    ADMIN = "admin"
-    NONE = "none"
-
-
-class Body(enum.Enum):
-    """What an endpoint's body holds."""
-
-    JSON = "json"
-    SEAL = "seal"
-    NONE = "none"
-
-
-@dataclass(frozen=True)
-class SealUpload:
-    """An uploaded seal.svg, and the principal an operator names (multipart field or ?principal=)."""
-
-    svg: bytes
-    principal: str | None
-
-
-def _error_response(exc: errors.ApiError, request_id: str) -> flask.Response:
-    """The contract's error body for an ApiError, with its status and headers."""
-    body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, status=exc.status))
-    response = flask.Response(body.model_dump_json() + "\n", status=exc.status, mimetype="application/json")
-    if isinstance(exc, errors.Unavailable):
-        response.headers["Retry-After"] = str(exc.retry_after_seconds)
-    if isinstance(exc, errors.MethodNotAllowed):
-        response.headers["Allow"] = exc.allowed
+def error_response(exc: errors.ApiError, request_id: str) -> flask.Response:
+    """The contract's error body for an ApiError, with its status, its own headers and the request id: every error is rendered here."""
+    detail = ErrorDetail(code=exc.code, message=exc.message, status=exc.status, **exc.details)
+    body = ErrorBody(error=detail).model_dump_json(exclude_none=True)
+    response = flask.Response(body + "\n", status=exc.status, mimetype="application/json")
+    response.headers.update(exc.headers())
+    response.headers[REQUEST_ID_HEADER] = request_id
+    response.headers["Cache-Control"] = "no-store"
     return response
 
 
@@ -105,10 +82,21 @@ def _read_body(request: flask.Request, limit: int) -> bytes:
     return data
 
 
+def _check_encoding(request: flask.Request) -> None:
+    """415 for a content coding or charset we do not decode: reading such bytes as plain UTF-8 would read another request."""
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        raise errors.UnsupportedMediaType("send the body without Content-Encoding (identity only)")
+    charset = request.mimetype_params.get("charset")
+    if charset is not None and charset.strip().lower() not in ("utf-8", "utf8"):
+        raise errors.UnsupportedMediaType("the only charset accepted is UTF-8")
+
+
 def _parse_json(request: flask.Request, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
     """A JSON body validated into its request model."""
     if request.mimetype != "application/json":
         raise errors.UnsupportedMediaType("send Content-Type: application/json")
+    _check_encoding(request)
     raw = _read_body(request, MAX_JSON_BYTES)
     _reject_duplicate_keys(raw)
     return model.model_validate_json(raw)
@@ -129,8 +117,9 @@ def _reject_duplicate_keys(raw: bytes) -> None:
         pass  # not JSON (or absurdly deep): pydantic reports it as invalid with its own message
 
 
-def _parse_seal(request: flask.Request) -> SealUpload:
-    """A seal.svg sent raw (image/svg+xml) or as the multipart field `seal`."""
+def _parse_seal(request: flask.Request, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
+    """A seal.svg sent raw (image/svg+xml) or as the multipart field `seal`, with the principal an operator names."""
+    _check_encoding(request)
     principal = request.args.get("principal")
     if request.mimetype == "image/svg+xml":
         svg = _read_body(request, MAX_SEAL_BYTES)
@@ -143,6 +132,10 @@ def _parse_seal(request: flask.Request) -> SealUpload:
             raise errors.PayloadTooLarge("the multipart body has too many or too large parts") from exc
         except ValueError as exc:
             raise errors.InvalidRequest("the multipart body is malformed") from exc
+        # Two parts of one name: which one a proxy or an audit log reads is anybody's guess.
+        for name in ("seal", "principal"):
+            if len(files.getlist(name)) + len(form.getlist(name)) > 1:
+                raise errors.InvalidRequest(f"the multipart body has more than one `{name}` field")
         upload = files.get("seal")
         svg = upload.read() if upload is not None else form.get("seal", "").encode()
         if not svg:
@@ -154,17 +147,10 @@ def _parse_seal(request: flask.Request) -> SealUpload:
             principal = form.get("principal", "")
     else:
         raise errors.UnsupportedMediaType("send the seal as image/svg+xml or multipart/form-data field `seal`")
-    return SealUpload(svg=svg, principal=principal)
-
-
-def principal_named(upload: SealUpload) -> str | None:
-    """The principal an upload names, lower-cased; 400 when it is not an email address."""
-    if upload.principal is None:
-        return None
-    principal = upload.principal.strip().lower()
-    if not re.fullmatch(PRINCIPAL_PATTERN, principal):
-        raise errors.InvalidRequest("principal: not an email address")
-    return principal
+    fields: dict[str, Any] = {"svg": svg}
+    if "principal" in model.model_fields and principal is not None:
+        fields["principal"] = principal.strip()
+    return model.model_validate(fields)
 
 
 def _log_request(*, request: flask.Request, request_id: str, endpoint: str, principal: str | None, status: int, started: float) -> None:
@@ -182,68 +168,77 @@ def _log_request(*, request: flask.Request, request_id: str, endpoint: str, prin
     _emit(entry, request)
 
 
+_LOG_LOCK = threading.Lock()
+
+
 def _emit(entry: dict[str, Any], request: flask.Request) -> None:
     """Write one JSON log line (Cloud Logging reads stdout), tied to the request's trace."""
     trace_id = request.headers.get("X-Cloud-Trace-Context", "").split("/", 1)[0]
     config = get_config()
     if trace_id and trace_id.isalnum() and config.project:
         entry["logging.googleapis.com/trace"] = f"projects/{config.project}/traces/{trace_id}"
-    print(json.dumps(entry), file=sys.stdout, flush=True)
+    line = json.dumps(entry) + "\n"
+    # One write of one whole line, under a lock: concurrent requests of one instance never interleave.
+    with _LOG_LOCK:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
-def handle(
-    request: flask.Request,
-    model: type[pydantic.BaseModel] | None,
-    service: Callable[..., pydantic.BaseModel],
-    *,
-    auth_mode: Auth = Auth.USER,
-    body: Body = Body.JSON,
-    method: str = "POST",
-    idempotency: bool = False,
-) -> flask.Response:
+def handle(request: flask.Request, endpoint: Endpoint) -> flask.Response:
     """Run one endpoint: every outcome, expected or not, becomes a contract response."""
     started = time.monotonic()
     request_id = uuid.uuid4().hex
-    endpoint = getattr(service, "__name__", "endpoint")
     principal: str | None = None
     try:
-        if request.method != method:
-            raise errors.MethodNotAllowed(method)
+        # HEAD is GET without a body (werkzeug drops the body of a HEAD response).
+        if request.method != endpoint.method and not (request.method == "HEAD" and endpoint.method == "GET"):
+            raise errors.MethodNotAllowed(endpoint.method)
         args: list[Any] = []
-        if auth_mode is Auth.USER:
+        if endpoint.caller is Caller.USER:
             identity = auth.authenticate(request.headers.get("Authorization"))
             principal = identity.principal
             args.append(identity)
-        elif auth_mode is Auth.ADMIN:
+        elif endpoint.caller is Caller.ADMIN:
             admin = auth.authenticate_admin(request.headers.get(auth.ADMIN_TOKEN_HEADER), request.headers.get("Authorization"))
             principal = admin.issued_by
             args.append(admin)
-        if body is Body.JSON:
-            assert model is not None
-            args.append(_parse_json(request, model))
-        elif body is Body.SEAL:
-            args.append(_parse_seal(request))
+        if endpoint.body is not Body.NONE:
+            assert endpoint.request is not None
+            parse = _parse_json if endpoint.body is Body.JSON else _parse_seal
+            args.append(parse(request, endpoint.request))
         kwargs: dict[str, Any] = {}
-        if idempotency:
+        if endpoint.idempotent:
             key = request.headers.get(IDEMPOTENCY_KEY_HEADER)
             if key is not None and not 1 <= len(key) <= 255:
                 raise errors.InvalidRequest("Idempotency-Key must be 1 to 255 characters")
             kwargs["idempotency_key"] = key
-        result = service(*args, **kwargs)
+        result = endpoint.run(*args, **kwargs)
         # The trailing newline keeps a shell prompt off the end of `curl` output.
         response = flask.Response(result.model_dump_json() + "\n", status=200, mimetype="application/json")
+        response.headers[REQUEST_ID_HEADER] = request_id
+        response.headers["Cache-Control"] = "no-store"
     except errors.ApiError as exc:
-        response = _error_response(exc, request_id)
+        response = error_response(exc, request_id)
     except pydantic.ValidationError as exc:
-        response = _error_response(errors.InvalidRequest(_describe_validation(exc)), request_id)
+        response = error_response(errors.InvalidRequest(_describe_validation(exc)), request_id)
     except _UNAVAILABLE as exc:
-        _emit({"severity": "WARNING", "message": f"backing service unavailable: {type(exc).__name__}", "request_id": request_id, "endpoint": endpoint}, request)
-        response = _error_response(errors.Unavailable(), request_id)
+        _emit({"severity": "WARNING", "message": f"backing service unavailable: {type(exc).__name__}", "request_id": request_id, "endpoint": endpoint.name}, request)
+        response = error_response(errors.Unavailable(), request_id)
     except Exception:  # noqa: BLE001 - the one place that turns a bug into a 500 without detail
         # The traceback goes to the log (Error Reporting reads it from `message`), never to the caller.
-        _emit({"severity": "ERROR", "message": traceback.format_exc(), "request_id": request_id, "endpoint": endpoint}, request)
-        response = _error_response(errors.ApiError(), request_id)
-    response.headers[REQUEST_ID_HEADER] = request_id
-    response.headers["Cache-Control"] = "no-store"
-    _log_request(request=request, request_id=request_id, endpoint=endpoint, principal=principal, status=response.status_code, started=started)
+        _emit({"severity": "ERROR", "message": traceback.format_exc(), "request_id": request_id, "endpoint": endpoint.name}, request)
+        response = error_response(errors.ApiError(), request_id)
+    _log_request(request=request, request_id=request_id, endpoint=endpoint.name, principal=principal, status=response.status_code, started=started)
     return response
+
+
+def function(name: str) -> Any:
+    """The Cloud Function entry point of a registered endpoint: `check = function("check")` in functions/check/main.py."""
+    endpoint = ENDPOINTS[name]
+
+    def entry_point(request: flask.Request) -> flask.Response:
+        return handle(request, endpoint)
+
+    entry_point.__name__ = entry_point.__qualname__ = name
+    entry_point.__doc__ = f"{endpoint.method} {endpoint.path}: {endpoint.summary}."
+    return functions_framework.http(entry_point)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fnmatch
 import hashlib
 import importlib.util
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -32,19 +34,12 @@ from werkzeug.routing import Rule
 from shared import config as config_module
 from shared import emulator as emulator_module
 from shared import errors, openapi
+from shared.endpoints import ENDPOINTS
+from shared.http import error_response
 
-# Path of every endpoint → the function directory (and entry point) that serves it.
-ROUTES: dict[str, str] = {
-    "/api/entitlement/issue": "issue",
-    "/api/entitlement/check": "check",
-    "/api/entitlement/consume": "consume",
-    "/api/entitlement/run_start": "run_start",
-    "/api/entitlement/run_complete": "run_complete",
-    "/api/seal/verify": "seal_verify",
-    "/api/entitlement/redeem_seal_once": "redeem_seal_once",
-    "/api/seal/public_keys": "public_keys",
-}
 FUNCTIONS_DIR = config_module.REPO_ROOT / "functions"
+PORTAL_DIR = config_module.REPO_ROOT / "portal"
+FIREBASE_JSON = config_module.REPO_ROOT / "firebase.json"
 ISSUER = "https://accounts.google.com"
 TOKEN_LIFETIME_SECONDS = 3600
 
@@ -141,11 +136,36 @@ def _load_function(entry: str) -> Callable[[flask.Request], Any] | None:
     return getattr(module, entry)
 
 
+def _hosting_headers(path: str) -> dict[str, str]:
+    """The headers firebase.json's Hosting section gives `path` in production, so the portal is served the same way."""
+    try:
+        hosting = json.loads(FIREBASE_JSON.read_text()).get("hosting", {})
+    except (OSError, ValueError):
+        return {}
+    headers: dict[str, str] = {}
+    for rule in hosting.get("headers", []):
+        # Hosting matches a rule by glob (`source`) or by RE2 regular expression (`regex`).
+        matched = fnmatch.fnmatchcase(path, rule["source"]) if "source" in rule else re.fullmatch(rule.get("regex", "(?!)"), path)
+        if matched:
+            headers.update({h["key"]: h["value"] for h in rule.get("headers", [])})
+    return headers
+
+
+def _portal(path: str = "index.html") -> flask.Response:
+    """A static file of the portal (portal/), with the production Hosting headers; the API's 404 for anything else."""
+    target = (PORTAL_DIR / path).resolve()
+    if not target.is_file() or not target.is_relative_to(PORTAL_DIR.resolve()):
+        return error_response(errors.NotFound(), uuid.uuid4().hex)
+    response = flask.send_file(target, max_age=0)
+    response.headers.update(_hosting_headers("/" + path))
+    return response
+
+
 def create_app() -> flask.Flask:
-    """One Flask app serving every built endpoint at its /api path, plus /healthz."""
-    app = flask.Flask("gbx-local")
-    for path, entry in ROUTES.items():
-        function = _load_function(entry)
+    """One Flask app serving every registered endpoint at its /api path, /openapi.json, /healthz and the portal at /."""
+    app = flask.Flask("gbx-local", static_folder=None)
+    for endpoint in ENDPOINTS.values():
+        function = _load_function(endpoint.name)
         if function is None:
             continue
 
@@ -153,19 +173,20 @@ def create_app() -> flask.Flask:
             return function(flask.request)
 
         # A rule without methods matches every method, as functions-framework routes them: the function answers 405.
-        app.url_map.add(Rule(path, endpoint=entry))
-        app.view_functions[entry] = view
+        app.url_map.add(Rule(endpoint.path, endpoint=endpoint.name))
+        app.view_functions[endpoint.name] = view
     app.add_url_rule("/healthz", endpoint="healthz", view_func=lambda: {"status": "ok"})
     app.add_url_rule("/openapi.json", endpoint="openapi", view_func=lambda: flask.Response(openapi.render(), mimetype="application/json"))
+    app.add_url_rule("/", endpoint="portal_index", view_func=_portal)
+    app.add_url_rule("/<path:path>", endpoint="portal", view_func=_portal)
 
     @app.errorhandler(404)
     def not_found(_: Exception) -> flask.Response:
-        exc = errors.NotFound()
-        body = {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
-        response = flask.Response(json.dumps(body) + "\n", status=404, mimetype="application/json")
-        response.headers["X-Request-Id"] = uuid.uuid4().hex
-        response.headers["Cache-Control"] = "no-store"
-        return response
+        return error_response(errors.NotFound(), uuid.uuid4().hex)
+
+    @app.errorhandler(405)
+    def not_allowed(_: Exception) -> flask.Response:
+        return error_response(errors.MethodNotAllowed("GET, HEAD"), uuid.uuid4().hex)
 
     return app
 

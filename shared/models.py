@@ -135,17 +135,32 @@ class IssueResponse(Model):
 
 
 class ErrorDetail(Model):
-    """The error object."""
+    """The error object; a 409 may add what the caller needs to act on it (absent otherwise)."""
 
     code: str
     message: str
     status: int
+    state: Literal["started", "completed"] | None = Field(default=None, description="run_id_reused: the run's state.")
+    redeemed_at: str | None = Field(default=None, description="already_redeemed: when the pair was redeemed.")
+    grant_id: str | None = Field(default=None, description="already_redeemed: the grant the redemption gave.")
 
 
 class ErrorBody(Model):
     """Every error response body."""
 
     error: ErrorDetail
+
+
+class SealUpload(Model):
+    """A seal.svg upload (verify): the document as sent, raw (image/svg+xml) or as the multipart field `seal`."""
+
+    svg: bytes = Field(description="The seal.svg bytes.")
+
+
+class RedeemUpload(SealUpload):
+    """A seal.svg upload for redeem_seal_once, and the principal an operator names (multipart field, else ?principal=)."""
+
+    principal: Principal | None = Field(default=None, description="Operators only: the principal to redeem for.")
 
 
 class SealBundle(Model):
@@ -161,11 +176,11 @@ class SealBundle(Model):
 
 
 class VerifyChecks(Model):
-    """Each check is `ok` or a short reason; later checks are `not checked` once one fails."""
+    """Each check is `ok` or a short reason; later checks are `not checked` once one fails. Listed in the order they run."""
 
     document: str
-    signature: str
     key: str
+    signature: str
     record: str
 
 
@@ -176,7 +191,7 @@ class VerifyResponse(Model):
     seal_id: str | None = Field(description="The payload's seal_id, when the payload decodes.")
     checks: VerifyChecks
     seal: dict[str, Any] = Field(description="The payload's claims (empty when the payload does not decode).")
-    redeemed: bool = Field(description="Whether the seal's own principal has redeemed it.")
+    redeemed: bool = Field(description="Whether the seal's own principal has redeemed it; false unless the seal is VERIFIED.")
 
 
 class RedeemResponse(Model):

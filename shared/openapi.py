@@ -3,55 +3,22 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from shared import errors, models
+from shared.endpoints import ENDPOINTS, Body, Caller, Endpoint
 
 REF = "#/components/schemas/{model}"
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """One Cloud Function as the API shows it."""
-
-    path: str
-    method: str
-    function: str
-    summary: str
-    request: type[BaseModel] | None
-    response: type[BaseModel]
-    security: str | None
-    errors: tuple[type[errors.ApiError], ...]
-    seal_upload: bool = False
-
-
-_COMMON = (errors.InvalidRequest, errors.Unauthenticated, errors.MethodNotAllowed, errors.PayloadTooLarge, errors.UnsupportedMediaType, errors.Unavailable)
-ENDPOINTS = (
-    Endpoint("/api/entitlement/check", "post", "check", "Confirm entitlement availability for a run_id; writes nothing",
-             models.CheckRequest, models.CheckResponse, "googleIdToken", (*_COMMON, errors.EntitlementExhausted, errors.RunIdReused)),
-    Endpoint("/api/entitlement/consume", "post", "consume", "Consume one run for run_id (retries replay without charge)",
-             models.ConsumeRequest, models.ConsumeResponse, "googleIdToken", (*_COMMON, errors.EntitlementExhausted, errors.RunIdReused)),
-    Endpoint("/api/entitlement/run_start", "post", "run_start", "Record run-start metadata",
-             models.RunStartRequest, models.RunStartResponse, "googleIdToken", (*_COMMON, errors.RunStateConflict, errors.LifecycleViolation)),
-    Endpoint("/api/entitlement/run_complete", "post", "run_complete", "Record the outputs and return the signed seal bundle",
-             models.RunCompleteRequest, models.SealBundle, "googleIdToken", (*_COMMON, errors.RunStateConflict, errors.LifecycleViolation)),
-    Endpoint("/api/seal/verify", "post", "seal_verify", "Verify an uploaded seal.svg",
-             None, models.VerifyResponse, "googleIdToken", (*_COMMON, errors.InvalidSeal), seal_upload=True),
-    Endpoint("/api/entitlement/redeem_seal_once", "post", "redeem_seal_once", "One bonus run for a verified (principal, seal_id) pair",
-             None, models.RedeemResponse, "googleIdToken", (*_COMMON, errors.InvalidSeal, errors.Forbidden, errors.AlreadyRedeemed, errors.SealInvalid), seal_upload=True),
-    Endpoint("/api/entitlement/issue", "post", "issue", "Issue runs to a customer principal",
-             models.IssueRequest, models.IssueResponse, "adminToken", (*_COMMON, errors.Forbidden, errors.IdempotencyConflict)),
-    Endpoint("/api/seal/public_keys", "get", "public_keys", "Public keys that seals are signed with",
-             None, models.PublicKeysResponse, None, (errors.MethodNotAllowed, errors.Unavailable)),
-)
-
-
-def _seal_body() -> dict[str, Any]:
+def _seal_body(endpoint: Endpoint) -> dict[str, Any]:
     """The request body of seal uploads: raw SVG, or multipart with `seal` (and an operator's `principal`)."""
+    assert endpoint.request is not None
+    properties: dict[str, Any] = {"seal": {"type": "string", "format": "binary", "description": "The seal.svg."}}
+    if "principal" in endpoint.request.model_fields:
+        properties["principal"] = {"type": "string", "pattern": models.PRINCIPAL_PATTERN, "description": "Operators only: the principal to redeem for (wins over ?principal=)."}
     return {
         "required": True,
         "content": {
@@ -60,10 +27,7 @@ def _seal_body() -> dict[str, Any]:
                 "schema": {
                     "type": "object",
                     "required": ["seal"],
-                    "properties": {
-                        "seal": {"type": "string", "format": "binary", "description": "The seal.svg."},
-                        "principal": {"type": "string", "description": "Operators only: the principal to redeem for (wins over ?principal=)."},
-                    },
+                    "properties": properties,
                 }
             },
         },
@@ -77,7 +41,7 @@ def _responses(endpoint: Endpoint) -> dict[str, Any]:
     }
     by_status: dict[int, list[str]] = {}
     error: type[errors.ApiError]
-    for error in (*endpoint.errors, errors.ApiError):
+    for error in endpoint.all_errors:
         by_status.setdefault(error.status, []).append(error.code)
     for status, codes in sorted(by_status.items()):
         responses[str(status)] = {
@@ -89,33 +53,51 @@ def _responses(endpoint: Endpoint) -> dict[str, Any]:
     return responses
 
 
+def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
+    """Header and query parameters."""
+    parameters: list[dict[str, Any]] = []
+    if endpoint.idempotent:
+        parameters.append({"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                           "description": "The same key with the same request answers the first response again (replayed: true)."})
+    if endpoint.request is not None and "principal" in endpoint.request.model_fields and endpoint.body is Body.SEAL:
+        parameters.append({"name": "principal", "in": "query", "required": False, "schema": {"type": "string", "pattern": models.PRINCIPAL_PATTERN},
+                           "description": "Operators only: the principal to act for."})
+    return parameters
+
+
+def _security(endpoint: Endpoint) -> list[dict[str, list[str]]]:
+    if endpoint.caller is Caller.USER:
+        return [{"googleIdToken": []}]
+    if endpoint.caller is Caller.ADMIN:
+        # An accompanying ID token is optional, and recorded as the issuer when sent.
+        return [{"adminToken": []}, {"adminToken": [], "googleIdToken": []}]
+    return []
+
+
 def build() -> dict[str, Any]:
     """The whole OpenAPI document."""
-    used = {e.response for e in ENDPOINTS} | {e.request for e in ENDPOINTS if e.request} | {models.ErrorBody}
+    json_models = [e.request for e in ENDPOINTS.values() if e.request is not None and e.body is Body.JSON]
+    used = {e.response for e in ENDPOINTS.values()} | set(json_models) | {models.ErrorBody}
     _, schema = models_json_schema([(m, "serialization" if m.__name__.endswith(("Response", "Bundle", "Body")) else "validation") for m in sorted(used, key=lambda m: m.__name__)], ref_template=REF)
     paths: dict[str, Any] = {}
-    for endpoint in ENDPOINTS:
+    for endpoint in ENDPOINTS.values():
         operation: dict[str, Any] = {
-            "operationId": endpoint.function,
+            "operationId": endpoint.name,
             "summary": endpoint.summary,
-            "security": [{endpoint.security: []}] if endpoint.security else [],
-            "parameters": [],
+            "security": _security(endpoint),
             "responses": _responses(endpoint),
         }
-        if endpoint.request is not None:
+        if parameters := _parameters(endpoint):
+            operation["parameters"] = parameters
+        if endpoint.body is Body.JSON:
+            assert endpoint.request is not None
             operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"$ref": REF.format(model=endpoint.request.__name__)}}}}
-        if endpoint.seal_upload:
-            operation["requestBody"] = _seal_body()
-            operation["parameters"] = [{"name": "principal", "in": "query", "required": False, "schema": {"type": "string"}, "description": "Operators only: the principal to act for."}]
-        if endpoint.function == "issue":
-            operation["parameters"] = [{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "minLength": 1, "maxLength": 255}}]
-            operation["security"] = [{"adminToken": []}, {"adminToken": [], "googleIdToken": []}]
-        if not operation["parameters"]:
-            del operation["parameters"]
-        paths[endpoint.path] = {endpoint.method: operation}
+        elif endpoint.body is Body.SEAL:
+            operation["requestBody"] = _seal_body(endpoint)
+        paths[endpoint.path] = {endpoint.method.lower(): operation}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "GBX Entitlements", "version": "1.0.0", "description": "Meters and seals runs of a licensed containerised job. Generated from shared/models.py by `make openapi`."},
+        "info": {"title": "GBX Entitlements", "version": "1.0.0", "description": "Meters and seals runs of a licensed containerised job. Generated from shared/endpoints.py and shared/models.py by `make openapi`."},
         "paths": paths,
         "components": {
             "schemas": schema["$defs"],

@@ -12,13 +12,14 @@ from shared import errors, store
 from shared.auth import Identity
 from shared.config import get_config
 from shared.entitlements import current_balance
-from shared.http import SealUpload, principal_named
 from shared.models import (
     PublicKeyInfo,
     PublicKeysResponse,
     RedeemResponse,
+    RedeemUpload,
     RunCompleteRequest,
     SealBundle,
+    SealUpload,
     VerifyChecks,
     VerifyResponse,
     format_time,
@@ -205,7 +206,8 @@ def verify(caller: Identity, upload: SealUpload) -> VerifyResponse:
     """Verify an uploaded seal.svg for any authenticated caller."""
     result = verify_seal(upload.svg)
     seal_id: str | None = result.claims.get("seal_id")
-    redeemed = seal_id is not None and result.checks.document == OK and store.read_redemption(result.claims["principal"], seal_id) is not None
+    # Only a seal that verifies is a seal of ours: an INVALID upload's claims say nothing about redemptions.
+    redeemed = result.verified and seal_id is not None and store.read_redemption(result.claims["principal"], seal_id) is not None
     return VerifyResponse(
         status="VERIFIED" if result.verified else "INVALID",
         seal_id=seal_id,
@@ -215,14 +217,14 @@ def verify(caller: Identity, upload: SealUpload) -> VerifyResponse:
     )
 
 
-def redeem_seal_once(caller: Identity, upload: SealUpload) -> RedeemResponse:
+def redeem_seal_once(caller: Identity, upload: RedeemUpload, *, idempotency_key: str | None = None) -> RedeemResponse:
     """Grant one bonus run for a verified seal, once per (principal, seal)."""
     result = verify_seal(upload.svg)
     if not result.verified:
         raise errors.SealInvalid(f"the seal does not verify ({result.first_failure()})")
     seal_id = result.claims["seal_id"]
     owner = result.claims["principal"]
-    named = principal_named(upload)
+    named = upload.principal
     if caller.operator:
         principal = named or owner
     elif named not in (None, caller.principal):

@@ -179,7 +179,9 @@ def error_code(response: requests.Response) -> str:
     """The contract error code of a response (asserting the error body's shape on the way)."""
     body = response.json()
     assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message", "status"}
+    # A 409 adds what the caller needs to act on it, and only the fields documented for its code.
+    extra = {"run_id_reused": {"state"}, "already_redeemed": {"redeemed_at", "grant_id"}}.get(body["error"].get("code"), set())
+    assert set(body["error"]) == {"code", "message", "status"} | extra
     assert body["error"]["status"] == response.status_code
     assert response.headers.get("X-Request-Id")
     return body["error"]["code"]

@@ -154,6 +154,8 @@ def test_check_and_consume_of_a_started_or_completed_run_are_409(api: Api, state
         assert api.run_complete("job-1").status_code == 200
     for response in (api.check("job-1"), api.consume("job-1")):
         assert (response.status_code, error_code(response)) == (409, "run_id_reused")
+        # The runner client learns the run's state from the body, not from the message.
+        assert response.json()["error"]["state"] == state
     assert api.check("job-9").json()["balance"] == 2  # nothing charged again
 
 

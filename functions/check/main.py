@@ -1,13 +1,5 @@
-"""Cloud Function: POST /api/entitlement/check (runner)."""
+"""Cloud Function `check`; its path, caller, models and statuses are declared once, in shared/endpoints.py."""
 
-import functions_framework
+from shared.http import function
 
-from shared import entitlements
-from shared.http import handle
-from shared.models import CheckRequest
-
-
-@functions_framework.http
-def check(request):
-    """Confirm that a run_id may run; writes nothing."""
-    return handle(request, CheckRequest, entitlements.check)
+check = function("check")

@@ -1,13 +1,5 @@
-"""Cloud Function: POST /api/entitlement/consume (runner)."""
+"""Cloud Function `consume`; its path, caller, models and statuses are declared once, in shared/endpoints.py."""
 
-import functions_framework
+from shared.http import function
 
-from shared import entitlements
-from shared.http import handle
-from shared.models import ConsumeRequest
-
-
-@functions_framework.http
-def consume(request):
-    """Consume one run from the caller's balance for run_id."""
-    return handle(request, ConsumeRequest, entitlements.consume)
+consume = function("consume")

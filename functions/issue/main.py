@@ -1,13 +1,5 @@
-"""Cloud Function: POST /api/entitlement/issue (partner/admin)."""
+"""Cloud Function `issue`; its path, caller, models and statuses are declared once, in shared/endpoints.py."""
 
-import functions_framework
+from shared.http import function
 
-from shared import entitlements
-from shared.http import Auth, handle
-from shared.models import IssueRequest
-
-
-@functions_framework.http
-def issue(request):
-    """Issue runs to a customer principal."""
-    return handle(request, IssueRequest, entitlements.issue, auth_mode=Auth.ADMIN, idempotency=True)
+issue = function("issue")

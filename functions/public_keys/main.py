@@ -1,12 +1,5 @@
-"""Cloud Function: GET /api/seal/public_keys (anyone)."""
+"""Cloud Function `public_keys`; its path, caller, models and statuses are declared once, in shared/endpoints.py."""
 
-import functions_framework
+from shared.http import function
 
-from shared import seals
-from shared.http import Auth, Body, handle
-
-
-@functions_framework.http
-def public_keys(request):
-    """The public keys that seals are signed with."""
-    return handle(request, None, seals.public_keys, auth_mode=Auth.NONE, body=Body.NONE, method="GET")
+public_keys = function("public_keys")

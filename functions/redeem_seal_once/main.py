@@ -1,12 +1,5 @@
-"""Cloud Function: POST /api/entitlement/redeem_seal_once (user or operator)."""
+"""Cloud Function `redeem_seal_once`; its path, caller, models and statuses are declared once, in shared/endpoints.py."""
 
-import functions_framework
+from shared.http import function
 
-from shared import seals
-from shared.http import Body, handle
-
-
-@functions_framework.http
-def redeem_seal_once(request):
-    """Grant one bonus run for a verified seal, once per (principal, seal)."""
-    return handle(request, None, seals.redeem_seal_once, body=Body.SEAL)
+redeem_seal_once = function("redeem_seal_once")

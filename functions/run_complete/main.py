@@ -1,13 +1,5 @@
-"""Cloud Function: POST /api/entitlement/run_complete (runner)."""
+"""Cloud Function `run_complete`; its path, caller, models and statuses are declared once, in shared/endpoints.py."""
 
-import functions_framework
+from shared.http import function
 
-from shared import seals
-from shared.http import handle
-from shared.models import RunCompleteRequest
-
-
-@functions_framework.http
-def run_complete(request):
-    """Record the outputs, mark the run completed and return its signed seal bundle."""
-    return handle(request, RunCompleteRequest, seals.run_complete)
+run_complete = function("run_complete")

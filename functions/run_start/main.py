@@ -1,13 +1,5 @@
-"""Cloud Function: POST /api/entitlement/run_start (runner)."""
+"""Cloud Function `run_start`; its path, caller, models and statuses are declared once, in shared/endpoints.py."""
 
-import functions_framework
+from shared.http import function
 
-from shared import runs
-from shared.http import handle
-from shared.models import RunStartRequest
-
-
-@functions_framework.http
-def run_start(request):
-    """Record run-start metadata: image, project, input hash."""
-    return handle(request, RunStartRequest, runs.run_start)
+run_start = function("run_start")

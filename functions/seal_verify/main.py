@@ -1,12 +1,5 @@
-"""Cloud Function: POST /api/seal/verify (user, operator, portal)."""
+"""Cloud Function `seal_verify`; its path, caller, models and statuses are declared once, in shared/endpoints.py."""
 
-import functions_framework
+from shared.http import function
 
-from shared import seals
-from shared.http import Body, handle
-
-
-@functions_framework.http
-def seal_verify(request):
-    """Verify an uploaded seal.svg."""
-    return handle(request, None, seals.verify, body=Body.SEAL)
+seal_verify = function("seal_verify")

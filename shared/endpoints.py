@@ -1,0 +1,180 @@
+"""The endpoint registry: every endpoint declared once, everything else derived from it.
+
+Each `Endpoint` names its function (the entry point, `functions/<name>/`, the OpenAPI operationId
+and the log's `endpoint`), its path and method, who may call it, what its body holds, its request
+and response models, whether it takes an Idempotency-Key, the errors it can answer, and which seal
+keys it uses. From this table come: the local server's routes (shared/local.py), the OpenAPI
+document (shared/openapi.py), deploy.sh's list and order (`python -m shared.endpoints`), the
+Firebase Hosting rewrites (`python -m shared.endpoints rewrites --region R`) and the tests'
+expectations. Services are named as "module:function" and imported on first use, so a function's
+cold start imports only the service it serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import functools
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from shared import errors, models
+
+FUNCTION_PREFIX = "gbx-"
+
+
+class Caller(enum.Enum):
+    """Who may call an endpoint."""
+
+    USER = "user"  # a Google ID token (runner, user, operator)
+    ADMIN = "admin"  # X-GBX-ADMIN-TOKEN (partner)
+    ANYONE = "anyone"  # no authentication
+
+
+class Body(enum.Enum):
+    """What an endpoint's request body holds."""
+
+    JSON = "json"
+    SEAL = "seal"  # a seal.svg, raw (image/svg+xml) or as the multipart field `seal`
+    NONE = "none"
+
+
+class Keys(enum.Enum):
+    """Which seal keys an endpoint uses; it orders deploys so a new key version is trusted before it signs."""
+
+    NONE = "none"
+    VERIFY = "verify"
+    SIGN = "sign"
+
+
+# Deploy order: verifiers (and the key publisher) first, the signer last.
+_DEPLOY_RANK = {Keys.VERIFY: 0, Keys.NONE: 1, Keys.SIGN: 2}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One Cloud Function, as the API shows it and as it is deployed."""
+
+    name: str
+    path: str
+    method: str
+    summary: str
+    service: str
+    caller: Caller
+    response: type[BaseModel]
+    request: type[BaseModel] | None = None
+    body: Body = Body.JSON
+    idempotent: bool = False
+    errors: tuple[type[errors.ApiError], ...] = ()
+    keys: Keys = Keys.NONE
+
+    @property
+    def function_name(self) -> str:
+        """The Cloud Function (and Cloud Run service) name: `gbx-` and the name with hyphens."""
+        return FUNCTION_PREFIX + self.name.replace("_", "-")
+
+    @property
+    def all_errors(self) -> tuple[type[errors.ApiError], ...]:
+        """Every error the endpoint can answer: its own, and those its caller, body and options imply."""
+        implied: list[type[errors.ApiError]] = [errors.MethodNotAllowed, errors.Unavailable, errors.ApiError]
+        if self.body is not Body.NONE:
+            implied += [errors.InvalidRequest, errors.PayloadTooLarge, errors.UnsupportedMediaType]
+        if self.body is Body.SEAL:
+            implied.append(errors.InvalidSeal)
+        if self.caller is Caller.USER:
+            implied.append(errors.Unauthenticated)
+        if self.caller is Caller.ADMIN:
+            implied += [errors.Unauthenticated, errors.Forbidden]
+        if self.idempotent:
+            implied += [errors.InvalidRequest, errors.IdempotencyConflict]
+        return tuple(dict.fromkeys([*self.errors, *implied]))
+
+    def run(self, *args: Any, **kwargs: Any) -> BaseModel:
+        """Call the service (imported on first use)."""
+        return _service(self.service)(*args, **kwargs)
+
+
+@functools.cache
+def _service(target: str) -> Callable[..., BaseModel]:
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+ENDPOINTS: dict[str, Endpoint] = {
+    endpoint.name: endpoint
+    for endpoint in (
+        Endpoint(
+            "issue", "/api/entitlement/issue", "POST", "Issue runs to a customer principal",
+            "shared.entitlements:issue", Caller.ADMIN, models.IssueResponse, models.IssueRequest, idempotent=True,
+        ),
+        Endpoint(
+            "check", "/api/entitlement/check", "POST", "Confirm entitlement availability for a run_id; writes nothing",
+            "shared.entitlements:check", Caller.USER, models.CheckResponse, models.CheckRequest,
+            errors=(errors.EntitlementExhausted, errors.RunIdReused),
+        ),
+        Endpoint(
+            "consume", "/api/entitlement/consume", "POST", "Consume one run for run_id (retries replay without charge)",
+            "shared.entitlements:consume", Caller.USER, models.ConsumeResponse, models.ConsumeRequest,
+            errors=(errors.EntitlementExhausted, errors.RunIdReused),
+        ),
+        Endpoint(
+            "run_start", "/api/entitlement/run_start", "POST", "Record run-start metadata",
+            "shared.runs:run_start", Caller.USER, models.RunStartResponse, models.RunStartRequest,
+            errors=(errors.RunStateConflict, errors.LifecycleViolation),
+        ),
+        Endpoint(
+            "run_complete", "/api/entitlement/run_complete", "POST", "Record the outputs and return the signed seal bundle",
+            "shared.seals:run_complete", Caller.USER, models.SealBundle, models.RunCompleteRequest,
+            errors=(errors.RunStateConflict, errors.LifecycleViolation), keys=Keys.SIGN,
+        ),
+        Endpoint(
+            "seal_verify", "/api/seal/verify", "POST", "Verify an uploaded seal.svg",
+            "shared.seals:verify", Caller.USER, models.VerifyResponse, models.SealUpload, body=Body.SEAL, keys=Keys.VERIFY,
+        ),
+        Endpoint(
+            "redeem_seal_once", "/api/entitlement/redeem_seal_once", "POST", "One bonus run for a verified (principal, seal_id) pair",
+            "shared.seals:redeem_seal_once", Caller.USER, models.RedeemResponse, models.RedeemUpload, body=Body.SEAL,
+            idempotent=True, errors=(errors.Forbidden, errors.AlreadyRedeemed, errors.SealInvalid), keys=Keys.VERIFY,
+        ),
+        Endpoint(
+            "public_keys", "/api/seal/public_keys", "GET", "Public keys that seals are signed with",
+            "shared.seals:public_keys", Caller.ANYONE, models.PublicKeysResponse, body=Body.NONE, keys=Keys.VERIFY,
+        ),
+    )
+}
+
+
+def deploy_order() -> list[Endpoint]:
+    """Verifiers first, the signer last; otherwise as declared."""
+    return sorted(ENDPOINTS.values(), key=lambda e: _DEPLOY_RANK[e.keys])
+
+
+def hosting_rewrites(region: str) -> list[dict[str, Any]]:
+    """Firebase Hosting rewrites: each contract path to its gen2 function's Cloud Run service."""
+    return [{"source": e.path, "run": {"serviceId": e.function_name, "region": region}} for e in ENDPOINTS.values()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the registry for deploy.sh: one tab-separated line per function, or the Hosting rewrites as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m shared.endpoints", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("list", help="NAME FUNCTION METHOD PATH CALLER KEYS, one line per endpoint in deploy order (the default)")
+    rewrites = commands.add_parser("rewrites", help="the Firebase Hosting rewrites of every path, as JSON")
+    rewrites.add_argument("--region", required=True, help="region the functions are deployed in")
+    args = parser.parse_args(argv)
+    if args.command == "rewrites":
+        json.dump(hosting_rewrites(args.region), sys.stdout, indent=2)
+        print()
+        return
+    for e in deploy_order():
+        print("\t".join((e.name, e.function_name, e.method, e.path, e.caller.value, e.keys.value)))
+
+
+if __name__ == "__main__":
+    main()
