@@ -21,6 +21,8 @@ ENV_TRUSTED_KEY_VERSIONS = "GBX_TRUSTED_KEY_VERSIONS"
 ENV_KMS_ENDPOINT = "GBX_KMS_ENDPOINT"
 ENV_LOCAL_DIR = "GBX_LOCAL_DIR"
 ENV_LOCAL_MODE = "GBX_LOCAL_MODE"
+ENV_FIRESTORE_TIMEOUT = "GBX_FIRESTORE_TIMEOUT_SECONDS"
+ENV_FIRESTORE_RETRY = "GBX_FIRESTORE_RETRY_SECONDS"
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 GOOGLE_ISSUERS = ("accounts.google.com", "https://accounts.google.com")
@@ -53,6 +55,8 @@ class Config(BaseModel):
     kms_endpoint: str = Field(description="host:port of a KMS endpoint reached without TLS (tests only); empty for Google's.")
     local_dir: Path = Field(description="Untracked folder holding local mode's keys.")
     local_mode: bool = Field(description="True when served by `python -m shared.local`.")
+    firestore_timeout_seconds: float = Field(gt=0, description="Timeout of one Firestore call.")
+    firestore_retry_seconds: float = Field(gt=0, description="Budget of a Firestore read's retries on transient errors.")
 
 
 def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
@@ -80,6 +84,9 @@ def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
         kms_endpoint=env.get(ENV_KMS_ENDPOINT, ""),
         local_dir=local_dir,
         local_mode=local_mode,
+        # 5 s per call, retried within 10 s: an outage ends in our 503 well inside a function's 60 s timeout.
+        firestore_timeout_seconds=float(env.get(ENV_FIRESTORE_TIMEOUT) or 5.0),
+        firestore_retry_seconds=float(env.get(ENV_FIRESTORE_RETRY) or 10.0),
     )
 
 

@@ -62,7 +62,8 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
     principal = caller.principal
     # Marks this request's charge, so that its own commit, applied but unanswered, reads back as not replayed.
     charge_id = secrets.token_hex(12)
-    for _ in store.attempts():
+
+    def attempt() -> ConsumeResponse:
         # Grants before the run (see check): a retry racing its twin for the last run replays, never 402s.
         grants = spendable_grants(store.read_grants_with_runs_left(principal), _now())
         run = store.read_run(principal, req.run_id)
@@ -77,10 +78,7 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
         if not grants:
             raise errors.EntitlementExhausted()
         grant = grant_to_spend(grants)
-        try:
-            store.commit_consume(principal, req.run_id, grant, charge_id=charge_id)
-        except store.Contended:
-            continue
+        store.commit_consume(principal, req.run_id, grant, charge_id=charge_id, consumed_at=_now())
         if sum(g.group == grant.group for g in grants) == 1:
             # The commit was preconditioned on this grant as read: the balance after it is exact for it.
             balance = sum(g.remaining for g in grants) - 1
@@ -88,7 +86,8 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
             # Shards of one grant commit independently: read the balance again rather than overstate it.
             balance = current_balance(principal)
         return ConsumeResponse(run_id=req.run_id, principal=principal, balance=balance, state="consumed", replayed=False)
-    raise AssertionError("unreachable: attempts() raises when exhausted")
+
+    return store.optimistic(attempt)
 
 
 def _fingerprint(req: IssueRequest) -> str:
@@ -109,40 +108,39 @@ def issue(caller: Admin, req: IssueRequest, *, idempotency_key: str | None = Non
     key_hash = store.sha256_hex(idempotency_key) if idempotency_key is not None else None
     # One id for every attempt: a commit applied but unanswered is recognised on the re-read, never issued twice.
     grant_id = secrets.token_hex(16)
-    response: IssueResponse | None = None
-    for _ in store.attempts():
+    tried: list[IssueResponse] = []  # the response of the last commit tried, to answer when it turns out applied
+
+    def attempt() -> IssueResponse:
         if key_hash is not None:
             record = store.read_issuance(key_hash)
             if record is not None:
                 # A replay returns the first response even once its expires_at has passed.
                 return _replay(record, fingerprint, grant_id)
-        elif response is not None and store.grant_exists(req.principal, store.grant_doc_ids(grant_id, req.runs_total)[0][0]):
-            return response
+        elif tried and store.grant_exists(req.principal, grant_id):
+            return tried[-1]
         if req.expires_at is not None and req.expires_at <= _now():
             raise errors.InvalidRequest("expires_at: must be in the future")
-        balance = current_balance(req.principal) + req.runs_total
         response = IssueResponse(
             grant_id=grant_id,
             principal=req.principal,
             plan_id=req.plan_id,
             runs_total=req.runs_total,
             expires_at=format_time(req.expires_at) if req.expires_at else None,
-            balance=balance,
+            balance=current_balance(req.principal) + req.runs_total,
             replayed=False,
         )
-        try:
-            store.commit_issue(
-                principal=req.principal,
-                grant_id=grant_id,
-                plan_id=req.plan_id,
-                runs_total=req.runs_total,
-                expires_at=req.expires_at,
-                issued_by=caller.issued_by,
-                idempotency_key_hash=key_hash,
-                fingerprint=fingerprint,
-                response=response.model_dump(mode="json"),
-            )
-        except store.Contended:
-            continue  # another request with this key committed first: replay it
+        tried.append(response)
+        store.commit_issue(
+            principal=req.principal,
+            grant_id=grant_id,
+            plan_id=req.plan_id,
+            runs_total=req.runs_total,
+            expires_at=req.expires_at,
+            issued_by=caller.issued_by,
+            idempotency_key_hash=key_hash,
+            fingerprint=fingerprint,
+            response=response.model_dump(mode="json"),
+        )
         return response
-    raise AssertionError("unreachable: attempts() raises when exhausted")
+
+    return store.optimistic(attempt)

@@ -200,7 +200,9 @@ class RedeemResponse(Model):
     seal_id: str
     principal: str
     granted_runs: Literal[1]
-    balance: int
+    grant_id: str = Field(description="The one-run `seal_rerun` grant the redemption gave.")
+    balance: int = Field(description="The principal's balance right after the redemption.")
+    replayed: bool = Field(description="True when an earlier request with this Idempotency-Key redeemed the seal.")
 
 
 class PublicKeyInfo(Model):

@@ -14,7 +14,8 @@ START_FIELDS = ("container_image", "project_id", "inputs_sha256", "run_manifest_
 def run_start(caller: Identity, req: RunStartRequest) -> RunStartResponse:
     """Mark a consumed run started; an identical repeat is answered with the first started_at."""
     metadata = {name: getattr(req, name) for name in START_FIELDS}
-    for _ in store.attempts():
+
+    def attempt() -> RunStartResponse:
         run = store.read_run(caller.principal, req.run_id)
         if run is None:
             raise errors.LifecycleViolation(f"run_id {req.run_id!r} was not consumed by this principal")
@@ -24,11 +25,9 @@ def run_start(caller: Identity, req: RunStartRequest) -> RunStartResponse:
             if any(run.data.get(name) != value for name, value in metadata.items()):
                 raise errors.RunStateConflict(f"run_id {req.run_id!r} was started with other metadata")
             return RunStartResponse(run_id=req.run_id, state="started", started_at=format_time(run.data["started_at"]))
-        # The time is taken here, not by the server, so that the response and the record agree exactly.
+        # The time is taken here, as consumed_at and completed_at are, so that response and record agree exactly.
         started_at = dt.datetime.now(dt.timezone.utc)
-        try:
-            store.commit_run_start(caller.principal, run, metadata, started_at=started_at)
-        except store.Contended:
-            continue
+        store.commit_run_start(caller.principal, run, metadata, started_at=started_at)
         return RunStartResponse(run_id=req.run_id, state="started", started_at=format_time(started_at))
-    raise AssertionError("unreachable: attempts() raises when exhausted")
+
+    return store.optimistic(attempt)

@@ -108,28 +108,28 @@ def _signing_public_key(signer: Signer, key: str) -> PublicKey:
 def run_complete(caller: Identity, req: RunCompleteRequest) -> SealBundle:
     """Complete a started run and return its seal; a retry (or a concurrent twin) gets the same seal."""
     principal = caller.principal
-    signed: tuple[dict[str, Any], dt.datetime] | None = None
-    for _ in store.attempts():
+    signed: list[tuple[dict[str, Any], dt.datetime]] = []
+
+    def attempt() -> SealBundle:
         run = store.read_run(principal, req.run_id)
         if run is None or run.state == "consumed":
             raise errors.LifecycleViolation(f"run_id {req.run_id!r} was not started by this principal")
         if run.state == "completed":
+            # Ours (a commit applied, reply lost) or a concurrent twin's: the same bundle either way.
             if run.data["outputs_sha256"] != req.outputs_sha256:
                 raise errors.RunStateConflict(f"run_id {req.run_id!r} was completed with other outputs")
-            record = store.read_seal(run.data["seal_id"])
-            if record is None:
+            existing = store.read_seal(run.data["seal_id"])
+            if existing is None:
                 raise RuntimeError(f"completed run {req.run_id!r} has no seal record")
-            return _bundle(record)
-        if signed is None:
+            return _bundle(existing)
+        if not signed:
             # Signed once, before the commit: a KMS failure leaves the run started (503, retry succeeds).
-            signed = _sign_seal(principal, run, req.outputs_sha256)
-        record, completed_at = signed
-        try:
-            store.commit_run_complete(principal, run, outputs_sha256=req.outputs_sha256, completed_at=completed_at, seal=record)
-        except store.Contended:
-            continue  # re-read: a concurrent run_complete may have sealed the run first
+            signed.append(_sign_seal(principal, run, req.outputs_sha256))
+        record, completed_at = signed[0]
+        store.commit_run_complete(principal, run, outputs_sha256=req.outputs_sha256, completed_at=completed_at, seal=record)
         return _bundle(record)
-    raise AssertionError("unreachable: attempts() raises when exhausted")
+
+    return store.optimistic(attempt)
 
 
 @dataclass(frozen=True)
@@ -236,19 +236,30 @@ def redeem_seal_once(caller: Identity, upload: RedeemUpload, *, idempotency_key:
     assert result.record is not None  # a verified seal has its record
     if not result.record.get("redeemable", True):
         raise errors.Forbidden("the seal of a bonus rerun cannot be redeemed")
-    grant_id = secrets.token_hex(16)  # one id for every attempt: our own applied commit reads back as ours
-    for _ in store.attempts():
+    # One grant id for every attempt: our own applied commit reads back as ours.
+    grant_id = secrets.token_hex(16)
+    key_hash = store.redemption_key_id(principal, idempotency_key) if idempotency_key is not None else None
+    tried: list[RedeemResponse] = []
+
+    def attempt() -> RedeemResponse:
+        if key_hash is not None:
+            first = store.read_redemption_key(key_hash)
+            if first is not None:
+                if first["seal_id"] != seal_id:
+                    raise errors.IdempotencyConflict("this Idempotency-Key was used to redeem another seal")
+                return RedeemResponse.model_validate({**first["response"], "replayed": first["grant_id"] != grant_id})
         redemption = store.read_redemption(principal, seal_id)
         if redemption is not None:
-            if redemption["grant_id"] != grant_id:
-                raise errors.AlreadyRedeemed()
-            break
-        try:
-            store.commit_redeem(principal, seal_id, grant_id)
-        except store.Contended:
-            continue  # most likely a concurrent redemption: the re-read answers 409
-        break
-    return RedeemResponse(seal_id=seal_id, principal=principal, granted_runs=1, balance=current_balance(principal))
+            if redemption["grant_id"] == grant_id and tried:
+                return tried[-1]
+            raise errors.AlreadyRedeemed(redeemed_at=format_time(redemption["at"]), grant_id=redemption["grant_id"])
+        # The balance read before the commit plus the run it grants, as issue answers.
+        response = RedeemResponse(seal_id=seal_id, principal=principal, granted_runs=1, grant_id=grant_id, balance=current_balance(principal) + 1, replayed=False)
+        tried.append(response)
+        store.commit_redeem(principal, seal_id, grant_id, key_hash=key_hash, response=response.model_dump(mode="json"))
+        return response
+
+    return store.optimistic(attempt)
 
 
 def public_keys() -> PublicKeysResponse:

@@ -5,17 +5,20 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
-import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, TypeVar
 
 from google.api_core import exceptions as gexc
 from google.api_core import retry as gretry
 from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
+from shared import errors
 from shared.config import get_config
+
+T = TypeVar("T")
 
 PRINCIPALS = "principals"
 GRANTS = "grants"
@@ -24,23 +27,27 @@ LEDGER = "ledger"
 SEALS = "seals"
 REDEMPTIONS = "redemptions"
 ISSUANCES = "issuances"
+REDEMPTION_KEYS = "redemption_keys"
 
 
 # Every Firestore call is bounded: the client's defaults retry reads for 300 s and commits for 60 s,
 # past the function's own timeout, so an outage would end in the platform's 504 instead of our 503.
-RPC_TIMEOUT_SECONDS = 5.0
-RPC_RETRY = gretry.Retry(
-    initial=0.1,
-    maximum=1.0,
-    multiplier=2.0,
-    timeout=10.0,
-    predicate=gretry.if_exception_type(gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError),
-)
-_RPC: dict[str, Any] = {"retry": RPC_RETRY, "timeout": RPC_TIMEOUT_SECONDS}
-# A commit whose reply is lost may have been applied; it is retried only on UNAVAILABLE, and every
-# caller recognises its own earlier write on the re-read (run charge_id, grant_id), so even an
-# applied-then-retried commit is answered as the success it was.
-_COMMIT_RPC: dict[str, Any] = {"retry": RPC_RETRY.with_predicate(gretry.if_exception_type(gexc.ServiceUnavailable)), "timeout": RPC_TIMEOUT_SECONDS}
+# The bounds are configuration (GBX_FIRESTORE_TIMEOUT_SECONDS, GBX_FIRESTORE_RETRY_SECONDS): tests shorten them.
+_TRANSIENT = gretry.if_exception_type(gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError)
+
+
+def _rpc() -> dict[str, Any]:
+    """Timeout and retry of one read: retried on transient errors within the configured budget."""
+    config = get_config()
+    retry = gretry.Retry(initial=0.1, maximum=1.0, multiplier=2.0, timeout=config.firestore_retry_seconds, predicate=_TRANSIENT)
+    return {"retry": retry, "timeout": config.firestore_timeout_seconds}
+
+
+def _commit_rpc() -> dict[str, Any]:
+    """A commit is retried only on UNAVAILABLE (the request never reached Firestore, or a retry meets our own
+    write and fails as Contended); a deadline may mean it was applied, which only a re-read can tell."""
+    rpc = _rpc()
+    return {**rpc, "retry": rpc["retry"].with_predicate(gretry.if_exception_type(gexc.ServiceUnavailable))}
 
 
 # Plan (and ledger reason) of the one-run grant a redeemed seal gives.
@@ -49,6 +56,10 @@ SEAL_RERUN_PLAN = "seal_rerun"
 
 class Contended(Exception):
     """The commit lost a race (a precondition failed or a document now exists): re-read and decide again."""
+
+
+class CommitUncertain(Exception):
+    """The commit's reply was lost (deadline exceeded, unavailable): it may have been applied; re-read to know."""
 
 
 @functools.cache
@@ -85,9 +96,9 @@ SHARD_MIN_RUNS = 32
 MAX_SHARDS = 8
 
 
-def grant_doc_ids(grant_id: str, runs_total: int) -> list[tuple[str, int]]:
-    """The documents (id, runs) an issued grant is written as: itself, or up to MAX_SHARDS shards."""
-    count = max(1, min(MAX_SHARDS, runs_total // SHARD_MIN_RUNS))
+def grant_doc_ids(grant_id: str, runs_total: int, *, max_shards: int = MAX_SHARDS) -> list[tuple[str, int]]:
+    """The documents (id, runs) an issued grant is written as: itself, or up to `max_shards` shards."""
+    count = max(1, min(max_shards, runs_total // SHARD_MIN_RUNS))
     base, extra = divmod(runs_total, count)
     # The first shard is the grant's own document, so `grants/{grant_id}` always exists.
     return [(grant_id if k == 0 else f"{grant_id}-{k}", base + (1 if k < extra else 0)) for k in range(count)]
@@ -142,7 +153,7 @@ def read_grants_with_runs_left(principal: str) -> list[Grant]:
     """The principal's grants that still hold runs (expired ones included; callers filter by time)."""
     query = _principal_ref(principal).collection(GRANTS).where(filter=FieldFilter("remaining", ">", 0))
     grants = []
-    for snap in query.get(**_RPC):
+    for snap in query.get(**_rpc()):
         data = snap.to_dict()
         grants.append(
             Grant(
@@ -162,19 +173,21 @@ def read_grants_with_runs_left(principal: str) -> list[Grant]:
 
 def read_run(principal: str, run_id: str) -> Run | None:
     """The principal's run record for run_id, or None."""
-    snap = _run_ref(principal, run_id).get(**_RPC)
+    snap = _run_ref(principal, run_id).get(**_rpc())
     if not snap.exists:
         return None
     return Run(run_id=run_id, data=snap.to_dict() or {}, update_time=snap.update_time)
 
 
 def _commit(batch: firestore.WriteBatch) -> list[Any]:
-    """Commit a batch; a lost race becomes Contended."""
+    """Commit a batch; a lost race becomes Contended, a lost reply CommitUncertain."""
     try:
-        return batch.commit(**_COMMIT_RPC)
+        return batch.commit(**_commit_rpc())
     except (gexc.FailedPrecondition, gexc.Conflict, gexc.NotFound) as exc:
         # Conflict covers AlreadyExists (a create lost) and Aborted; NotFound a precondition on a deleted doc.
         raise Contended(str(exc)) from exc
+    except (gexc.DeadlineExceeded, gexc.ServiceUnavailable, gexc.RetryError) as exc:
+        raise CommitUncertain(type(exc).__name__) from exc
 
 
 def _ledger(batch: firestore.WriteBatch, *, principal: str, grant_id: str, shard: str, delta: int, reason: str, ref: str) -> None:
@@ -205,7 +218,7 @@ def _grant_fields(
 
 def read_issuance(key_hash: str) -> dict[str, Any] | None:
     """The recorded issuance for an idempotency-key hash, or None."""
-    snap = client().collection(ISSUANCES).document(key_hash).get(**_RPC)
+    snap = client().collection(ISSUANCES).document(key_hash).get(**_rpc())
     return snap.to_dict() if snap.exists else None
 
 
@@ -220,11 +233,12 @@ def commit_issue(
     idempotency_key_hash: str | None,
     fingerprint: str,
     response: dict[str, Any],
+    max_shards: int = MAX_SHARDS,
 ) -> None:
     """One commit: the grant (or its shards), their ledger entries and (with a key) the issuance record that makes replays exact."""
     batch = client().batch()
     batch.set(_principal_ref(principal), {"principal": principal, "last_issued_at": firestore.SERVER_TIMESTAMP}, merge=True)
-    for doc_id, runs in grant_doc_ids(grant_id, runs_total):
+    for doc_id, runs in grant_doc_ids(grant_id, runs_total, max_shards=max_shards):
         fields = _grant_fields(group=grant_id, principal=principal, plan_id=plan_id, runs_total=runs, expires_at=expires_at, source="issue", ref=idempotency_key_hash, issued_by=issued_by)
         batch.create(_grant_ref(principal, doc_id), fields)
         _ledger(batch, principal=principal, grant_id=grant_id, shard=doc_id, delta=runs, reason="issue", ref=doc_id)
@@ -236,7 +250,7 @@ def commit_issue(
     _commit(batch)
 
 
-def commit_consume(principal: str, run_id: str, grant: Grant, *, charge_id: str) -> None:
+def commit_consume(principal: str, run_id: str, grant: Grant, *, charge_id: str, consumed_at: dt.datetime) -> None:
     """One commit: take a run from `grant` (unchanged since read), create the run record, append the ledger entry."""
     batch = client().batch()
     batch.update(
@@ -254,7 +268,7 @@ def commit_consume(principal: str, run_id: str, grant: Grant, *, charge_id: str)
             "shard": grant.grant_id,
             "plan_id": grant.plan_id,
             "charge_id": charge_id,
-            "consumed_at": firestore.SERVER_TIMESTAMP,
+            "consumed_at": consumed_at,
         },
     )
     _ledger(batch, principal=principal, grant_id=grant.group, shard=grant.grant_id, delta=-1, reason="consume", ref=run_id)
@@ -286,24 +300,41 @@ def commit_run_complete(principal: str, run: Run, *, outputs_sha256: str, comple
 
 def read_seal(seal_id: str) -> dict[str, Any] | None:
     """The seal record, or None."""
-    snap = client().collection(SEALS).document(seal_id).get(**_RPC)
+    snap = client().collection(SEALS).document(seal_id).get(**_rpc())
     return snap.to_dict() if snap.exists else None
 
 
 def read_redemption(principal: str, seal_id: str) -> dict[str, Any] | None:
     """`principal`'s redemption of the seal, or None."""
-    snap = client().collection(REDEMPTIONS).document(redemption_id(principal, seal_id)).get(**_RPC)
+    snap = client().collection(REDEMPTIONS).document(redemption_id(principal, seal_id)).get(**_rpc())
     return snap.to_dict() if snap.exists else None
 
 
 def grant_exists(principal: str, grant_id: str) -> bool:
     """Whether the grant was written (to recognise an applied commit whose reply was lost)."""
-    return _grant_ref(principal, grant_id).get(**_RPC).exists
+    return _grant_ref(principal, grant_id).get(**_rpc()).exists
 
 
-def commit_redeem(principal: str, seal_id: str, grant_id: str) -> None:
-    """One commit: the redemption record (create: a second one fails), a one-run seal_rerun grant and its ledger entry."""
+def redemption_key_id(principal: str, idempotency_key: str) -> str:
+    """Document id of a redeem Idempotency-Key: keys are the caller's own, so namespaced by principal."""
+    return sha256_hex(f"{principal}|{idempotency_key}")
+
+
+def read_redemption_key(key_id: str) -> dict[str, Any] | None:
+    """The redemption an Idempotency-Key made, or None."""
+    snap = client().collection(REDEMPTION_KEYS).document(key_id).get(**_rpc())
+    return snap.to_dict() if snap.exists else None
+
+
+def commit_redeem(principal: str, seal_id: str, grant_id: str, *, key_hash: str | None = None, response: dict[str, Any] | None = None) -> None:
+    """One commit: the redemption record (create: a second one fails), a one-run seal_rerun grant and its ledger entry,
+    and (with an Idempotency-Key) the key's record that makes replays exact."""
     batch = client().batch()
+    if key_hash is not None:
+        batch.create(
+            client().collection(REDEMPTION_KEYS).document(key_hash),
+            {"principal": principal, "seal_id": seal_id, "grant_id": grant_id, "response": response, "created_at": firestore.SERVER_TIMESTAMP},
+        )
     batch.create(
         client().collection(REDEMPTIONS).document(redemption_id(principal, seal_id)),
         {"principal": principal, "seal_id": seal_id, "grant_id": grant_id, "at": firestore.SERVER_TIMESTAMP},
@@ -326,30 +357,46 @@ def ledger_for_principal(principal: str, limit: int = 100) -> list[dict[str, Any
         .order_by("at", direction=firestore.Query.DESCENDING)
         .limit(limit)
     )
-    return [snap.to_dict() or {} for snap in query.get(**_RPC)]
+    return [snap.to_dict() or {} for snap in query.get(**_rpc())]
 
 
 def ledger_for_grant(grant_id: str) -> list[dict[str, Any]]:
     """An issued grant's ledger (all its shards), oldest first (composite index: grant ASC, at ASC)."""
     query = client().collection(LEDGER).where(filter=FieldFilter("grant", "==", grant_id)).order_by("at")
-    return [snap.to_dict() or {} for snap in query.get(**_RPC)]
+    return [snap.to_dict() or {} for snap in query.get(**_rpc())]
 
 
 def all_grants(principal: str) -> list[dict[str, Any]]:
     """Every grant of a principal, spent or not (for audits and tests)."""
-    return [{"grant_id": s.id, **s.to_dict()} for s in _principal_ref(principal).collection(GRANTS).get(**_RPC)]
+    return [{"grant_id": s.id, **s.to_dict()} for s in _principal_ref(principal).collection(GRANTS).get(**_rpc())]
 
 
 # Races on one principal resolve in a few rounds; the budget is far above what contention needs, so
 # that contention ends in each request's correct answer and only a Firestore outage ends in 503.
 MAX_ATTEMPTS = 200
 MAX_BACKOFF_SECONDS = 0.25
+# Re-reads after commits whose reply was lost: each costs up to a commit timeout, so few.
+MAX_UNCERTAIN_COMMITS = 2
 
 
-def attempts() -> Iterator[int]:
-    """Attempt numbers for an optimistic read-decide-commit loop, with jittered backoff between them."""
-    for attempt in range(MAX_ATTEMPTS):
-        if attempt:
-            time.sleep(random.uniform(0, min(MAX_BACKOFF_SECONDS, 0.01 * 2 ** min(attempt, 10))))
-        yield attempt
-    raise gexc.ServiceUnavailable("too much contention: optimistic commit did not succeed")
+def optimistic(attempt: Callable[[], T], *, max_attempts: int = MAX_ATTEMPTS) -> T:
+    """Run one read → decide → commit `attempt` until it answers.
+
+    A lost race (Contended) is re-read and decided again after a jittered backoff. A commit whose
+    reply was lost (CommitUncertain) is re-read too, a bounded number of times: every attempt
+    recognises its own applied write on the re-read (a charge_id, a grant id chosen once per
+    request), so an applied commit is answered as the success it was instead of a 503.
+    """
+    delays = gretry.exponential_sleep_generator(0.01, MAX_BACKOFF_SECONDS, 2.0)
+    uncertain = 0
+    for _ in range(max_attempts):
+        try:
+            return attempt()
+        except Contended:
+            pass
+        except CommitUncertain:
+            uncertain += 1
+            if uncertain > MAX_UNCERTAIN_COMMITS:
+                raise errors.Unavailable() from None
+        time.sleep(next(delays))
+    raise errors.Unavailable("too much contention: the optimistic commit did not succeed")

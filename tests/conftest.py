@@ -80,6 +80,10 @@ def service_env(service_dir: Path, issuer: LocalIssuer, firestore_emulator: emul
         config.ENV_KMS_KEY_VERSION: VERSION_1,
         config.ENV_LOCAL_DIR: str(service_dir / "local"),
         config.ENV_ISSUER: "gbx-test",
+        # Outage tests wait out the Firestore budgets: shorter than production's 5 s / 10 s, still far above
+        # what a call on a loaded 2-core machine takes.
+        config.ENV_FIRESTORE_TIMEOUT: "3",
+        config.ENV_FIRESTORE_RETRY: "4",
     }
     os.environ.update(values)
     os.environ.pop(config.ENV_LOCAL_MODE, None)

@@ -326,11 +326,16 @@ def test_redeem_once(api: Api) -> None:
     assert api.check("next").status_code == 402
     first = api.redeem(bundle["seal_svg"])
     assert first.status_code == 200
-    assert first.json() == {"seal_id": bundle["seal_id"], "principal": RUNNER, "granted_runs": 1, "balance": 1}
+    grant_id = first.json()["grant_id"]
+    assert first.json() == {"seal_id": bundle["seal_id"], "principal": RUNNER, "granted_runs": 1, "grant_id": grant_id, "balance": 1, "replayed": False}
     second = api.redeem(bundle["seal_svg"])
     assert (second.status_code, error_code(second)) == (409, "already_redeemed")
+    # The 409 says when the pair was redeemed and which grant it gave, so a caller can tell it was its own.
+    assert second.json()["error"]["grant_id"] == grant_id
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", second.json()["error"]["redeemed_at"])
     assert api.verify(bundle["seal_svg"], as_user=OTHER).json()["redeemed"] is True
     grants = [g for g in store.all_grants(RUNNER) if g["plan_id"] == "seal_rerun"]
+    assert [g["grant_id"] for g in grants] == [grant_id]
     assert [(g["runs_total"], g["remaining"], g["expires_at"]) for g in grants] == [(1, 1, None)]
     assert sum(e["delta"] for e in store.ledger_for_grant(grants[0]["grant_id"])) == 1
     assert api.consume("bonus-run").status_code == 200
