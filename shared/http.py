@@ -33,7 +33,7 @@ IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 REQUEST_ID_HEADER = "X-Request-Id"
 
 # Backing-service failures that a retry may cure: 503 with Retry-After, never 500.
-_UNAVAILABLE = (
+UNAVAILABLE_ERRORS = (
     gexc.ServiceUnavailable,
     gexc.DeadlineExceeded,
     gexc.RetryError,
@@ -221,7 +221,7 @@ def handle(request: flask.Request, endpoint: Endpoint) -> flask.Response:
         response = error_response(exc, request_id)
     except pydantic.ValidationError as exc:
         response = error_response(errors.InvalidRequest(_describe_validation(exc)), request_id)
-    except _UNAVAILABLE as exc:
+    except UNAVAILABLE_ERRORS as exc:
         _emit({"severity": "WARNING", "message": f"backing service unavailable: {type(exc).__name__}", "request_id": request_id, "endpoint": endpoint.name}, request)
         response = error_response(errors.Unavailable(), request_id)
     except Exception:  # noqa: BLE001 - the one place that turns a bug into a 500 without detail

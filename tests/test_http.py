@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import requests
@@ -135,7 +136,7 @@ def test_multipart_with_too_many_parts_is_413(api: Api) -> None:
     assert (response.status_code, error_code(response)) == (413, "payload_too_large")
 
 
-def test_options_and_head_are_405_and_404_has_a_request_id(api: Api) -> None:
+def test_options_and_head_on_a_post_endpoint_are_405_and_404_has_a_request_id(api: Api) -> None:
     for method in ("OPTIONS", "HEAD"):
         response = requests.request(method, api.base_url + "/api/entitlement/consume", timeout=30)
         assert response.status_code == 405 and response.headers["Allow"] == "POST"
@@ -192,3 +193,70 @@ def test_any_unlisted_method_is_a_contract_405(api: Api, method: str) -> None:
     response = requests.request(method, api.base_url + "/api/entitlement/consume", timeout=30)
     assert (response.status_code, error_code(response)) == (405, "method_not_allowed")
     assert response.headers["Allow"] == "POST"
+
+
+@pytest.mark.parametrize("path", ["/api/seal/public_keys", "/openapi.json", "/healthz"])
+def test_head_on_a_get_endpoint_is_get_without_a_body(api: Api, path: str) -> None:
+    get = requests.get(api.base_url + path, timeout=30)
+    head = requests.head(api.base_url + path, timeout=30)
+    assert (get.status_code, head.status_code) == (200, 200)
+    assert head.content == b"" and get.content
+    assert head.headers["Content-Type"] == get.headers["Content-Type"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({"Content-Type": "application/json", "Content-Encoding": "gzip"}, "Content-Encoding"),
+        ({"Content-Type": "application/json", "Content-Encoding": "br"}, "Content-Encoding"),
+        ({"Content-Type": "application/json; charset=utf-16"}, "UTF-8"),
+        ({"Content-Type": "application/json; charset=latin-1"}, "UTF-8"),
+    ],
+)
+def test_a_coding_or_charset_we_do_not_read_is_415(api: Api, headers: dict[str, str], reason: str) -> None:
+    api.issue(RUNNER, 1)
+    response = api.post("/api/entitlement/consume", data=b'{"run_id": "job-1"}', headers=headers)
+    assert (response.status_code, error_code(response)) == (415, "unsupported_media_type")
+    assert reason in response.json()["error"]["message"]
+    assert api.check("job-1").json()["state"] == "new"  # nothing charged
+
+
+@pytest.mark.parametrize("headers", [{"Content-Encoding": "identity"}, {"Content-Type": "application/json; charset=UTF-8"}])
+def test_identity_coding_and_utf8_charset_are_accepted(api: Api, headers: dict[str, str]) -> None:
+    api.issue(RUNNER, 1)
+    response = api.post("/api/entitlement/check", data=b'{"run_id": "job-1"}', headers={"Content-Type": "application/json", **headers})
+    assert response.status_code == 200, response.text
+
+
+def test_a_gzip_coded_seal_upload_is_415(api: Api) -> None:
+    svg = api.sealed_run()["seal_svg"]
+    response = api.verify(svg, headers={"Content-Encoding": "gzip"})
+    assert (response.status_code, error_code(response)) == (415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize("field", ["seal", "principal"])
+def test_a_multipart_body_repeating_a_field_is_400(api: Api, field: str) -> None:
+    svg = api.sealed_run()["seal_svg"].encode()
+    files: list[tuple[str, Any]] = [("seal", ("seal.svg", svg, "image/svg+xml"))]
+    files.append(("seal", ("seal.svg", svg, "image/svg+xml")) if field == "seal" else ("principal", (None, RUNNER)))
+    if field == "principal":
+        files.append(("principal", (None, RUNNER)))
+    response = api.post("/api/entitlement/redeem_seal_once", files=files)
+    assert (response.status_code, error_code(response)) == (400, "invalid_request")
+    assert f"more than one `{field}`" in response.json()["error"]["message"]
+    assert api.verify(svg).json()["redeemed"] is False
+
+
+def test_log_lines_stay_whole_under_concurrent_requests(api: Api, capfd: pytest.CaptureFixture[str]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    api.issue(RUNNER, 10)
+    capfd.readouterr()
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        statuses = list(pool.map(lambda n: api.check(f"job-{n}").status_code, range(200)))
+    assert statuses == [200] * 200
+    out = capfd.readouterr().out
+    lines = out.split("\n")
+    assert lines[-1] == ""  # ends with a newline, and no line is empty or merged
+    entries = [json.loads(line) for line in lines[:-1]]
+    assert sum(1 for e in entries if e["endpoint"] == "check" and e["status"] == 200) == 200

@@ -452,3 +452,47 @@ def test_verify_fetches_only_the_key_version_it_needs(api: Api, kms: FakeKms, mo
     assert (listing.status_code, error_code(listing)) == (503, "unavailable")  # an honest 503, not a partial list
     config.get_config.cache_clear()
     signing.get_signer.cache_clear()
+
+
+def test_verify_lists_checks_in_the_order_they_run(api: Api) -> None:
+    bundle = api.sealed_run()
+    response = api.verify(bundle["seal_svg"])
+    assert list(response.json()["checks"]) == ["document", "key", "signature", "record"]
+    assert '"checks":{"document":"ok","key":"ok","signature":"ok","record":"ok"}' in response.text
+
+
+def test_a_redeemed_seal_with_a_forged_signature_is_not_reported_redeemed(api: Api) -> None:
+    bundle = api.sealed_run()
+    assert api.redeem(bundle["seal_svg"]).status_code == 200
+    der = base64.b64decode(bundle["signature"])
+    forged = render_seal_svg(payload=bundle["seal_json"].encode(), signature=der[:-1] + bytes([der[-1] ^ 1]), key=bundle["key"])
+    body = api.verify(forged).json()
+    assert body["status"] == "INVALID" and body["checks"]["signature"] == "signature does not match the payload"
+    # The claims still name a redeemed seal, but an upload that does not verify says nothing about it.
+    assert body["redeemed"] is False
+    assert api.verify(bundle["seal_svg"]).json()["redeemed"] is True
+
+
+def test_redeem_with_an_idempotency_key_replays_and_refuses_another_seal(api: Api) -> None:
+    first_seal = api.sealed_run("job-1")["seal_svg"]
+    second_seal = api.sealed_run("job-2")["seal_svg"]
+    first = api.redeem(first_seal, headers={"Idempotency-Key": "bonus-1"})
+    assert first.status_code == 200 and first.json()["replayed"] is False
+    replay = api.redeem(first_seal, headers={"Idempotency-Key": "bonus-1"})
+    assert replay.status_code == 200 and replay.json() == {**first.json(), "replayed": True}
+    other = api.redeem(second_seal, headers={"Idempotency-Key": "bonus-1"})
+    assert (other.status_code, error_code(other)) == (409, "idempotency_conflict")
+    assert api.verify(second_seal).json()["redeemed"] is False
+    # A new key redeems the other seal.
+    assert api.redeem(second_seal, headers={"Idempotency-Key": "bonus-2"}).status_code == 200
+    assert len([g for g in store.all_grants(RUNNER) if g["plan_id"] == "seal_rerun"]) == 2
+
+
+def test_concurrent_redeems_with_one_key_grant_one_run_and_all_answer_200(api: Api) -> None:
+    svg = api.sealed_run()["seal_svg"]
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        responses = list(pool.map(lambda _: api.redeem(svg, headers={"Idempotency-Key": "k"}), range(10)))
+    assert [r.status_code for r in responses] == [200] * 10
+    assert sorted(r.json()["replayed"] for r in responses) == [False] + [True] * 9
+    assert len({r.json()["grant_id"] for r in responses}) == 1
+    assert len([g for g in store.all_grants(RUNNER) if g["plan_id"] == "seal_rerun"]) == 1
