@@ -27,6 +27,7 @@ ENV_FIRESTORE_RETRY = "GBX_FIRESTORE_RETRY_SECONDS"
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 GOOGLE_ISSUERS = ("accounts.google.com", "https://accounts.google.com")
 LOCAL_AUDIENCE = "gbx-local"
+LOCAL_PROJECT = "gbx-local"
 LOCAL_ADMIN_TOKEN = "local-admin-token"
 LOCAL_OPERATORS = "operator@gbx.local"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
     """Build the configuration from an environment mapping (default: the process environment)."""
     env = os.environ if env is None else env
     local_mode = env.get(ENV_LOCAL_MODE, "") == "1"
-    project = env.get(ENV_PROJECT) or ("gbx-local" if local_mode else "")
+    project = env.get(ENV_PROJECT) or (LOCAL_PROJECT if local_mode else "")
     local_dir = Path(env.get(ENV_LOCAL_DIR) or REPO_ROOT / ".gbx-local")
     signer = env.get(ENV_SIGNER) or ("local" if local_mode else "kms")
     kms_key_version = env.get(ENV_KMS_KEY_VERSION, "")
