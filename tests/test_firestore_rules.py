@@ -20,7 +20,7 @@ PROJECT = "demo-gbx-rules"
 SERVER = {"Authorization": "Bearer owner"}  # the emulator's admin credential: rules do not apply
 FIELDS = {"fields": {"marker": {"stringValue": "server"}}}
 
-# One document per collection of API.md's "Data" section, plus one that no block names.
+# One document per collection the service writes (shared/store.py), plus one that no block names.
 DOCUMENTS = [
     "principals/alice@example.com",
     "principals/alice@example.com/grants/g1",
@@ -29,9 +29,10 @@ DOCUMENTS = [
     "seals/seal1",
     "redemptions/0f1e2d",
     "issuances/3c4b5a",
+    "redemption_keys/9a8b7c",
     "not_a_gbx_collection/doc1",
 ]
-COLLECTIONS = ["principals", "grants", "runs", "ledger", "seals", "redemptions", "issuances"]
+COLLECTIONS = ["principals", "grants", "runs", "ledger", "seals", "redemptions", "issuances", "redemption_keys"]
 
 
 def _unsigned_jwt(claims: dict[str, object]) -> str:
@@ -110,6 +111,15 @@ def test_the_server_writes_and_reads_every_collection(documents_url: str) -> Non
         response = requests.get(url, headers=SERVER, timeout=10)
         assert response.status_code == 200, response.text
         assert response.json()["name"].endswith(f"/documents/{path}")
+
+
+def test_every_collection_the_store_writes_is_listed_here() -> None:
+    from shared import store
+
+    written = {value for name, value in vars(store).items() if name.isupper() and name in {"PRINCIPALS", "GRANTS", "RUNS", "LEDGER", "SEALS", "REDEMPTIONS", "ISSUANCES", "REDEMPTION_KEYS"}}
+    collection_calls = set(re.findall(r"collection\((\w+)\)", Path(store.__file__).read_text()))
+    assert collection_calls <= {"PRINCIPALS", "GRANTS", "RUNS", "LEDGER", "SEALS", "REDEMPTIONS", "ISSUANCES", "REDEMPTION_KEYS"}, collection_calls
+    assert written == set(COLLECTIONS)
 
 
 def test_every_collection_of_the_contract_has_its_own_block() -> None:
