@@ -1,32 +1,42 @@
-# GBX Entitlements: `make run` serves every endpoint locally; `make test` runs the whole suite.
+# GBX Entitlements: `make run` serves every endpoint and the portal locally; `make test` runs the whole suite.
 PYTHON ?= python3
 VENV := .venv
 PORT ?= 8080
 STAMP := $(VENV)/.installed
+PIP := $(VENV)/bin/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install run test openapi bench clean
+.PHONY: install browser run test lint openapi bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt client/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "GBX Entitlements needs Python 3.11 or newer (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e ./client
+	$(PIP) --upgrade pip
+	$(PIP) -r requirements-dev.txt
+	# The runner client (gbx) and the seal format the service shares with it; its dependencies are pinned above.
+	$(PIP) --no-deps -e ./client
 	@touch $@
 
 install: $(STAMP)
 
+# The browser tests drive Debian's chromium through chromedriver (installed with apt-get when missing).
+browser:
+	@bash tools/ensure-browser.sh
+
 run: $(STAMP)
 	$(VENV)/bin/python -m shared.local serve --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 openapi: $(STAMP)
 	$(VENV)/bin/python -m shared.openapi > openapi.json
 
 bench: $(STAMP)
-	$(VENV)/bin/python bench/contention.py
+	$(VENV)/bin/python -m bench
 
 clean:
-	rm -rf $(VENV) build .pytest_cache
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -10,9 +10,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 JAR_RELATIVE = Path("platform/cloud-firestore-emulator/cloud-firestore-emulator.jar")
 MISSING_MESSAGE = (
@@ -106,8 +106,8 @@ def start(
            "--host", "127.0.0.1", "--port", str(port)]
     if rules is not None:
         cmd += ["--rules", str(rules)]
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(log_path or os.devnull, "ab") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     emulator = Emulator(host=f"127.0.0.1:{port}", process=process, project=project)
     try:
         _wait_until_ready(emulator, timeout=timeout, log_path=log_path, cancelled=cancelled or (lambda: False))

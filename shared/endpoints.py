@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from shared import errors, models
+from shared.errors import ApiError
 
 FUNCTION_PREFIX = "gbx-"
 
@@ -71,7 +72,7 @@ class Endpoint:
     request: type[BaseModel] | None = None
     body: Body = Body.JSON
     idempotent: bool = False
-    errors: tuple[type[errors.ApiError], ...] = ()
+    errors: tuple[type[ApiError], ...] = ()
     keys: Keys = Keys.NONE
 
     @property
@@ -80,9 +81,9 @@ class Endpoint:
         return FUNCTION_PREFIX + self.name.replace("_", "-")
 
     @property
-    def all_errors(self) -> tuple[type[errors.ApiError], ...]:
+    def all_errors(self) -> tuple[type[ApiError], ...]:
         """Every error the endpoint can answer: its own, and those its caller, body and options imply."""
-        implied: list[type[errors.ApiError]] = [errors.MethodNotAllowed, errors.Unavailable, errors.ApiError]
+        implied: list[type[ApiError]] = [errors.MethodNotAllowed, errors.Unavailable, ApiError]
         if self.body is not Body.NONE:
             implied += [errors.InvalidRequest, errors.PayloadTooLarge, errors.UnsupportedMediaType]
         if self.body is Body.SEAL:

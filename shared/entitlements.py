@@ -21,12 +21,12 @@ from shared.models import (
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def spendable_grants(grants: list[store.Grant], now: dt.datetime) -> list[store.Grant]:
     """Usable grants in spending order: earliest expiry first, never-expiring last, then oldest first."""
-    far = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
+    far = dt.datetime.max.replace(tzinfo=dt.UTC)
     usable = [g for g in grants if g.usable(now)]
     return sorted(usable, key=lambda g: (g.expires_at or far, g.created_at or far, g.group, g.grant_id))
 

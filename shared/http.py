@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -12,15 +13,14 @@ import uuid
 from typing import Any
 
 import flask
+import functions_framework
 import google.auth.exceptions
 import pydantic
 from google.api_core import exceptions as gexc
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
-import functions_framework
 from gbx_client.seal_format import MAX_SEAL_BYTES
-
 from shared import auth, errors
 from shared.config import get_config
 from shared.endpoints import ENDPOINTS, Body, Caller, Endpoint
@@ -111,10 +111,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _reject_duplicate_keys(raw: bytes) -> None:
     """400 for a repeated key: parsers disagree on which one wins, so a proxy could read another request."""
-    try:
+    # Not JSON (or absurdly deep): pydantic reports it as invalid with its own message.
+    with contextlib.suppress(ValueError, RecursionError):
         json.loads(raw, object_pairs_hook=_no_duplicates)
-    except (ValueError, RecursionError):
-        pass  # not JSON (or absurdly deep): pydantic reports it as invalid with its own message
 
 
 def _parse_seal(request: flask.Request, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:

@@ -19,8 +19,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flask
 import google.auth.crypt
@@ -35,6 +36,7 @@ from shared import config as config_module
 from shared import emulator as emulator_module
 from shared import errors, openapi
 from shared.endpoints import ENDPOINTS
+from shared.files import write_once
 from shared.http import error_response
 
 FUNCTIONS_DIR = config_module.REPO_ROOT / "functions"
@@ -59,13 +61,13 @@ class LocalIssuer:
         self.folder.mkdir(parents=True, exist_ok=True)
         fresh = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         pem = fresh.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        _write_once(self.key_path, pem, mode=0o600)
+        write_once(self.key_path, pem, mode=0o600)
         # Another process may have won the race: certify the key on disk, not ours.
         key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
         if not isinstance(key, rsa.RSAPrivateKey):
             raise RuntimeError(f"{self.key_path} does not hold an RSA key")
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gbx-local-issuer")])
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -77,7 +79,7 @@ class LocalIssuer:
             .sign(key, hashes.SHA256())
         )
         certs = {self._kid(key): cert.public_bytes(serialization.Encoding.PEM).decode()}
-        _write_once(self.certs_path, json.dumps(certs, indent=1).encode(), mode=0o644)
+        write_once(self.certs_path, json.dumps(certs, indent=1).encode(), mode=0o644)
 
     @staticmethod
     def _kid(key: Any) -> str:
@@ -109,19 +111,6 @@ class LocalIssuer:
         claims = {**self.claims(email, audience), **overrides}
         claims = {k: v for k, v in claims.items() if v is not None}
         return google.auth.jwt.encode(self.signer(), claims).decode()
-
-
-def _write_once(path: Path, data: bytes, *, mode: int) -> None:
-    """Write a file unless it exists; concurrent writers agree on the first one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, mode)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
 
 
 def _load_function(entry: str) -> Callable[[flask.Request], Any] | None:

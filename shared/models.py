@@ -23,15 +23,15 @@ RFC3339_UTC_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$"
 def _rfc3339_utc(value: object) -> dt.datetime:
     """Accept only the contract's time format, RFC 3339 UTC with `Z` (no epoch numbers, no offsets, no spaces)."""
     if isinstance(value, dt.datetime) and value.tzinfo is not None:
-        return value.astimezone(dt.timezone.utc)
+        return value.astimezone(dt.UTC)
     if not isinstance(value, str) or not re.fullmatch(RFC3339_UTC_PATTERN, value):
         raise ValueError("time must be RFC 3339 UTC with Z, e.g. 2030-01-01T00:00:00Z")
-    return dt.datetime.fromisoformat(value[:-1]).replace(tzinfo=dt.timezone.utc)  # ValueError for 2030-02-30
+    return dt.datetime.fromisoformat(value[:-1]).replace(tzinfo=dt.UTC)  # ValueError for 2030-02-30
 
 
 def format_time(value: dt.datetime) -> str:
     """RFC 3339 UTC with `Z`: seconds, plus microseconds when there are any."""
-    value = value.astimezone(dt.timezone.utc)
+    value = value.astimezone(dt.UTC)
     spec = "microseconds" if value.microsecond else "seconds"
     return value.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
 

@@ -26,7 +26,7 @@ def run_start(caller: Identity, req: RunStartRequest) -> RunStartResponse:
                 raise errors.RunStateConflict(f"run_id {req.run_id!r} was started with other metadata")
             return RunStartResponse(run_id=req.run_id, state="started", started_at=format_time(run.data["started_at"]))
         # The time is taken here, as consumed_at and completed_at are, so that response and record agree exactly.
-        started_at = dt.datetime.now(dt.timezone.utc)
+        started_at = dt.datetime.now(dt.UTC)
         store.commit_run_start(caller.principal, run, metadata, started_at=started_at)
         return RunStartResponse(run_id=req.run_id, state="started", started_at=format_time(started_at))
 

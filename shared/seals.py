@@ -8,6 +8,16 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from gbx_client.seal_format import (
+    SealDocumentInvalid,
+    SealPayloadInvalid,
+    SealTooLarge,
+    b64url_decode,
+    canonical_json,
+    decode_payload,
+    parse_seal_svg,
+    render_seal_svg,
+)
 from shared import errors, store
 from shared.auth import Identity
 from shared.config import get_config
@@ -23,16 +33,6 @@ from shared.models import (
     VerifyChecks,
     VerifyResponse,
     format_time,
-)
-from gbx_client.seal_format import (
-    SealDocumentInvalid,
-    SealPayloadInvalid,
-    SealTooLarge,
-    b64url_decode,
-    canonical_json,
-    decode_payload,
-    parse_seal_svg,
-    render_seal_svg,
 )
 from shared.signing import PublicKey, Signer, get_signer, verify_signature
 
@@ -60,7 +60,7 @@ def _sign_seal(principal: str, run: store.Run, outputs_sha256: str) -> tuple[dic
     """Build seal.json for a started run and sign it (KMS, outside any commit); returns the seal record."""
     signer = get_signer()
     data = run.data
-    completed_at = dt.datetime.now(dt.timezone.utc)
+    completed_at = dt.datetime.now(dt.UTC)
     claims: dict[str, Any] = {
         "v": 1,
         "seal_id": secrets.token_urlsafe(SEAL_ID_BYTES),

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,8 +14,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared import errors
-from shared import config
+from shared import config, errors
+from shared.files import write_once
 
 if TYPE_CHECKING:
     # Only for annotations: importing google.cloud.kms costs a cold start that never signs.
@@ -222,21 +220,8 @@ class LocalSigner:
             pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
-            # mkstemp creates the file 0600; the key is complete on disk before it gets its public name.
-            fd, tmp_name = tempfile.mkstemp(prefix=".seal-key-", dir=self.key_dir)
-            try:
-                with os.fdopen(fd, "wb") as tmp:
-                    tmp.write(pem)
-                    tmp.flush()
-                    os.fsync(tmp.fileno())
-                # link() refuses to replace an existing file (rename would not): the first process wins,
-                # the others read the winner's key.
-                try:
-                    os.link(tmp_name, self.key_path)
-                except FileExistsError:
-                    pass
-            finally:
-                os.unlink(tmp_name)
+            # Every process ends up with one key: the first to publish it wins, the others read the winner's.
+            write_once(self.key_path, pem, mode=0o600)
         key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
             raise RuntimeError(f"{self.key_path} does not hold a P-256 private key")

@@ -14,7 +14,7 @@ OTHER = "other@acme-prod.iam.gserviceaccount.com"
 
 
 def _future(days: int = 30) -> str:
-    return (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=days)).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return (dt.datetime.now(dt.UTC) + dt.timedelta(days=days)).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def test_issue_returns_the_grant_and_balance(api: Api) -> None:
@@ -59,7 +59,7 @@ def test_issue_records_the_issuer_of_an_accompanying_id_token(api: Api) -> None:
 
 
 def test_issue_rejects_out_of_range_values(api: Api) -> None:
-    past = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)).replace(tzinfo=None).isoformat() + "Z"
+    past = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)).replace(tzinfo=None).isoformat() + "Z"
     for fields in (
         {"runs_total": 0},
         {"runs_total": 1_000_001},
@@ -199,7 +199,7 @@ def test_earliest_expiring_grant_is_spent_first(api: Api) -> None:
 def test_expired_grant_is_not_spent(api: Api) -> None:
     grant_id = api.issue(RUNNER, 2, expires_at=_future(1)).json()["grant_id"]
     # Let the grant expire by moving its expiry into the past, as time would.
-    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
     store.client().collection("principals").document(RUNNER).collection("grants").document(grant_id).update({"expires_at": past})
     response = api.consume("job-1")
     assert (response.status_code, error_code(response)) == (402, "entitlement_exhausted")
@@ -242,7 +242,7 @@ def test_replay_is_answered_after_the_grant_expired(api: Api, monkeypatch: pytes
 
     expires = _future(1)
     first = api.issue(RUNNER, 2, key="short-lived", expires_at=expires).json()
-    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
     monkeypatch.setattr(entitlements, "_now", lambda: later)
     replay = api.issue(RUNNER, 2, key="short-lived", expires_at=expires)
     assert replay.status_code == 200 and replay.json() == {**first, "replayed": True}

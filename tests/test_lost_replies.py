@@ -7,7 +7,7 @@ Contended, which is exactly what the service sees in that case.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 

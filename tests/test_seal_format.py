@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -16,8 +17,8 @@ from gbx_client.seal_format import (
     SVG_NS,
     SealDocumentInvalid,
     SealElement,
-    SealTooLarge,
     SealPayloadInvalid,
+    SealTooLarge,
     b64url_decode,
     b64url_encode,
     canonical_json,
@@ -162,8 +163,8 @@ def test_decode_payload_accepts_the_optional_manifest_claim() -> None:
 
 
 def test_claim_sets_are_the_documented_ones() -> None:
-    assert REQUIRED_CLAIMS == set(make_claims())
-    assert OPTIONAL_CLAIMS == {"run_manifest_sha256"}
+    assert set(make_claims()) == REQUIRED_CLAIMS
+    assert {"run_manifest_sha256"} == OPTIONAL_CLAIMS
 
 
 def _without(*names: str) -> dict[str, Any]:
@@ -231,7 +232,7 @@ def test_payload_errors_are_verification_results_not_document_errors() -> None:
 def test_the_format_module_imports_nothing_of_the_service() -> None:
     import gbx_client.seal_format as module
 
-    source = open(module.__file__, encoding="utf-8").read()
+    source = Path(module.__file__).read_text(encoding="utf-8")
     assert "shared" not in {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
 
 

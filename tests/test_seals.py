@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from shared import config, signing, store
 from gbx_client.seal_format import b64url_decode, b64url_encode, canonical_json, parse_seal_svg, render_seal_svg
+from shared import config, signing, store
 from tests.conftest import IMAGE, OPERATOR, RUNNER, Api, error_code
 from tests.kms_server import VERSION_1, VERSION_2, FakeKms
 
