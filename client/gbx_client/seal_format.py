@@ -12,7 +12,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 from xml.etree.ElementTree import Element, ParseError
 from xml.sax.saxutils import escape as _escape_text
@@ -28,24 +28,33 @@ MAX_SEAL_BYTES = 256 * 1024
 # a badge but an attempt to make a tree walker recurse or allocate without end.
 MAX_SEAL_DEPTH = 64
 
-REQUIRED_CLAIMS: frozenset[str] = frozenset(
-    {
-        "v",
-        "seal_id",
-        "run_id",
-        "principal",
-        "project_id",
-        "container_image",
-        "inputs_sha256",
-        "outputs_sha256",
-        "consumed_at",
-        "started_at",
-        "completed_at",
-        "issuer",
-        "key",
-    }
-)
-OPTIONAL_CLAIMS: frozenset[str] = frozenset({"run_manifest_sha256"})
+@dataclass(frozen=True)
+class SealClaims:
+    """The claims of seal.json, version 1: every claim is a string but `v`; the manifest hash is absent when the run had none."""
+
+    v: int
+    seal_id: str
+    run_id: str
+    principal: str
+    project_id: str
+    container_image: str
+    inputs_sha256: str
+    outputs_sha256: str
+    consumed_at: str
+    started_at: str
+    completed_at: str
+    issuer: str
+    key: str
+    run_manifest_sha256: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The claims as seal.json holds them: an absent manifest is left out, not null."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+# Derived from SealClaims, so the list of claims is written once.
+REQUIRED_CLAIMS: frozenset[str] = frozenset(f.name for f in fields(SealClaims) if f.default is MISSING)
+OPTIONAL_CLAIMS: frozenset[str] = frozenset(f.name for f in fields(SealClaims) if f.default is not MISSING)
 
 SEAL_VERSION = "1"
 SEAL_ALG = "ES256"

@@ -1,0 +1,350 @@
+"""The `gbx` command line: run, complete, verify, hash. Progress and diagnostics on stderr, results on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from gbx_client import hashing, identity, run, verify
+from gbx_client.errors import RUN_EXIT_CODES, GbxError, UsageError
+from gbx_client.service import RetryPolicy, Service
+
+RUN_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+PINNED_IMAGE = re.compile(r"[^\s@]+@sha256:[0-9a-f]{64}")
+PROJECT_ID = re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]")
+METADATA_PROJECT = "/computeMetadata/v1/project/project-id"
+
+# gbx verify keeps the contract's codes: 0 verified, 1 invalid, 2 usage.
+VERIFY_INVALID = 1
+VERIFY_USAGE = 2
+
+RUN_EPILOG = "exit codes (sysexits; a CMD exiting with one of these is told apart only by gbx's last stderr line, 'gbx: exit N (NAME): ...'):\n" + "\n".join(
+    f"  {code:>3}  {meaning}" for code, meaning in RUN_EXIT_CODES
+) + "\n  other  CMD's own exit status (128+N when signal N ended it); no seal written, the run stays started"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the exit code of a usage error chosen per command (64 EX_USAGE; 2 for verify, as the contract says)."""
+
+    def __init__(self, *args: Any, usage_exit: int = UsageError.exit_code, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.usage_exit = usage_exit
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage and the problem, then exit with this command's usage code."""
+        self.print_usage(sys.stderr)
+        self.exit(self.usage_exit, f"gbx: exit {self.usage_exit} (usage): {message}\n")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    """An option's fallback from the environment (empty counts as unset)."""
+    return os.environ.get(name) or default
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _add_service_options(parser: argparse.ArgumentParser) -> None:
+    """Identity and retry options, shared by run, complete and verify."""
+    parser.add_argument(
+        "--audience", metavar="AUDIENCE", default=_env("GBX_AUDIENCE"),
+        help="audience of the ID token fetched with Google credentials (env GBX_AUDIENCE; default: the base URL)",
+    )
+    parser.add_argument(
+        "--token-command", metavar="CMD", default=_env("GBX_TOKEN_COMMAND"),
+        help="shell command printing an ID token on stdout, run again when the token is 50 minutes old "
+        "(env GBX_TOKEN_COMMAND). Without it: the token in env GBX_ID_TOKEN, else google-auth's fetch_id_token "
+        "(metadata server on Cloud Run/GCE/GKE, or GOOGLE_APPLICATION_CREDENTIALS)",
+    )
+    parser.add_argument(
+        "--retry-timeout", metavar="SECONDS", type=_seconds, default=_seconds(_env("GBX_RETRY_TIMEOUT", "120") or "120"),
+        help="seconds each call retries connection errors, timeouts and 502/503/504 (Retry-After honoured, "
+        "exponential backoff with jitter) before giving up; 4xx are never retried (env GBX_RETRY_TIMEOUT; default 120)",
+    )
+    parser.add_argument(
+        "--attempt-timeout", metavar="SECONDS", type=_seconds, default=_seconds(_env("GBX_ATTEMPT_TIMEOUT", "65") or "65"),
+        help="connect and read timeout of one HTTP attempt, in seconds (env GBX_ATTEMPT_TIMEOUT; default 65)",
+    )
+
+
+def build_parser() -> Parser:
+    """The whole command line."""
+    parser = Parser(prog="gbx", description="GBX Entitlements runner client: run a licensed job and seal it; verify seals.")
+    parser.add_argument("--version", action="version", version=f"gbx {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+
+    run_parser = commands.add_parser(
+        "run", help="check, consume, run CMD and seal it",
+        usage="gbx run [options] -- CMD [ARG...]",
+        description="check -> consume -> hash inputs -> run_start -> CMD -> hash outputs -> run_complete -> seal directory "
+        "-> offline self-check. Run again with the same run_id after a crash: nothing is charged twice; a started run "
+        "runs CMD again, a completed one only rewrites its seal directory.",
+        epilog=RUN_EPILOG,
+    )
+    cloud_run_id = (
+        f"{os.environ['CLOUD_RUN_EXECUTION']}-{os.environ.get('CLOUD_RUN_TASK_INDEX', '0')}" if os.environ.get("CLOUD_RUN_EXECUTION") else None
+    )
+    run_parser.add_argument("--url", metavar="URL", default=_env("GBX_URL"), help="base URL serving the /api/... paths (env GBX_URL)")
+    run_parser.add_argument(
+        "--run-id", metavar="ID", default=_env("GBX_RUN_ID", cloud_run_id),
+        help="run id, 1-128 of [A-Za-z0-9._:-] (env GBX_RUN_ID; on Cloud Run jobs default "
+        "$CLOUD_RUN_EXECUTION-$CLOUD_RUN_TASK_INDEX, the same across task retries)",
+    )
+    run_parser.add_argument("--image", metavar="IMAGE", default=_env("GBX_CONTAINER_IMAGE"), help="the job's image, NAME[:TAG]@sha256:<64 hex> (env GBX_CONTAINER_IMAGE)")
+    run_parser.add_argument(
+        "--project", metavar="PROJECT", default=_env("GOOGLE_CLOUD_PROJECT"),
+        help="Google Cloud project the job runs in (env GOOGLE_CLOUD_PROJECT; else asked of the metadata server)",
+    )
+    run_parser.add_argument("--inputs", metavar="PATH", default=_env("GBX_INPUTS"), help="input file or directory, hashed canonically (env GBX_INPUTS)")
+    run_parser.add_argument("--outputs", metavar="DIR", default=_env("GBX_OUTPUTS"), help="output directory (or file) CMD writes, hashed after it (env GBX_OUTPUTS)")
+    run_parser.add_argument("--manifest", metavar="FILE", default=_env("GBX_MANIFEST"), help="optional run manifest file; its hash is run_manifest_sha256 (env GBX_MANIFEST)")
+    run_parser.add_argument("--seal-dir", metavar="DIR", default=_env("GBX_SEAL_DIR", "seal"), help="where the seal is written (env GBX_SEAL_DIR; default ./seal)")
+    run_parser.add_argument("--hash-workers", metavar="N", type=int, default=None, help="threads hashing files (default: one per core, at least 2)")
+    _add_service_options(run_parser)
+
+    complete_parser = commands.add_parser(
+        "complete", help="finish a pending seal (preseal.json) once the service is reachable",
+        description="Calls run_complete for the run that SEAL_DIR/preseal.json describes and writes the seal. Exit codes as for gbx run.",
+        epilog=RUN_EPILOG,
+    )
+    complete_parser.add_argument("seal_dir", metavar="SEAL_DIR", help="the seal directory holding preseal.json")
+    complete_parser.add_argument("--url", metavar="URL", default=None, help="base URL to use instead of the one preseal.json names")
+    _add_service_options(complete_parser)
+
+    verify_parser = commands.add_parser(
+        "verify", help="verify a seal offline (and optionally online)", usage_exit=VERIFY_USAGE,
+        description="Offline by default: parses seal.svg safely, checks the key it names and the signature, and with "
+        "--outputs whether those files are the sealed outputs. Prints the claims and each check.",
+        epilog="exit codes: 0 verified (every check asked for), 1 INVALID, 2 usage (bad options, unreadable SEAL or key file), "
+        "69 could not check (the keys URL or --online service unreachable), 77/78 the online service refused our identity / none",
+    )
+    verify_parser.add_argument("seal", metavar="SEAL", help="a seal.svg, or a seal directory (seal.svg, seal.json, seal.sig, public_key.pem)")
+    keys = verify_parser.add_mutually_exclusive_group()
+    keys.add_argument("--public-key", metavar="PEM", help="trust this public key (SPKI PEM file) whatever key version the seal names")
+    keys.add_argument(
+        "--keys", metavar="FILE_OR_URL",
+        help="the service's GET /api/seal/public_keys document, saved or by URL: the seal's key version must be listed. "
+        "Default: --online's keys, else the seal directory's public_key.pem (integrity only, not who signed)",
+    )
+    verify_parser.add_argument("--outputs", metavar="DIR", help="check that DIR (or a file) holds exactly the sealed outputs")
+    verify_parser.add_argument("--online", metavar="URL", help="also ask the service at this base URL (POST /api/seal/verify)")
+    verify_parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    _add_service_options(verify_parser)
+
+    hash_parser = commands.add_parser(
+        "hash", help="print the canonical SHA-256 of files or directories",
+        description="A file: SHA-256 of its bytes. A directory: what "
+        "`(cd DIR && find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum) | sha256sum` prints. "
+        "Symlinks, special files and names with a newline, carriage return or backslash are an error (exit 65).",
+    )
+    hash_parser.add_argument("paths", metavar="PATH", nargs="+", help="file or directory")
+    hash_parser.add_argument("--workers", metavar="N", type=int, default=None, help="threads hashing files (default: one per core, at least 2)")
+    hash_parser.add_argument("--json", action="store_true", help="one JSON object per PATH (sha256, files, bytes, seconds)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `gbx` console script; returns the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if args_list[:1] == ["run"] and "--" in args_list:
+        split = args_list.index("--")
+        args_list, command = args_list[:split], args_list[split + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    usage_exit = VERIFY_USAGE if args.command == "verify" else UsageError.exit_code
+    try:
+        if args.command == "run":
+            return _run(args, command)
+        if args.command == "complete":
+            return _complete(args)
+        if args.command == "verify":
+            return _verify(args)
+        return _hash(args)
+    except GbxError as exc:
+        code = usage_exit if isinstance(exc, UsageError) else exc.exit_code
+        _say(f"exit {code} ({exc.name}): {exc}")
+        return code
+    except KeyboardInterrupt:
+        _say("exit 130 (interrupted)")
+        return 130
+
+
+def _run(args: argparse.Namespace, command: list[str]) -> int:
+    """gbx run."""
+    if not command:
+        raise UsageError("no CMD: gbx run [options] -- CMD [ARG...]")
+    missing = [option for option, value in (("--url", args.url), ("--run-id", args.run_id), ("--image", args.image), ("--inputs", args.inputs), ("--outputs", args.outputs)) if not value]
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)} (or their environment variables; see gbx run --help)")
+    if not RUN_ID.fullmatch(args.run_id):
+        raise UsageError(f"--run-id {args.run_id!r}: 1-128 characters of A-Z a-z 0-9 . _ : -")
+    if not PINNED_IMAGE.fullmatch(args.image):
+        raise UsageError(f"--image {args.image!r}: must be pinned by digest, NAME[:TAG]@sha256:<64 lower-case hex>")
+    service = _service(args, args.url)
+    project = args.project or _metadata_project(service)
+    if not PROJECT_ID.fullmatch(project):
+        raise UsageError(f"--project {project!r} is not a Google Cloud project ID")
+    job = run.Job(
+        run_id=args.run_id, image=args.image, project=project, inputs=Path(args.inputs), outputs=Path(args.outputs),
+        manifest=Path(args.manifest) if args.manifest else None, seal_dir=Path(args.seal_dir), command=command, workers=args.hash_workers,
+    )
+    seal_id = run.run_job(job, service, _say)
+    _say(f"exit 0 (sealed): run {job.run_id} sealed as {seal_id} in {job.seal_dir}")
+    return 0
+
+
+def _complete(args: argparse.Namespace) -> int:
+    """gbx complete."""
+    seal_dir = Path(args.seal_dir)
+    seal_id = run.complete_pending(seal_dir, lambda url: _service(args, args.url or url), _say)
+    _say(f"exit 0 (sealed): seal {seal_id} in {seal_dir}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """gbx verify: print the claims and each check; 0 only when everything asked for verifies."""
+    seal = verify.load_seal(Path(args.seal))
+    service = _service(args, args.online) if args.online else None
+    keys = _keys(args, seal, service)
+    outputs = Path(args.outputs) if args.outputs else None
+    if outputs is not None and not outputs.exists():
+        raise UsageError(f"--outputs {outputs}: no such file or directory")
+    online = (lambda svg: _online_check(service, svg)) if service is not None else None
+    result = verify.verify_seal(seal, keys, outputs=outputs, online=online)
+    if args.json:
+        print(json.dumps({**result.as_json(), "keys": keys.source}, indent=2, sort_keys=True))
+    else:
+        _print_verification(result, keys.source)
+    if result.verified:
+        _say(f"exit 0 (verified): seal {result.seal_id}")
+        return 0
+    _say(f"exit {VERIFY_INVALID} (invalid): {result.first_failure()}")
+    return VERIFY_INVALID
+
+
+def _keys(args: argparse.Namespace, seal: verify.SealFiles, service: Service | None) -> verify.KeyRing:
+    """The keys to check the seal against: --public-key, --keys, --online's, else the seal directory's own."""
+    if args.public_key:
+        try:
+            return verify.single_key(Path(args.public_key).read_bytes(), args.public_key)
+        except OSError as exc:
+            raise UsageError(f"cannot read --public-key {args.public_key}: {exc.strerror or exc}") from exc
+    if args.keys and args.keys.startswith(("http://", "https://")):
+        return _fetch_keys(_service(args, args.keys, identity_needed=False), args.keys)
+    if args.keys:
+        return verify.keys_file(Path(args.keys))
+    if service is not None:
+        url = f"{service.base_url}/api/seal/public_keys"
+        return _fetch_keys(service, url)
+    if seal.public_key_pem is not None:
+        _say(f"warning: checking against {seal.source}/public_key.pem, which came with the seal: this proves the files are intact, "
+             "not who signed them; add --keys URL/api/seal/public_keys to check the key is the service's")
+        return verify.single_key(seal.public_key_pem, f"{seal.source}/public_key.pem")
+    raise UsageError("no key to check against: give --keys FILE_OR_URL, --public-key PEM or --online URL")
+
+
+def _fetch_keys(service: Service, url: str) -> verify.KeyRing:
+    """GET a public keys document (no identity needed)."""
+    reply = service.send("GET", url, step="public_keys", auth=False)
+    if reply.status != 200:
+        raise UsageError(f"--keys {url}: HTTP {reply.status} {reply.message}")
+    return verify.keys_document(reply.body, url)
+
+
+def _online_check(service: Service | None, svg: bytes) -> str:
+    """Ask the service to verify the seal: "ok", or the first check it failed."""
+    assert service is not None
+    reply = service.post_svg("/api/seal/verify", svg, step="verify")
+    if reply.status == 200:
+        body = reply.json_object("verify")
+        if body.get("status") == "VERIFIED":
+            return verify.OK
+        checks = body.get("checks") if isinstance(body.get("checks"), dict) else {}
+        failed = next((f"{name}: {value}" for name, value in checks.items() if value != verify.OK), "INVALID")
+        return f"the service says INVALID ({failed})"
+    if reply.status in (400, 413):
+        return f"the service refuses the document ({reply.message})"
+    raise run._refusal("verify", reply, "-")
+
+
+def _print_verification(result: verify.Verification, key_source: str) -> None:
+    """The human-readable result on stdout: status, each check, the claims."""
+    print(f"{'VERIFIED' if result.verified else 'INVALID'}  seal {result.seal_id or '-'}")
+    print(f"  keys from {key_source}")
+    width = max(len(name) for name in result.checks)
+    for name, value in result.checks.items():
+        print(f"  {name:<{width}}  {value}")
+    if result.claims:
+        print("claims:")
+        claim_width = max(len(name) for name in result.claims)
+        for name in sorted(result.claims):
+            print(f"  {name:<{claim_width}}  {result.claims[name]}")
+
+
+def _hash(args: argparse.Namespace) -> int:
+    """gbx hash: the canonical hash of each PATH on stdout."""
+    for path_text in args.paths:
+        digest = hashing.canonical_hash(Path(path_text), workers=args.workers)
+        if args.json:
+            print(json.dumps({"path": path_text, "sha256": digest.sha256, "files": digest.files, "bytes": digest.bytes, "seconds": round(digest.seconds, 6)}))
+        elif len(args.paths) == 1:
+            print(digest.sha256)
+        else:
+            print(f"{digest.sha256}  {path_text}")
+        _say(f"hash {path_text}: {digest.describe()}")
+    return 0
+
+
+def _service(args: argparse.Namespace, url: str, *, identity_needed: bool = True) -> Service:
+    """A Service for url with the identity and retry options given."""
+    tokens = identity.token_source(
+        token_command=args.token_command, env_token=os.environ.get("GBX_ID_TOKEN"), audience=args.audience or url.rstrip("/")
+    ) if identity_needed else None
+    policy = RetryPolicy(timeout=args.retry_timeout, attempt_timeout=args.attempt_timeout)
+    return Service(url, identity=tokens, policy=policy, report=_say)
+
+
+def _metadata_project(service: Service) -> str:
+    """The project ID from the metadata server (Cloud Run, GCE, GKE), when --project and GOOGLE_CLOUD_PROJECT are unset."""
+    host = os.environ.get("GCE_METADATA_HOST", "metadata.google.internal")
+    import requests  # the metadata server is a plain GET; a short bound, it is either there or not
+
+    try:
+        response = requests.get(f"http://{host}{METADATA_PROJECT}", headers={"Metadata-Flavor": "Google"}, timeout=3)
+    except requests.RequestException as exc:
+        raise UsageError("no --project: set --project or GOOGLE_CLOUD_PROJECT (no metadata server answered)") from exc
+    if response.status_code != 200 or not response.text.strip():
+        raise UsageError(f"no --project: set --project or GOOGLE_CLOUD_PROJECT (metadata server: HTTP {response.status_code})")
+    return response.text.strip()
+
+
+def _say(text: str) -> None:
+    """One line of progress or diagnosis on stderr."""
+    print(f"gbx: {text}", file=sys.stderr, flush=True)
+
+
+def _version() -> str:
+    """The installed package's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gbx-client")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

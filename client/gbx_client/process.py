@@ -1,0 +1,71 @@
+"""Run the customer's CMD: stdio passed through, signals forwarded, its status returned the way a shell reports it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from types import FrameType
+
+# What a job runner sends to stop or poke a job; gbx passes each on to CMD. SIGKILL and SIGSTOP
+# cannot be caught: they stop gbx, and the run stays started until gbx runs again.
+FORWARDED = tuple(
+    getattr(signal, name)
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+    if hasattr(signal, name)
+)
+# Keys typed at a terminal (Ctrl-C, Ctrl-\) already reach CMD when gbx is the terminal's
+# foreground process group: forwarding them as well would deliver them twice.
+TERMINAL_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGINT", "SIGQUIT") if hasattr(signal, name))
+
+
+def run_command(argv: list[str]) -> int:
+    """Run CMD to its end and return its exit status: its own code, 128+N when signal N ended it, 126/127 when it could not start."""
+    child: list[subprocess.Popen[bytes]] = []
+    pending: list[int] = []
+    from_terminal = _in_terminal_foreground()
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        if from_terminal and signum in TERMINAL_SIGNALS:
+            return
+        if child:
+            _send(child[0], signum)
+        else:
+            pending.append(signum)  # arrived while CMD was starting: delivered once it exists
+
+    # Handlers before Popen: a SIGTERM landing during start-up must not kill gbx and orphan CMD.
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
+    try:
+        try:
+            child.append(subprocess.Popen(argv))
+        except FileNotFoundError:
+            print(f"gbx: {argv[0]}: command not found", file=sys.stderr)
+            return 127
+        except PermissionError:
+            print(f"gbx: {argv[0]}: permission denied", file=sys.stderr)
+            return 126
+        for signum in pending:
+            _send(child[0], signum)
+        # wait() resumes after each handled signal (PEP 475), so forwarding never abandons CMD.
+        status = child[0].wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - status if status < 0 else status
+
+
+def _send(process: subprocess.Popen[bytes], signum: int) -> None:
+    """Pass a signal on to CMD, unless it has already exited."""
+    try:
+        process.send_signal(signum)
+    except ProcessLookupError:
+        pass
+
+
+def _in_terminal_foreground() -> bool:
+    """Whether gbx's process group is the foreground group of the terminal on stdin."""
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):
+        return False

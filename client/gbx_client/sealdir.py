@@ -1,0 +1,183 @@
+"""The seal directory: seal.json, seal.sig, seal.svg, public_key.pem, VERIFY.md; and preseal.json while a seal is pending."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gbx_client.errors import CantCreate, NoInput, ProtocolViolation, UsageError
+
+PRESEAL = "preseal.json"
+BUNDLE_FIELDS = ("seal_id", "seal_json", "signature", "alg", "key", "public_key_pem", "seal_svg")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """run_complete's answer, checked for shape: the signed bytes, the DER signature, the badge and the key."""
+
+    seal_id: str
+    seal_json: bytes
+    signature: bytes
+    key: str
+    public_key_pem: str
+    seal_svg: bytes
+
+    @classmethod
+    def from_reply(cls, body: dict[str, Any]) -> Bundle:
+        """Check the bundle's fields; ProtocolViolation names what is wrong."""
+        missing = [name for name in BUNDLE_FIELDS if name not in body]
+        if missing:
+            raise ProtocolViolation(f"run_complete: the seal bundle lacks {', '.join(missing)}")
+        if body["public_key_pem"] is None:
+            raise ProtocolViolation("run_complete: the seal's key version is no longer trusted (public_key_pem is null)")
+        text_fields = ("seal_id", "seal_json", "signature", "key", "public_key_pem", "seal_svg")
+        if not all(isinstance(body[name], str) for name in text_fields):
+            raise ProtocolViolation("run_complete: the seal bundle has fields that are not strings")
+        try:
+            signature = base64.b64decode(body["signature"], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ProtocolViolation("run_complete: the bundle's signature is not base64") from exc
+        return cls(
+            seal_id=body["seal_id"],
+            seal_json=body["seal_json"].encode("utf-8"),
+            signature=signature,
+            key=body["key"],
+            public_key_pem=body["public_key_pem"],
+            seal_svg=body["seal_svg"].encode("utf-8"),
+        )
+
+
+def prepare(seal_dir: Path) -> None:
+    """Create the seal directory now, so an unwritable one fails before a run is charged."""
+    try:
+        seal_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=seal_dir, prefix=".gbx-probe-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise CantCreate(f"cannot write the seal directory {seal_dir}: {exc.strerror or exc}") from exc
+
+
+def write(seal_dir: Path, bundle: Bundle, *, base_url: str, self_check: Callable[[Path], None]) -> None:
+    """Write the seal files into a scratch directory, self-check them there, then move them in; the preseal goes last."""
+    prepare(seal_dir)
+    scratch = Path(tempfile.mkdtemp(dir=seal_dir, prefix=".gbx-seal-"))
+    try:
+        files = {
+            "seal.json": bundle.seal_json,
+            "seal.sig": bundle.signature,
+            "seal.svg": bundle.seal_svg,
+            "public_key.pem": bundle.public_key_pem.encode("utf-8"),
+            "VERIFY.md": verify_md(bundle, base_url).encode("utf-8"),
+        }
+        for name, data in files.items():
+            (scratch / name).write_bytes(data)
+        # The exact bytes on disk are checked, not the reply they came from.
+        self_check(scratch)
+        for name in files:
+            os.replace(scratch / name, seal_dir / name)
+    except OSError as exc:
+        raise CantCreate(f"cannot write the seal directory {seal_dir}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    remove_preseal(seal_dir)
+
+
+def verify_md(bundle: Bundle, base_url: str) -> str:
+    """How to verify this seal: openssl, gbx verify offline, and online."""
+    claims = json.loads(bundle.seal_json)
+    return f"""# Seal {bundle.seal_id}
+
+Run `{claims.get("run_id")}` of `{claims.get("container_image")}` in project `{claims.get("project_id")}`,
+for `{claims.get("principal")}`, completed at {claims.get("completed_at")}, sealed by `{claims.get("issuer")}`
+with key `{bundle.key}`.
+
+| File | What |
+| --- | --- |
+| `seal.json` | the signed claims, exactly the bytes that were signed |
+| `seal.sig` | the ES256 signature (DER) of SHA-256(seal.json) |
+| `seal.svg` | the badge; its `<metadata>` carries seal.json and the signature (base64url) |
+| `public_key.pem` | the public key of `{bundle.key}` |
+
+## Offline, with openssl
+
+    openssl dgst -sha256 -verify public_key.pem -signature seal.sig seal.json
+
+prints `Verified OK`. That proves seal.json was signed with the key in public_key.pem. To know the key is
+the service's, compare it with the key named `{bundle.key}` in {base_url}/api/seal/public_keys.
+
+## Offline, with gbx
+
+    gbx verify . --keys {base_url}/api/seal/public_keys --outputs OUTPUTS_DIR
+
+checks the badge, that the key is one the service publishes, the signature, and that OUTPUTS_DIR holds
+exactly the sealed outputs (outputs_sha256 `{claims.get("outputs_sha256")}`). Save the keys document
+(`curl -s {base_url}/api/seal/public_keys > keys.json`) to verify without any network: `--keys keys.json`.
+
+The outputs hash can be reproduced with coreutils:
+
+    (cd OUTPUTS_DIR && find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum) | sha256sum
+
+## Online
+
+    gbx verify . --online {base_url}
+
+or with curl and a Google ID token:
+
+    curl -s {base_url}/api/seal/verify -H "Authorization: Bearer $TOKEN" -H "Content-Type: image/svg+xml" --data-binary @seal.svg
+
+The service also checks that it issued this very seal (its record), and says whether it was redeemed.
+"""
+
+
+def write_preseal(seal_dir: Path, record: dict[str, Any]) -> Path:
+    """Write preseal.json (state "pending") atomically; return its path."""
+    path = seal_dir / PRESEAL
+    document = {"state": "pending", **record, "at": _now()}
+    try:
+        seal_dir.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(f".{PRESEAL}.tmp")
+        scratch.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(scratch, path)
+    except OSError as exc:
+        raise CantCreate(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def read_preseal(seal_dir: Path, *, required: bool) -> dict[str, Any] | None:
+    """Read a pending preseal.json; None when there is none and it is not required."""
+    path = seal_dir / PRESEAL
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        if required:
+            raise NoInput(f"{path}: no pending seal here") from exc
+        return None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: unreadable: {exc}") from exc
+    fields = ("run_id", "url", "outputs_sha256", "start")
+    if not isinstance(document, dict) or document.get("state") != "pending" or not all(name in document for name in fields):
+        raise UsageError(f"{path}: not a pending preseal written by gbx")
+    return document
+
+
+def remove_preseal(seal_dir: Path) -> None:
+    """Remove preseal.json once the seal is written."""
+    try:
+        (seal_dir / PRESEAL).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _now() -> str:
+    """The current time in the contract's form (RFC 3339 UTC with Z)."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
