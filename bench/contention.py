@@ -1,38 +1,30 @@
-"""Contention benchmark on Google's Firestore emulator: optimistic commits (the design) vs a read-then-write transaction."""
+"""Contention benchmark on Google's Firestore emulator: optimistic commits (the design) vs a read-then-write transaction.
+
+Run it from the repository root: `python -m bench.contention` (or `make bench`, which runs every benchmark).
+"""
 
 from __future__ import annotations
 
-import contextlib
+import argparse
+import cProfile
 import datetime as dt
-import importlib.metadata
-import os
-import platform
-import shutil
-import signal
-import subprocess
+import secrets
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import FrameType
 from typing import Any
 
-# `python bench/contention.py` puts bench/ on sys.path, not the checkout that holds `shared`.
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import pydantic
+from google.cloud import firestore
 
-from google.api_core import exceptions as gexc  # noqa: E402
-from google.cloud import firestore  # noqa: E402
-from google.cloud.firestore_v1.base_query import FieldFilter  # noqa: E402
-
-from shared import config, emulator, entitlements, errors, store  # noqa: E402
-from shared.auth import Admin, Identity  # noqa: E402
-from shared.models import ConsumeRequest, IssueRequest  # noqa: E402
+from bench import harness
+from shared import emulator, entitlements, errors, store
+from shared.auth import Admin, Identity
+from shared.http import UNAVAILABLE_ERRORS
+from shared.models import ConsumeRequest, IssueRequest
 
 PROJECT = "gbx-bench"
 DESIGN_SHAPES: tuple[tuple[int, int], ...] = ((40, 10), (40, 40), (100, 100), (100, 256))  # (consumers, runs in the grant)
@@ -48,9 +40,6 @@ TRANSACTION_DEADLINE_SECONDS = 25.0
 TRANSACTION_READ_TIMEOUT_SECONDS = 10.0
 BARRIER_TIMEOUT_SECONDS = 20.0
 CHECK_TIMEOUT_SECONDS = 15.0
-
-# How `shared.http.handle` would answer an exception that is not an ApiError (STYLE.md rule 4).
-UNAVAILABLE_EXCEPTIONS = (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.RetryError, gexc.InternalServerError, gexc.Aborted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,18 +84,22 @@ class ScenarioResult:
         return "; ".join(f"{detail} × {n}" for detail, n in counts.most_common())
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of non-empty `values` (fraction in 0..1)."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(fraction * len(ordered) + 0.5)))
-    return ordered[rank - 1]
+percentile = harness.percentile
+
+
+def http_status(exc: BaseException) -> int:
+    """The status `shared.http.handle` answers for `exc`: its own for an ApiError, 400 for validation, 503 for an outage, else 500."""
+    if isinstance(exc, errors.ApiError):
+        return exc.status
+    if isinstance(exc, pydantic.ValidationError):
+        return 400
+    return 503 if isinstance(exc, UNAVAILABLE_ERRORS) else 500
 
 
 def describe(exc: BaseException) -> str:
-    """A short, stable description of an exception for counting: its type, its HTTP equivalent and its first line."""
-    status = "503" if isinstance(exc, UNAVAILABLE_EXCEPTIONS) else "500"
+    """A short, stable description of an exception for counting: its type, the status the service would answer, its first line."""
     first_line = (str(exc).splitlines() or [""])[0][:90]
-    text = f"{type(exc).__name__} [{status} via shared.http]: {first_line}"
+    text = f"{type(exc).__name__} [{http_status(exc)} via shared.http]: {first_line}"
     if exc.__cause__ is not None:
         # The transaction wrapper hides the server's reason (Aborted: …) in the cause.
         text += f" ← {type(exc.__cause__).__name__}: {(str(exc.__cause__).splitlines() or [''])[0][:120]}"
@@ -150,39 +143,41 @@ def run_together(count: int, request: Callable[[int], Outcome], *, deadline_seco
     return outcomes, wall
 
 
-class CommitCounter:
-    """Wraps `store.commit_consume` to count commits tried, races lost, and tries per run_id (bench-only instrumentation)."""
+# The service's commit of a consume: each call is one commit tried.
+_COMMIT_CONSUME = store.commit_consume.__code__
 
-    def __init__(self, inner: Callable[[str, str, store.Grant], None]) -> None:
-        self._inner = inner
+
+class CommitTries:
+    """Counts the commits each request tried, by profiling the request's own thread: no production code is replaced.
+
+    cProfile hooks only the thread that enables it, so a profiler per request sees that request's calls of
+    `store.commit_consume` and nothing else. It slows an uncontended consume by about a sixth (the latency
+    benchmark measures that case without it); a counter kept by `store.optimistic` would cost nothing.
+    """
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.attempts = 0
-        self.lost = 0
-        self.tries_by_run: Counter[str] = Counter()
+        self._by_request: dict[int, int] = {}
 
-    def __call__(self, principal: str, run_id: str, grant: store.Grant, *, charge_id: str) -> None:
-        """Count, then commit as the service would."""
-        with self._lock:
-            self.attempts += 1
-            self.tries_by_run[run_id] += 1
+    def run(self, index: int, request: Callable[[], Outcome]) -> Outcome:
+        """Run one request under its own profiler and record how many commits it tried."""
+        profiler = cProfile.Profile(builtins=False)
+        profiler.enable()
         try:
-            self._inner(principal, run_id, grant, charge_id=charge_id)
-        except store.Contended:
+            return request()
+        finally:
+            profiler.disable()
+            tries = sum(entry.callcount for entry in profiler.getstats() if entry.code is _COMMIT_CONSUME)
             with self._lock:
-                self.lost += 1
-            raise
+                self._by_request[index] = tries
 
-
-@contextlib.contextmanager
-def counting_commits() -> Iterator[CommitCounter]:
-    """Instrument `store.commit_consume` for the duration of a scenario, then put the original back."""
-    original = store.commit_consume
-    counter = CommitCounter(original)
-    store.commit_consume = counter  # type: ignore[assignment]
-    try:
-        yield counter
-    finally:
-        store.commit_consume = original  # type: ignore[assignment]
+    def totals(self, outcomes: list[Outcome]) -> tuple[int, int, int]:
+        """(commits tried, races lost, most tries of one request); a try lost unless it charged its request's 200."""
+        with self._lock:
+            tries = dict(self._by_request)
+        charged = sum(1 for o in outcomes if o.kind == "ok" and not o.value.replayed)
+        attempts = sum(tries.values())
+        return attempts, attempts - charged, max(tries.values(), default=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,9 +185,30 @@ def counting_commits() -> Iterator[CommitCounter]:
 # ---------------------------------------------------------------------------------------------
 
 
-def issue_grant(principal: str, runs: int) -> str:
-    """Issue `runs` runs to `principal` through the service; return the grant id."""
-    return entitlements.issue(Admin(issued_by=None), IssueRequest(principal=principal, runs_total=runs)).grant_id
+def issue_grant(principal: str, runs: int, *, max_shards: int = store.MAX_SHARDS) -> str:
+    """Issue `runs` runs to `principal`; return the grant id.
+
+    With the store's own limit this is the service's issue; with fewer shards, the store's commit of an issue
+    with that limit (its `max_shards` seam), the way to keep a large grant in one document for comparison.
+    """
+    request = IssueRequest(principal=principal, runs_total=runs)
+    if max_shards == store.MAX_SHARDS:
+        return entitlements.issue(Admin(issued_by=None), request).grant_id
+    grant_id = secrets.token_hex(16)
+    # Without an Idempotency-Key the store keeps no issuance record, so fingerprint and response go unused.
+    store.commit_issue(
+        principal=request.principal,
+        grant_id=grant_id,
+        plan_id=request.plan_id,
+        runs_total=request.runs_total,
+        expires_at=None,
+        issued_by=None,
+        idempotency_key_hash=None,
+        fingerprint="",
+        response={},
+        max_shards=max_shards,
+    )
+    return grant_id
 
 
 def consume_once(principal: str, run_id: str, index: int) -> Outcome:
@@ -216,9 +232,10 @@ def design_invariants(principal: str, grant_id: str, runs: int, outcomes: list[O
         problems.append(f"expected {expected_ok} × 200 and {len(outcomes) - expected_ok} × 402, got {dict(Counter(o.kind for o in outcomes))}")
     if any(o.value.replayed for o in ok):
         problems.append("a first consume of a run_id answered replayed=true")
-    grants = [g for g in store.all_grants(principal) if g.get("group", g["grant_id"]) == grant_id]
-    if len(grants) != len(store.all_grants(principal)) or not grants:
-        problems.append(f"expected only grant {grant_id} (or its shards), found {[g['grant_id'] for g in store.all_grants(principal)]}")
+    all_grants = store.all_grants(principal)
+    grants = [g for g in all_grants if g.get("group", g["grant_id"]) == grant_id]
+    if len(grants) != len(all_grants) or not grants:
+        problems.append(f"expected only grant {grant_id} (or its shards), found {[g['grant_id'] for g in all_grants]}")
         return problems
     if len(grants) == 1:
         balances = sorted((o.value.balance for o in ok), reverse=True)
@@ -242,28 +259,26 @@ def design_invariants(principal: str, grant_id: str, runs: int, outcomes: list[O
         problems.append("ledger consume entries do not match the run_ids answered 200")
     run_docs = store.client().collection(store.PRINCIPALS).document(principal).collection(store.RUNS).get(timeout=CHECK_TIMEOUT_SECONDS)
     recorded = {snap.get("run_id"): snap.get("state") for snap in run_docs}
-    if recorded != {run_id: "consumed" for run_id in charged}:
+    if recorded != dict.fromkeys(charged, "consumed"):
         problems.append(f"run records ({len(recorded)}) do not match the {len(charged)} charged run_ids in state consumed")
     return problems
 
 
-def scenario_design(emu: emulator.Emulator, consumers: int, runs: int, *, shards: bool = True) -> ScenarioResult:
-    """A: `consumers` threads consume distinct run_ids against one grant of `runs` runs (sharded as issue does, or not)."""
+def scenario_design(emu: emulator.Emulator, consumers: int, runs: int, *, max_shards: int = store.MAX_SHARDS) -> ScenarioResult:
+    """A: `consumers` threads consume distinct run_ids against one grant of `runs` runs, in at most `max_shards` documents."""
     emu.clear()
-    principal = f"bench-design-{consumers}-{runs}@example.com"
-    max_shards = store.MAX_SHARDS
-    store.MAX_SHARDS = max_shards if shards else 1
-    try:
-        grant_id = issue_grant(principal, runs)
-    finally:
-        store.MAX_SHARDS = max_shards
+    principal = f"bench-design-{consumers}-{runs}-{max_shards}@example.com"
+    grant_id = issue_grant(principal, runs, max_shards=max_shards)
     shard_count = len(store.all_grants(principal))
-    with counting_commits() as counter:
-        outcomes, wall = run_together(
-            consumers, lambda i: consume_once(principal, f"job-{i:04d}", i), deadline_seconds=DESIGN_DEADLINE_SECONDS
-        )
-    name = f"A optimistic commit, {shard_count} grant document{'s' if shard_count > 1 else ''}"
-    return _design_result(name, consumers, runs, outcomes, wall, counter, principal, grant_id)
+    tries = CommitTries()
+    outcomes, wall = run_together(
+        consumers, lambda i: tries.run(i, lambda: consume_once(principal, f"job-{i:04d}", i)), deadline_seconds=DESIGN_DEADLINE_SECONDS
+    )
+    if max_shards == store.MAX_SHARDS:
+        name = f"A optimistic commit, {shard_count} grant document{'s' if shard_count > 1 else ''}"
+    else:
+        name = f"A optimistic commit, same grant kept in {shard_count} document{'s' if shard_count > 1 else ''}"
+    return _design_result(name, consumers, runs, outcomes, wall, tries, principal, grant_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,32 +290,34 @@ def scenario_sequential(emu: emulator.Emulator, count: int) -> ScenarioResult:
     """C: `count` consumes one after another on one grant: the uncontended cost (two reads and one commit)."""
     emu.clear()
     principal = "bench-sequential@example.com"
-    grant_id = issue_grant(principal, count)
+    # At most 63 runs stay one document; more would be sharded, and consume then reads the balance again.
+    grant_id = issue_grant(principal, count, max_shards=1)
     outcomes: list[Outcome] = []
+    tries = CommitTries()
     began = time.perf_counter()
-    with counting_commits() as counter:
-        for i in range(count):
-            if time.perf_counter() - began > SEQUENTIAL_DEADLINE_SECONDS:
-                outcomes += [Outcome(j, "unfinished", 0.0, f"not run: past the {SEQUENTIAL_DEADLINE_SECONDS:.0f}s deadline") for j in range(i, count)]
-                break
-            outcomes.append(consume_once(principal, f"seq-{i:04d}", i))
+    for i in range(count):
+        if time.perf_counter() - began > SEQUENTIAL_DEADLINE_SECONDS:
+            outcomes += [Outcome(j, "unfinished", 0.0, f"not run: past the {SEQUENTIAL_DEADLINE_SECONDS:.0f}s deadline") for j in range(i, count)]
+            break
+        outcomes.append(tries.run(i, lambda i=i: consume_once(principal, f"seq-{i:04d}", i)))
     wall = time.perf_counter() - began
-    return _design_result("C sequential", 1, count, outcomes, wall, counter, principal, grant_id)
+    return _design_result("C sequential, 1 grant document", 1, count, outcomes, wall, tries, principal, grant_id)
 
 
 def _design_result(
-    name: str, consumers: int, runs: int, outcomes: list[Outcome], wall: float, counter: Any, principal: str, grant_id: str
+    name: str, consumers: int, runs: int, outcomes: list[Outcome], wall: float, tries: CommitTries, principal: str, grant_id: str
 ) -> ScenarioResult:
     """A result of the design's scenarios (A, C), with its invariants checked once every request has finished."""
+    attempts, lost, max_tries = tries.totals(outcomes)
     result = ScenarioResult(
         name=name,
         consumers=consumers,
         runs=runs,
         outcomes=outcomes,
         wall_seconds=wall,
-        commit_attempts=counter.attempts,
-        lost_races=counter.lost,
-        max_tries=max(counter.tries_by_run.values(), default=0),
+        commit_attempts=attempts,
+        lost_races=lost,
+        max_tries=max_tries,
     )
     if result.count("unfinished"):
         result.invariants.append(f"{result.count('unfinished')} requests unfinished at the deadline; state not checked")
@@ -338,36 +355,44 @@ class TryCounter:
             self.tries_by_run[run_id] += 1
 
 
-def _consume_in_transaction(
-    transaction: firestore.Transaction, *, principal: str, grant_ref: firestore.DocumentReference, run_id: str, tries: TryCounter
-) -> int | None:
-    """Read the grant inside the transaction, then take a run, create the run record and the ledger entry: the new balance, or None at 0."""
+def _consume_in_transaction(transaction: firestore.Transaction, *, principal: str, grant_id: str, run_id: str, tries: TryCounter) -> int | None:
+    """Read the grant inside the transaction, then the writes of a consume: the new balance, or None at 0.
+
+    The writes are the design's (the grant's `remaining`, the run record, the ledger entry in the store's
+    schema); only the isolation differs: a transaction instead of an update-time precondition.
+    """
     tries.add(run_id)
-    snapshot = grant_ref.get(transaction=transaction, timeout=TRANSACTION_READ_TIMEOUT_SECONDS)
-    remaining = int(snapshot.get("remaining"))
-    if remaining < 1:
+    grant_ref = store._grant_ref(principal, grant_id)
+    grant = grant_ref.get(transaction=transaction, timeout=TRANSACTION_READ_TIMEOUT_SECONDS).to_dict() or {}
+    if grant["remaining"] < 1:
         return None
-    client = store.client()
-    transaction.update(grant_ref, {"remaining": remaining - 1})
+    transaction.update(grant_ref, {"remaining": grant["remaining"] - 1})
+    # The run record store.commit_consume writes (the store has no writer that takes a transaction).
     transaction.create(
-        client.collection(store.PRINCIPALS).document(principal).collection(store.RUNS).document(store.run_doc_id(run_id)),
-        {"run_id": run_id, "principal": principal, "state": "consumed", "grant_id": grant_ref.id, "consumed_at": firestore.SERVER_TIMESTAMP},
+        store._run_ref(principal, run_id),
+        {
+            "run_id": run_id,
+            "principal": principal,
+            "state": "consumed",
+            "grant_id": grant_id,
+            "shard": grant_id,
+            "plan_id": grant["plan_id"],
+            "charge_id": secrets.token_hex(12),
+            "consumed_at": dt.datetime.now(dt.UTC),
+        },
     )
-    transaction.create(
-        client.collection(store.LEDGER).document(store.sha256_hex(f"txn-consume|{principal}|{run_id}")),
-        {"principal": principal, "grant": grant_ref.id, "delta": -1, "reason": "consume", "ref": run_id, "at": firestore.SERVER_TIMESTAMP},
-    )
-    return remaining - 1
+    store._ledger(transaction, principal=principal, grant_id=grant_id, shard=grant_id, delta=-1, reason="consume", ref=run_id)
+    return int(grant["remaining"]) - 1
 
 
-def transaction_consume_once(principal: str, grant_ref: firestore.DocumentReference, run_id: str, index: int, tries: TryCounter) -> Outcome:
+def transaction_consume_once(principal: str, grant_id: str, run_id: str, index: int, tries: TryCounter) -> Outcome:
     """One consume by transaction (the client's default of 5 attempts), timed and classified."""
     began = time.perf_counter()
     # A fresh `transactional` per call: the wrapper keeps the current transaction id on itself, so one
     # shared instance would mix up concurrent callers.
     body = firestore.transactional(_consume_in_transaction)
     try:
-        balance = body(store.client().transaction(), principal=principal, grant_ref=grant_ref, run_id=run_id, tries=tries)
+        balance = body(store.client().transaction(), principal=principal, grant_id=grant_id, run_id=run_id, tries=tries)
     except Exception as exc:  # noqa: BLE001 - counting these is the point of the scenario
         return Outcome(index, "error", time.perf_counter() - began, describe(exc))
     if balance is None:
@@ -375,16 +400,19 @@ def transaction_consume_once(principal: str, grant_ref: firestore.DocumentRefere
     return Outcome(index, "ok", time.perf_counter() - began, value=balance)
 
 
-def transaction_invariants(principal: str, grant_ref: firestore.DocumentReference, runs: int, outcomes: list[Outcome]) -> list[str]:
+def transaction_invariants(principal: str, grant_id: str, runs: int, outcomes: list[Outcome]) -> list[str]:
     """A transaction is slow under contention, not wrong: the same balance invariants must hold."""
     problems: list[str] = []
     ok = sum(o.kind == "ok" for o in outcomes)
-    remaining = int(grant_ref.get(timeout=CHECK_TIMEOUT_SECONDS).get("remaining"))
-    if remaining != runs - ok:
-        problems.append(f"grant remaining {remaining} != {runs} - {ok} successes")
-    ledger = [s.to_dict() for s in store.client().collection(store.LEDGER).where(filter=FieldFilter("principal", "==", principal)).get(timeout=CHECK_TIMEOUT_SECONDS)]
+    grants = store.all_grants(principal)
+    remaining = sum(g["remaining"] for g in grants)
+    if len(grants) != 1 or remaining != runs - ok:
+        problems.append(f"grant remaining {remaining} (in {len(grants)} documents) != {runs} - {ok} successes")
+    ledger = store.ledger_for_grant(grant_id)
     if sum(e["delta"] for e in ledger) != remaining:
         problems.append(f"ledger sum {sum(e['delta'] for e in ledger)} != grant remaining {remaining}")
+    if sum(e["reason"] == "consume" for e in ledger) != ok:
+        problems.append(f"{sum(e['reason'] == 'consume' for e in ledger)} consume ledger entries for {ok} successes")
     if ok > runs:
         problems.append(f"{ok} successes for {runs} runs")
     return problems
@@ -394,19 +422,11 @@ def scenario_transaction(emu: emulator.Emulator, consumers: int, runs: int) -> S
     """B: the same race, each consumer running a read-then-write transaction on the one grant document."""
     emu.clear()
     principal = "bench-transaction@example.com"
-    client = store.client()
-    grant_ref = client.collection(store.PRINCIPALS).document(principal).collection(store.GRANTS).document("txn-grant")
-    setup = client.batch()
-    setup.create(grant_ref, {"principal": principal, "plan_id": "standard", "runs_total": runs, "remaining": runs, "expires_at": None})
-    setup.create(
-        client.collection(store.LEDGER).document(store.sha256_hex(f"txn-issue|{principal}")),
-        {"principal": principal, "grant_id": grant_ref.id, "delta": runs, "reason": "issue", "ref": grant_ref.id, "at": firestore.SERVER_TIMESTAMP},
-    )
-    setup.commit()
+    grant_id = issue_grant(principal, runs)  # a small grant: one document, as issue writes it
     tries = TryCounter()
     outcomes, wall = run_together(
         consumers,
-        lambda i: transaction_consume_once(principal, grant_ref, f"job-{i:04d}", i, tries),
+        lambda i: transaction_consume_once(principal, grant_id, f"job-{i:04d}", i, tries),
         deadline_seconds=TRANSACTION_DEADLINE_SECONDS,
     )
     finished = sum(o.kind in ("ok", "exhausted") for o in outcomes)
@@ -425,7 +445,7 @@ def scenario_transaction(emu: emulator.Emulator, consumers: int, runs: int) -> S
         result.invariant_note = "not checked (transactions still in flight)"
     else:
         try:
-            result.invariants.extend(transaction_invariants(principal, grant_ref, runs, outcomes))
+            result.invariants.extend(transaction_invariants(principal, grant_id, runs, outcomes))
         except Exception as exc:  # noqa: BLE001 - a check that cannot read is reported, not fatal
             result.invariant_note = f"not checked ({describe(exc)})"
     return result
@@ -443,10 +463,7 @@ def format_row(result: ScenarioResult) -> str:
     p95 = f"{percentile(done, 0.95) * 1000:.1f}" if done else "—"
     ok = result.count("ok")
     per_second = f"{ok / result.wall_seconds:.1f}" if result.wall_seconds > 0 else "—"
-    if result.invariants:
-        invariants = "**BROKEN**"
-    else:
-        invariants = result.invariant_note
+    invariants = "**BROKEN**" if result.invariants else result.invariant_note
     cells = [
         result.name,
         str(result.consumers),
@@ -473,24 +490,11 @@ TABLE_HEADER = (
 )
 
 
-def machine_line() -> str:
-    """nproc, Python, client library, Java and OS, for the record."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    java = "unknown"
-    java_path = shutil.which("java")
-    if java_path:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            probe = subprocess.run([java_path, "-version"], capture_output=True, text=True, timeout=10)
-            java = (probe.stderr or probe.stdout).splitlines()[0].strip()
-    library = importlib.metadata.version("google-cloud-firestore")
-    return f"Machine: nproc {cpus}, Python {platform.python_version()}, google-cloud-firestore {library}, {java}, {platform.platform()}."
-
-
 def print_report(results: list[ScenarioResult], total_seconds: float) -> None:
     """The results table, the details of anything unexpected, and what the figures mean."""
     order = {"A": 0, "B": 1, "C": 2}
     print()
-    print(f"## Contention benchmark ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)")
+    print(f"## Contention benchmark ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)")
     print()
     print(TABLE_HEADER)
     for result in sorted(results, key=lambda r: order[r.name[0]]):
@@ -502,17 +506,17 @@ def print_report(results: list[ScenarioResult], total_seconds: float) -> None:
         for problem in result.invariants:
             print(f"- {result.name} ({result.consumers}×{result.runs}) BROKEN INVARIANT: {problem}")
     print(
-        "- Tries: commits attempted (A, C; counted by wrapping store.commit_consume) or transaction bodies run (B);"
-        " lost races: tries that did not end the request (a failed precondition, or an aborted transaction)."
-        " Commits/s: successful consumes per second of wall time. p50/p95: per-request latency of requests that"
-        " got an answer (200 or 402)."
+        "- Tries: commits attempted (A, C; calls of store.commit_consume seen by a profiler on each request's thread)"
+        " or transaction bodies run (B); lost races: tries that did not end the request (a failed precondition, or an"
+        " aborted transaction). Commits/s: successful consumes per second of wall time. p50/p95: per-request latency"
+        " of requests that got an answer (200 or 402); in A and C it includes the profiler (about +15 % on C)."
     )
     print(
         "- Invariants: A and C: exactly min(N, R) × 200 and the rest 402, grant remaining = R − successes = sum of"
-        " the grant's ledger deltas, one ledger entry and one `consumed` run record per charged run_id, returned"
-        " balances R−1, R−2, … once each. B: remaining = R − successes = ledger sum."
+        " the grant's ledger deltas, shard by shard, one ledger entry and one `consumed` run record per charged run_id,"
+        " returned balances R−1, R−2, … once each (one-document grants). B: remaining = R − successes = ledger sum."
     )
-    print(f"- {machine_line()} Total benchmark time {total_seconds:.1f}s.")
+    print(f"- {harness.machine_line()} Total benchmark time {total_seconds:.1f}s.")
     print(
         "- These are Firestore **emulator** figures on one machine: the emulator runs in-process with locks and"
         " serialises commits differently from production Firestore, where a single document sustains about one"
@@ -522,35 +526,8 @@ def print_report(results: list[ScenarioResult], total_seconds: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Emulator lifecycle and main
+# Main
 # ---------------------------------------------------------------------------------------------
-
-
-def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM unwinds like Ctrl-C, so that `finally` stops the emulator."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def deferred_signals() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while the emulator starts, so it is never left running without a handle to stop it."""
-    pending: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if pending:
-        raise KeyboardInterrupt(f"signal {pending[0]} during emulator start")
-
-
-def use_emulator(emu: emulator.Emulator) -> None:
-    """Point the service's configuration and Firestore client at `emu` (both are cached on first use)."""
-    os.environ["FIRESTORE_EMULATOR_HOST"] = emu.host
-    os.environ[config.ENV_PROJECT] = PROJECT
-    config.get_config.cache_clear()
-    store.client.cache_clear()
 
 
 def run_all(emu: emulator.Emulator) -> list[ScenarioResult]:
@@ -563,7 +540,7 @@ def run_all(emu: emulator.Emulator) -> list[ScenarioResult]:
     # The same large grant kept in one document: what sharding saves.
     consumers, runs = SHARDING_SHAPE
     print(f"A: {consumers} consumers vs {runs} runs in one document …", file=sys.stderr, flush=True)
-    results.append(scenario_design(emu, consumers, runs, shards=False))
+    results.append(scenario_design(emu, consumers, runs, max_shards=1))
     print(f"C: {SEQUENTIAL_CONSUMES} sequential consumes …", file=sys.stderr, flush=True)
     results.append(scenario_sequential(emu, SEQUENTIAL_CONSUMES))
     print(f"B: {TRANSACTION_SHAPE[0]} transactions vs {TRANSACTION_SHAPE[1]} runs (at most {TRANSACTION_DEADLINE_SECONDS:.0f}s) …", file=sys.stderr, flush=True)
@@ -571,39 +548,32 @@ def run_all(emu: emulator.Emulator) -> list[ScenarioResult]:
     return results
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Start an emulator, run the scenarios, print the table; 1 when the design broke an invariant or erred."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.contention",
+        description=__doc__.splitlines()[0],
+        epilog="Exit status: 0 every invariant held, 1 the design broke one or ended a request in an error, 3 no emulator, 130 interrupted.",
+    )
+    parser.parse_args(argv)
     began = time.perf_counter()
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    log_dir = Path(tempfile.mkdtemp(prefix="gbx-bench-"))
-    log_path = log_dir / "firestore-emulator.log"
-    emu: emulator.Emulator | None = None
-    failed = True
     try:
-        with deferred_signals():
-            emu = emulator.start(project=PROJECT, log_path=log_path)
-        use_emulator(emu)
-        results = run_all(emu)
-        print_report(results, time.perf_counter() - began)
-        failed = any((r.invariants or r.count("error") or r.count("unfinished")) if r.fatal else r.invariants for r in results)
+        with harness.running_emulator(PROJECT, name="contention") as emu:
+            results = run_all(emu)
+            print_report(results, time.perf_counter() - began)
+            if any((r.invariants or r.count("error") or r.count("unfinished")) if r.fatal else r.invariants for r in results):
+                # Raised inside the block, so that the emulator's log is kept for the diagnosis.
+                raise harness.BenchmarkFailed("the optimistic-commit design broke an invariant or ended a request in an error (see above)")
     except emulator.EmulatorMissing as exc:
         print(exc, file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        failed = False  # nothing to diagnose: drop the log with the emulator
+        return harness.EXIT_NO_EMULATOR
+    except harness.Interrupted:
         print("\ninterrupted", file=sys.stderr)
-        return 130
-    finally:
-        if emu is not None:
-            emu.stop()
-        if failed:
-            print(f"(emulator log kept at {log_path})", file=sys.stderr)
-        else:
-            shutil.rmtree(log_dir, ignore_errors=True)
-    if failed:
-        print("FAILED: the optimistic-commit design broke an invariant or ended a request in an error (see above)", file=sys.stderr)
-        return 1
-    return 0
+        return harness.EXIT_INTERRUPTED
+    except harness.BenchmarkFailed as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return harness.EXIT_FAILED
+    return harness.EXIT_OK
 
 
 if __name__ == "__main__":
