@@ -69,7 +69,7 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
         run = store.read_run(principal, req.run_id)
         if run is not None:
             # Our own charge (applied, reply lost) is ours whatever happened to the run since.
-            replayed = run.data.get("charge_id") != charge_id
+            replayed = run.record.charge_id != charge_id
             if replayed and run.state != "consumed":
                 raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}", state=run.state)
             # The grants read just above are the current balance: no second read.

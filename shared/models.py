@@ -6,7 +6,9 @@ import datetime as dt
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, TypeAdapter, WithJsonSchema
+
+from gbx_client.seal_format import SealClaims
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 IMAGE_PATTERN = r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:(?::[0-9]{1,5})?/[a-z0-9]+(?:[._-][a-z0-9]+)*)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?@sha256:[0-9a-f]{64}$"
@@ -46,6 +48,29 @@ class Model(BaseModel):
     """Base of every request and response: unknown fields rejected, instances immutable, no coercion."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class RunRecord(BaseModel):
+    """A run document, `principals/{principal}/runs/r:{run_id}`: consumed → started → completed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str
+    principal: str
+    state: Literal["consumed", "started", "completed"]
+    grant_id: str = Field(description="The issued grant the run was charged to.")
+    shard: str = Field(description="The grant document charged (the grant's own unless it is sharded).")
+    plan_id: str
+    charge_id: str = Field(description="Marks the consume request that charged it (recognises its own lost reply).")
+    consumed_at: dt.datetime
+    started_at: dt.datetime | None = None
+    container_image: str | None = None
+    project_id: str | None = None
+    inputs_sha256: str | None = None
+    run_manifest_sha256: str | None = None
+    completed_at: dt.datetime | None = None
+    outputs_sha256: str | None = None
+    seal_id: str | None = None
 
 
 class RunIdRequest(Model):
@@ -184,13 +209,36 @@ class VerifyChecks(Model):
     record: str
 
 
+# The claims stay the payload's own dict (an absent manifest stays absent); the schema is SealClaims'.
+SealClaimsOrEmpty = Annotated[
+    dict[str, Any],
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"$ref": "#/components/schemas/SealClaims"},
+                {"type": "object", "maxProperties": 0, "description": "The payload does not decode."},
+            ]
+        }
+    ),
+]
+
+
+def seal_claims_schema() -> dict[str, Any]:
+    """The JSON schema of seal.json's claims, from the format module's SealClaims (for the OpenAPI document)."""
+    schema = TypeAdapter(SealClaims).json_schema()
+    schema["properties"]["run_manifest_sha256"] = {"type": "string", "description": "Absent when the run had no manifest."}
+    schema["properties"]["v"] = {"const": 1}
+    schema["additionalProperties"] = False
+    return schema
+
+
 class VerifyResponse(Model):
     """200 from verify."""
 
     status: Literal["VERIFIED", "INVALID"]
     seal_id: str | None = Field(description="The payload's seal_id, when the payload decodes.")
     checks: VerifyChecks
-    seal: dict[str, Any] = Field(description="The payload's claims (empty when the payload does not decode).")
+    seal: SealClaimsOrEmpty = Field(description="The payload's claims (empty when the payload does not decode).")
     redeemed: bool = Field(description="Whether the seal's own principal has redeemed it; false unless the seal is VERIFIED.")
 
 

@@ -100,7 +100,7 @@ def build() -> dict[str, Any]:
         "info": {"title": "GBX Entitlements", "version": "1.0.0", "description": "Meters and seals runs of a licensed containerised job. Generated from shared/endpoints.py and shared/models.py by `make openapi`."},
         "paths": paths,
         "components": {
-            "schemas": schema["$defs"],
+            "schemas": {**schema["$defs"], "SealClaims": models.seal_claims_schema()},
             "securitySchemes": {
                 "googleIdToken": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": "Google-signed OIDC ID token whose audience is the service URL."},
                 "adminToken": {"type": "apiKey", "in": "header", "name": "X-GBX-ADMIN-TOKEN"},

@@ -22,9 +22,10 @@ def run_start(caller: Identity, req: RunStartRequest) -> RunStartResponse:
         if run.state == "completed":
             raise errors.RunStateConflict(f"run_id {req.run_id!r} is already completed")
         if run.state == "started":
-            if any(run.data.get(name) != value for name, value in metadata.items()):
+            assert run.record.started_at is not None
+            if any(getattr(run.record, name) != value for name, value in metadata.items()):
                 raise errors.RunStateConflict(f"run_id {req.run_id!r} was started with other metadata")
-            return RunStartResponse(run_id=req.run_id, state="started", started_at=format_time(run.data["started_at"]))
+            return RunStartResponse(run_id=req.run_id, state="started", started_at=format_time(run.record.started_at))
         # The time is taken here, as consumed_at and completed_at are, so that response and record agree exactly.
         started_at = dt.datetime.now(dt.UTC)
         store.commit_run_start(caller.principal, run, metadata, started_at=started_at)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gbx_client.seal_format import (
+    SealClaims,
     SealDocumentInvalid,
     SealPayloadInvalid,
     SealTooLarge,
@@ -59,30 +60,30 @@ def _bundle(record: dict[str, Any]) -> SealBundle:
 def _sign_seal(principal: str, run: store.Run, outputs_sha256: str) -> tuple[dict[str, Any], dt.datetime]:
     """Build seal.json for a started run and sign it (KMS, outside any commit); returns the seal record."""
     signer = get_signer()
-    data = run.data
+    data = run.record
+    assert data.started_at is not None and data.project_id and data.container_image and data.inputs_sha256
     completed_at = dt.datetime.now(dt.UTC)
-    claims: dict[str, Any] = {
-        "v": 1,
-        "seal_id": secrets.token_urlsafe(SEAL_ID_BYTES),
-        "run_id": run.run_id,
-        "principal": principal,
-        "project_id": data["project_id"],
-        "container_image": data["container_image"],
-        "inputs_sha256": data["inputs_sha256"],
-        "outputs_sha256": outputs_sha256,
-        "consumed_at": format_time(data["consumed_at"]),
-        "started_at": format_time(data["started_at"]),
-        "completed_at": format_time(completed_at),
-        "issuer": get_config().issuer,
-        "key": signer.key_version,
-    }
-    # An absent manifest is left out, not null: every claim of a seal is a string (or v).
-    if data.get("run_manifest_sha256"):
-        claims["run_manifest_sha256"] = data["run_manifest_sha256"]
-    payload = canonical_json(claims)
+    claims = SealClaims(
+        v=1,
+        seal_id=secrets.token_urlsafe(SEAL_ID_BYTES),
+        run_id=run.run_id,
+        principal=principal,
+        project_id=data.project_id,
+        container_image=data.container_image,
+        inputs_sha256=data.inputs_sha256,
+        outputs_sha256=outputs_sha256,
+        consumed_at=format_time(data.consumed_at),
+        started_at=format_time(data.started_at),
+        completed_at=format_time(completed_at),
+        issuer=get_config().issuer,
+        key=signer.key_version,
+        # An absent manifest is left out of seal.json, not null: every claim of a seal is a string (or v).
+        run_manifest_sha256=data.run_manifest_sha256 or None,
+    )
+    payload = canonical_json(claims.as_dict())
     signature = signer.sign(payload)
     record = {
-        "seal_id": claims["seal_id"],
+        "seal_id": claims.seal_id,
         "principal": principal,
         "run_id": run.run_id,
         "payload": payload.decode(),
@@ -92,7 +93,7 @@ def _sign_seal(principal: str, run: store.Run, outputs_sha256: str) -> tuple[dic
         # Kept with the seal so that its bundle never depends on KMS again, even after the version is retired.
         "public_key_pem": _signing_public_key(signer, signature.key).pem,
         # A bonus rerun's seal is not redeemable: otherwise one purchase would chain into endless free runs.
-        "redeemable": data.get("plan_id") != store.SEAL_RERUN_PLAN,
+        "redeemable": data.plan_id != store.SEAL_RERUN_PLAN,
     }
     return record, completed_at
 
@@ -116,9 +117,9 @@ def run_complete(caller: Identity, req: RunCompleteRequest) -> SealBundle:
             raise errors.LifecycleViolation(f"run_id {req.run_id!r} was not started by this principal")
         if run.state == "completed":
             # Ours (a commit applied, reply lost) or a concurrent twin's: the same bundle either way.
-            if run.data["outputs_sha256"] != req.outputs_sha256:
+            if run.record.outputs_sha256 != req.outputs_sha256:
                 raise errors.RunStateConflict(f"run_id {req.run_id!r} was completed with other outputs")
-            existing = store.read_seal(run.data["seal_id"])
+            existing = store.read_seal(run.record.seal_id or "")
             if existing is None:
                 raise RuntimeError(f"completed run {req.run_id!r} has no seal record")
             return _bundle(existing)

@@ -17,6 +17,7 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 
 from shared import errors
 from shared.config import get_config
+from shared.models import RunRecord
 
 T = TypeVar("T")
 
@@ -125,16 +126,20 @@ class Grant:
 
 @dataclass(frozen=True)
 class Run:
-    """A run record (`consumed → started → completed`), as read."""
+    """A run record (`consumed → started → completed`), as read, with the update time its commits are preconditioned on."""
 
-    run_id: str
-    data: dict[str, Any]
+    record: RunRecord
     update_time: Any = field(repr=False, compare=False)
+
+    @property
+    def run_id(self) -> str:
+        """The caller's run_id."""
+        return self.record.run_id
 
     @property
     def state(self) -> str:
         """consumed, started or completed."""
-        return self.data["state"]
+        return self.record.state
 
 
 def _principal_ref(principal: str) -> firestore.DocumentReference:
@@ -176,7 +181,7 @@ def read_run(principal: str, run_id: str) -> Run | None:
     snap = _run_ref(principal, run_id).get(**_rpc())
     if not snap.exists:
         return None
-    return Run(run_id=run_id, data=snap.to_dict() or {}, update_time=snap.update_time)
+    return Run(record=RunRecord.model_validate(snap.to_dict() or {}), update_time=snap.update_time)
 
 
 def _commit(batch: firestore.WriteBatch) -> list[Any]:

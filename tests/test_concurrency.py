@@ -87,7 +87,7 @@ def test_100_consumers_of_a_sharded_grant_spread_over_its_shards(api: Api) -> No
         assert shard["remaining"] == 0
         assert sum(e["delta"] for e in entries if e["shard"] == shard["grant_id"]) == 0
     charged = {r.json()["run_id"] for r in responses if r.status_code == 200}
-    used = {store.read_run(RUNNER, run_id).data["shard"] for run_id in charged}
+    used = {store.read_run(RUNNER, run_id).record.shard for run_id in charged}
     assert used == {g["grant_id"] for g in shards}
     # Balances reported by concurrent consumers of shards are re-read after the commit: never above
     # what was left once that consume was committed.

@@ -192,7 +192,7 @@ def test_earliest_expiring_grant_is_spent_first(api: Api) -> None:
     order = []
     for n in range(3):
         api.consume(f"job-{n}")
-        order.append(store.read_run(RUNNER, f"job-{n}").data["grant_id"])
+        order.append(store.read_run(RUNNER, f"job-{n}").record.grant_id)
     assert order == [soon, late, never]
 
 
@@ -263,7 +263,7 @@ def test_large_grants_are_sharded_and_the_ledger_holds_per_shard(api: Api) -> No
     assert sorted((e["shard"], e["reason"], e["delta"]) for e in entries) == sorted((g["grant_id"], "issue", g["runs_total"]) for g in shards)
     assert api.check("x").json()["balance"] == 100
     api.consume("job-1")
-    run = store.read_run(RUNNER, "job-1").data
+    run = store.read_run(RUNNER, "job-1").record.model_dump()
     assert run["grant_id"] == grant_id and run["shard"] in {g["grant_id"] for g in shards}
     assert sum(e["delta"] for e in store.ledger_for_grant(grant_id)) == 99
     from shared import ledger
@@ -283,4 +283,4 @@ def test_an_earlier_expiring_small_grant_is_still_spent_before_a_sharded_one(api
     soon = api.issue(RUNNER, 2, expires_at=_future(1)).json()["grant_id"]
     for n in range(2):
         api.consume(f"job-{n}")
-        assert store.read_run(RUNNER, f"job-{n}").data["grant_id"] == soon
+        assert store.read_run(RUNNER, f"job-{n}").record.grant_id == soon

@@ -96,7 +96,7 @@ def test_consume_whose_run_started_before_the_re_read_is_still_its_own_charge(ap
     def runner_retried_and_started() -> None:
         run = store.read_run(RUNNER, "job-1")
         assert run is not None
-        store.commit_run_start(RUNNER, run, {"container_image": "x", "project_id": "acme-prod", "inputs_sha256": "ab" * 32, "run_manifest_sha256": None}, started_at=run.data["consumed_at"])
+        store.commit_run_start(RUNNER, run, {"container_image": "x", "project_id": "acme-prod", "inputs_sha256": "ab" * 32, "run_manifest_sha256": None}, started_at=run.record.consumed_at)
 
     lost = lose_next_reply(runner_retried_and_started)
     response = api.consume("job-1")

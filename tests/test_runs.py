@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from shared import store
+from shared.models import format_time
 from tests.conftest import DIGEST, RUNNER, Api, error_code
 
 
@@ -14,7 +17,7 @@ def test_run_start_records_metadata(api: Api) -> None:
     body = response.json()
     assert set(body) == {"run_id", "state", "started_at"} and body["run_id"] == "job-1" and body["state"] == "started"
     assert body["started_at"].endswith("Z")
-    run = store.read_run(RUNNER, "job-1").data
+    run = store.read_run(RUNNER, "job-1").record.model_dump()
     assert run["state"] == "started" and run["inputs_sha256"] == "ab" * 32 and run["run_manifest_sha256"] == "cd" * 32
 
 
@@ -70,7 +73,7 @@ def test_container_image_must_be_digest_pinned(api: Api) -> None:
     for n, image in enumerate((f"render@sha256:{DIGEST}", f"localhost:5000/a/b:v1@sha256:{DIGEST}", f"gcr.io/p/x@sha256:{DIGEST}")):
         api.consume(f"ok-{n}")
         assert api.run_start(f"ok-{n}", container_image=image).status_code == 200, image
-        assert store.read_run(RUNNER, f"ok-{n}").data["container_image"] == image
+        assert store.read_run(RUNNER, f"ok-{n}").record.container_image == image
 
 
 def test_project_id_and_hashes_are_validated(api: Api) -> None:
@@ -89,3 +92,16 @@ def test_project_id_and_hashes_are_validated(api: Api) -> None:
         response = api.run_start("job-1", **fields)
         assert (response.status_code, error_code(response)) == (400, "invalid_request"), fields
     assert store.read_run(RUNNER, "job-1").state == "consumed"
+
+
+def test_the_three_run_times_come_from_one_clock_and_match_the_seal(api: Api) -> None:
+    api.issue(RUNNER, 1)
+    api.consume("job-1")
+    started_at = api.run_start("job-1").json()["started_at"]
+    seal = json.loads(api.run_complete("job-1").json()["seal_json"])
+    record = store.read_run(RUNNER, "job-1").record
+    assert record.consumed_at <= record.started_at <= record.completed_at
+    # The seal and the run_start answer say exactly what the record holds, to the microsecond.
+    assert format_time(record.consumed_at) == seal["consumed_at"]
+    assert format_time(record.started_at) == seal["started_at"] == started_at
+    assert format_time(record.completed_at) == seal["completed_at"]

@@ -40,7 +40,7 @@ def test_lifecycle_to_a_seal(api: Api) -> None:
     assert len(b64url_decode(bundle["seal_id"])) >= 16
     claims = json.loads(bundle["seal_json"])
     assert canonical_json(claims).decode() == bundle["seal_json"]
-    run = store.read_run(RUNNER, "job-1").data
+    run = store.read_run(RUNNER, "job-1").record.model_dump()
     assert claims == {
         "v": 1,
         "seal_id": bundle["seal_id"],
