@@ -41,7 +41,14 @@ def format_time(value: dt.datetime) -> str:
 RunId = Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN), Field(description="Caller-chosen run id, unique per run.", examples=["nightly-2026-11-28"])]
 Sha256Hex = Annotated[str, StringConstraints(pattern=SHA256_PATTERN, to_lower=True), Field(description="64 hex characters (stored lower-case).")]
 Principal = Annotated[str, StringConstraints(pattern=PRINCIPAL_PATTERN, to_lower=True, max_length=254), Field(description="Service-account or user email (lower-cased).")]
-UtcTime = Annotated[dt.datetime, BeforeValidator(_rfc3339_utc)]
+# The schema says what the validator enforces, so a client generated from it sends only what is accepted.
+UtcTime = Annotated[
+    dt.datetime,
+    BeforeValidator(_rfc3339_utc),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": RFC3339_UTC_PATTERN, "examples": ["2030-01-01T00:00:00Z"]}),
+]
+# JSON Schema counts 3.0 as an integer; the server (strict) does not: say so, and mark it for generators.
+INTEGER_LITERAL = {"x-integer-literal": True}
 
 
 class Model(BaseModel):
@@ -111,7 +118,9 @@ class IssueRequest(Model):
     """POST /api/entitlement/issue: grant runs to a principal."""
 
     principal: Principal
-    runs_total: int = Field(ge=1, le=1_000_000, description="Runs in the grant, 1 to 1,000,000.")
+    runs_total: int = Field(
+        ge=1, le=1_000_000, description="Runs in the grant, 1 to 1,000,000, as an integer literal (3, not 3.0 or \"3\").", json_schema_extra=INTEGER_LITERAL
+    )
     plan_id: Annotated[str, StringConstraints(pattern=PLAN_ID_PATTERN)] = Field(default="standard", description="Partner's plan name.")
     expires_at: UtcTime | None = Field(default=None, description="RFC 3339 expiry in the future; null or absent: never expires.")
 

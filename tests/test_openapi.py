@@ -41,3 +41,31 @@ def test_every_endpoint_is_described_with_its_schemas_and_auth() -> None:
 def test_local_server_serves_it(api: Api) -> None:
     response = requests.get(api.base_url + "/openapi.json", timeout=30)
     assert response.status_code == 200 and response.json() == json.loads(openapi.render())
+
+
+def test_the_document_is_as_strict_as_the_server_on_formats() -> None:
+    from shared import models
+
+    document = openapi.build()
+    schemas = document["components"]["schemas"]
+    (expires,) = [s for s in schemas["IssueRequest"]["properties"]["expires_at"]["anyOf"] if s.get("type") == "string"]
+    assert expires["pattern"] == models.RFC3339_UTC_PATTERN
+    assert schemas["IssueRequest"]["properties"]["runs_total"]["x-integer-literal"] is True
+    redeem = document["paths"]["/api/entitlement/redeem_seal_once"]["post"]
+    (principal,) = [p for p in redeem["parameters"] if p["name"] == "principal"]
+    assert principal["schema"]["pattern"] == models.PRINCIPAL_PATTERN
+    assert {p["name"] for p in redeem["parameters"]} == {"principal", "Idempotency-Key"}
+    # verify has no principal to name: it is not documented there.
+    assert "parameters" not in document["paths"]["/api/seal/verify"]["post"]
+
+
+def test_responses_are_derived_from_the_registry() -> None:
+    document = openapi.build()
+    for endpoint in ENDPOINTS.values():
+        operation = document["paths"][endpoint.path][endpoint.method.lower()]
+        assert operation["operationId"] == endpoint.name
+        documented = {int(status) for status in operation["responses"]} - {200}
+        assert documented == {error.status for error in endpoint.all_errors}
+    conflict = document["paths"]["/api/entitlement/check"]["post"]["responses"]["409"]
+    assert "run_id_reused" in conflict["description"]
+    assert document["components"]["schemas"]["ErrorDetail"]["properties"]["state"]["anyOf"][0]["enum"] == ["started", "completed"]
