@@ -272,8 +272,8 @@ def _online_check(service: Service | None, svg: bytes) -> str:
         body = reply.json_object("verify")
         if body.get("status") == "VERIFIED":
             return verify.OK
-        checks = body.get("checks") if isinstance(body.get("checks"), dict) else {}
-        failed = next((f"{name}: {value}" for name, value in checks.items() if value != verify.OK), "INVALID")
+        checks = body.get("checks")
+        failed = next((f"{name}: {value}" for name, value in checks.items() if value != verify.OK), "INVALID") if isinstance(checks, dict) else "INVALID"
         return f"the service says INVALID ({failed})"
     if reply.status in (400, 413):
         return f"the service refuses the document ({reply.message})"

@@ -111,7 +111,7 @@ def hash_listing(listing: Listing, *, workers: int | None = None) -> Digest:
     paths = [os.path.join(root, name) for name in listing.files]
     results = _hash_files(paths, workers or default_workers())
     lines = b"".join(
-        digest.hex().encode("ascii") + b"  " + name + b"\n" for name, (digest, _) in zip(listing.files, results)
+        digest.hex().encode("ascii") + b"  " + name + b"\n" for name, (digest, _) in zip(listing.files, results, strict=True)
     )
     total = sum(size for _, size in results)
     return Digest(

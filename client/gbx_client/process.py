@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -57,10 +58,8 @@ def run_command(argv: list[str]) -> int:
 
 def _send(process: subprocess.Popen[bytes], signum: int) -> None:
     """Pass a signal on to CMD, unless it has already exited."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         process.send_signal(signum)
-    except ProcessLookupError:
-        pass
 
 
 def _in_terminal_foreground() -> bool:

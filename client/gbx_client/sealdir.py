@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import json
 import os
@@ -60,8 +61,8 @@ def prepare(seal_dir: Path) -> None:
     """Create the seal directory now, so an unwritable one fails before a run is charged."""
     try:
         seal_dir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=seal_dir, prefix=".gbx-probe-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=seal_dir, prefix=".gbx-probe-"):
+            pass
     except OSError as exc:
         raise CantCreate(f"cannot write the seal directory {seal_dir}: {exc.strerror or exc}") from exc
 
@@ -171,13 +172,11 @@ def read_preseal(seal_dir: Path, *, required: bool) -> dict[str, Any] | None:
 
 def remove_preseal(seal_dir: Path) -> None:
     """Remove preseal.json once the seal is written."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         (seal_dir / PRESEAL).unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _now() -> str:
     """The current time in the contract's form (RFC 3339 UTC with Z)."""
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -132,7 +132,7 @@ def verify_seal(
     keys: KeyRing,
     *,
     outputs: Path | None = None,
-    expected: dict[str, str] | None = None,
+    expected: dict[str, str | None] | None = None,
     online: Callable[[bytes], str] | None = None,
 ) -> Verification:
     """Run the checks in order (document, key, signature, then claims, outputs, online); a failure stops the later ones."""
