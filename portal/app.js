@@ -108,6 +108,9 @@ function parseSealSvg(bytes) {
   if (text.startsWith("\ufeff")) text = text.slice(1);
   // Refused before parsing, as the service refuses any DTD: no entity is ever expanded.
   if (hasDoctype(text)) throw new SealDocumentInvalid("the document has a DTD");
+  // On a well-formedness error Chromium inserts its own <parsererror> block with an inline style into
+  // the parsed (never displayed) document; under the page's CSP the console reports that style as
+  // blocked. That report is expected for broken uploads and harmless.
   const doc = new DOMParser().parseFromString(text, "image/svg+xml");
   const errors = doc.getElementsByTagNameNS(XHTML_NS, "parsererror");
   if (errors.length > 0) {
@@ -631,9 +634,11 @@ async function hashFolder(files, onProgress, cancelled) {
     const relative = file.webkitRelativePath.split("/").slice(1).join("/");
     return { file, path: `./${relative}`, bytes: encoder.encode(`./${relative}`) };
   });
-  const unhashable = entries.find((entry) => /[\n\\]/.test(entry.path));
+  // Chromium shows a backslash in webkitRelativePath as "/", but keeps it in the file's own name.
+  const unhashable = entries.find((entry) => /[\n\\]/.test(entry.path) || /[\n\\]/.test(entry.file.name));
   if (unhashable) {
-    throw new OutputsUnhashable(`a file name has a newline or backslash, which the canonical hash does not allow: ${JSON.stringify(unhashable.path)}`);
+    const shown = /[\n\\]/.test(unhashable.file.name) ? unhashable.file.name : unhashable.path;
+    throw new OutputsUnhashable(`a file name has a newline or backslash, which the canonical hash does not allow: ${JSON.stringify(shown)}`);
   }
   entries.sort((a, b) => compareBytes(a.bytes, b.bytes));
   const totalBytes = entries.reduce((sum, entry) => sum + entry.file.size, 0);
@@ -753,7 +758,8 @@ async function checkSeal(file) {
   result.dataset.verdict = "";
   $("verdict").textContent = "Checking…";
   $("verdict").dataset.verdict = "";
-  $("verdict-detail").textContent = `Reading ${file.name}`;
+  $("verdict-detail").textContent = "";
+  $("checked-file").textContent = `File: ${clean(file.name)} (${formatBytes(file.size)})`;
   showChecks({ document: NOT_CHECKED, key: NOT_CHECKED, signature: NOT_CHECKED });
   $("claims-block").hidden = true;
   state.claims = null;
