@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
 from shared import store
@@ -92,3 +94,34 @@ def test_100_consumers_of_a_sharded_grant_spread_over_its_shards(api: Api) -> No
     # Balances reported by concurrent consumers of shards are re-read after the commit: never above
     # what was left once that consume was committed.
     assert all(0 <= r.json()["balance"] <= 95 for r in responses if r.status_code == 200)
+
+
+def test_many_concurrent_lifecycles_on_one_instance(api: Api, capfd: pytest.CaptureFixture[str]) -> None:
+    """Functions are deployed with request concurrency: one process serves many lifecycles at once, sharing
+    its config, clients, signer and certificate cache. Every run is charged once, sealed once, and logged whole."""
+    principals = [f"runner-{p}@acme-prod.iam.gserviceaccount.com" for p in range(4)]
+    for principal in principals:
+        assert api.issue(principal, 4).status_code == 200
+    capfd.readouterr()
+
+    def lifecycle(n: int) -> dict[str, int | str]:
+        principal, run_id = principals[n % 4], f"run-{n // 4}"
+        statuses = [api.check(run_id, as_user=principal).status_code, api.consume(run_id, as_user=principal).status_code]
+        statuses.append(api.run_start(run_id, as_user=principal).status_code)
+        sealed = api.run_complete(run_id, as_user=principal)
+        statuses.append(sealed.status_code)
+        statuses.append(api.verify(sealed.json()["seal_svg"], as_user=principal).status_code)
+        assert statuses == [200] * 5, (principal, run_id, statuses)
+        assert api.verify(sealed.json()["seal_svg"]).json()["status"] == "VERIFIED"
+        return {"seal_id": sealed.json()["seal_id"], "principal": principal}
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(pool.map(lifecycle, range(12)))  # 3 runs for each of 4 principals, all at once
+    assert len({r["seal_id"] for r in results}) == 12
+    for principal in principals:
+        assert api.check("next", as_user=principal).json()["balance"] == 1
+        assert sum(e["delta"] for e in store.ledger_for_principal(principal)) == 1
+    lines = capfd.readouterr().out.split("\n")
+    assert lines[-1] == ""
+    entries = [json.loads(line) for line in lines[:-1]]
+    assert len([e for e in entries if e.get("status") == 200]) == 12 * 6 + 4
