@@ -361,6 +361,8 @@ class Case:
     note: str = ""
     app_seconds: list[float] = field(default_factory=list)
     bare_seconds: list[float] = field(default_factory=list)
+    app_cpu: list[float] = field(default_factory=list)  # CPU time of the calling thread: what the machine's load does not inflate
+    bare_cpu: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float | None:
@@ -453,16 +455,19 @@ def measure_requests(cases: list[Case], *, rounds: int, warmup: int, rng: random
         rng.shuffle(order)
         for case in order:
             app_call, bare_call = case.prepare(round_index + warmup)
-            sides: list[tuple[list[float], Callable[[], object]]] = [(case.app_seconds, app_call)]
+            sides: list[tuple[list[float], list[float], Callable[[], object]]] = [(case.app_seconds, case.app_cpu, app_call)]
             if bare_call is not None:
-                sides.append((case.bare_seconds, bare_call))
+                sides.append((case.bare_seconds, case.bare_cpu, bare_call))
             rng.shuffle(sides)
-            for samples, call in sides:
+            for samples, cpu_samples, call in sides:
+                cpu_began = time.thread_time()
                 began = time.perf_counter()
                 call()
                 elapsed = time.perf_counter() - began
+                cpu = time.thread_time() - cpu_began
                 if round_index >= 0:
                     samples.append(elapsed)
+                    cpu_samples.append(cpu)
         if round_index >= 0 and round_index % 10 == 9:
             print(f"  requests: round {round_index + 1}/{rounds}", file=sys.stderr, flush=True)
 
@@ -475,7 +480,7 @@ def measure_requests(cases: list[Case], *, rounds: int, warmup: int, rng: random
 # The clock starts at its first statement, so the interpreter's own start-up (the same for both) is left out.
 CHILD = """\
 import time
-_began = time.perf_counter()
+_began, _cpu = time.perf_counter(), time.process_time()
 import base64, json, sys
 mode, spec = sys.argv[1], json.loads(sys.argv[2])
 if mode == "function":
@@ -489,8 +494,8 @@ else:
     client = google.cloud.firestore.Client(project=spec["project"])
     client.collection(spec["collection"]).document(spec["document"]).get(timeout=10)
     status = 200
-seconds = time.perf_counter() - _began
-print("\\n" + json.dumps({"seconds": seconds, "status": status}))
+seconds, cpu = time.perf_counter() - _began, time.process_time() - _cpu
+print("\\n" + json.dumps({"seconds": seconds, "cpu": cpu, "status": status}))
 """
 
 
@@ -501,10 +506,11 @@ class ColdCase:
     name: str
     prepare: Callable[[int], Request]
     seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # CPU time of the whole child (all its threads)
 
 
-def run_child(mode: str, spec: dict[str, Any], env: dict[str, str], *, profile_imports: bool = False) -> tuple[float, str]:
-    """Run CHILD once: (seconds it measured, its stderr)."""
+def run_child(mode: str, spec: dict[str, Any], env: dict[str, str], *, profile_imports: bool = False) -> tuple[float, float, str]:
+    """Run CHILD once: (seconds and CPU seconds it measured, its stderr)."""
     command = [sys.executable, *(["-X", "importtime"] if profile_imports else []), "-c", CHILD, mode, json.dumps(spec)]
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_SECONDS)
     try:
@@ -513,7 +519,7 @@ def run_child(mode: str, spec: dict[str, Any], env: dict[str, str], *, profile_i
         raise harness.BenchmarkFailed(f"cold start ({mode} {spec.get('target', '')}) exited {done.returncode}: {done.stderr[-2000:]}") from exc
     if result["status"] != 200:
         raise harness.BenchmarkFailed(f"cold start of {spec.get('target')} answered {result['status']}: {done.stdout[-500:]}")
-    return float(result["seconds"]), done.stderr
+    return float(result["seconds"]), float(result["cpu"]), done.stderr
 
 
 def cold_cases(api: Api) -> list[ColdCase]:
@@ -549,10 +555,10 @@ def cold_cases(api: Api) -> list[ColdCase]:
     return [ColdCase(name, preparers[name]) for name in ENDPOINTS]
 
 
-def measure_cold_starts(cases: list[ColdCase], env: dict[str, str], *, rounds: int, rng: random.Random) -> list[float]:
+def measure_cold_starts(cases: list[ColdCase], env: dict[str, str], *, rounds: int, rng: random.Random) -> ColdCase:
     """Per round and function: the function's cold start and the bare import, in random order; returns the bare samples."""
     baseline_spec = {"project": PROJECT, "collection": store.PRINCIPALS, "document": "cold@bench.example"}
-    baseline: list[float] = []
+    baseline = ColdCase("bare", lambda i: Request("GET", "/", {}))
     # Once each, untimed: bytecode caches written and files in the page cache before anything counts.
     run_child("baseline", baseline_spec, env)
     for case in cases:
@@ -562,10 +568,12 @@ def measure_cold_starts(cases: list[ColdCase], env: dict[str, str], *, rounds: i
         rng.shuffle(order)
         for case in order:
             spec = _function_spec(case.name, case.prepare(round_index))
-            pair = [("function", spec, case.seconds), ("baseline", baseline_spec, baseline)]
+            pair = [("function", spec, case), ("baseline", baseline_spec, baseline)]
             rng.shuffle(pair)
             for mode, child_spec, samples in pair:
-                samples.append(run_child(mode, child_spec, env)[0])
+                seconds, cpu, _ = run_child(mode, child_spec, env)
+                samples.seconds.append(seconds)
+                samples.cpu.append(cpu)
         print(f"  cold starts: round {round_index + 1}/{rounds}", file=sys.stderr, flush=True)
     return baseline
 
@@ -576,8 +584,8 @@ def _function_spec(name: str, request: Request) -> dict[str, Any]:
 
 def import_profile(env: dict[str, str], case: ColdCase) -> list[tuple[str, float]]:
     """`python -X importtime`: the top-level packages a function's cold start imports beyond the bare one, by cumulative ms."""
-    _, function_err = run_child("function", _function_spec(case.name, case.prepare(-2)), env, profile_imports=True)
-    _, baseline_err = run_child("baseline", {"project": PROJECT, "collection": store.PRINCIPALS, "document": "x"}, env, profile_imports=True)
+    _, _, function_err = run_child("function", _function_spec(case.name, case.prepare(-2)), env, profile_imports=True)
+    _, _, baseline_err = run_child("baseline", {"project": PROJECT, "collection": store.PRINCIPALS, "document": "x"}, env, profile_imports=True)
     baseline_modules = set(_imports(baseline_err))
     extra: dict[str, float] = {}
     for module, self_us in _imports(function_err).items():
@@ -613,7 +621,7 @@ def _verdict(ratio: float | None, goal: float | None) -> str:
     return f"met (≤ {goal:.2f}×)" if ratio <= goal else f"**missed** (goal ≤ {goal:.2f}×)"
 
 
-def print_report(cases: list[Case], cold: list[ColdCase], baseline: list[float], profile: dict[str, list[tuple[str, float]]], total_seconds: float) -> None:
+def print_report(cases: list[Case], cold: list[ColdCase], baseline: ColdCase | None, profile: dict[str, list[tuple[str, float]]], total_seconds: float) -> None:
     """Both tables, the goals, and what the figures mean."""
     print()
     print(f"## Overhead benchmark ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)")
@@ -621,44 +629,54 @@ def print_report(cases: list[Case], cold: list[ColdCase], baseline: list[float],
     rounds = len(cases[0].app_seconds) if cases else 0
     print(f"### Requests in-process ({rounds} interleaved pairs each): the app's test client ÷ the same Firestore calls made bare")
     print()
-    print("| Endpoint | App median ms | Bare median ms | Ratio | Paired ratios p25–p75 | Overhead ms | Goal | Bare side |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    print("| Endpoint | App median ms | Bare median ms | Ratio | Paired ratios p25–p75 | Goal | Overhead ms | Overhead CPU ms | Bare side |")
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |")
     for case in cases:
         app = harness.median(case.app_seconds)
         if case.bare_seconds:
             bare = harness.median(case.bare_seconds)
             paired = case.paired_ratios()
             cells = [
-                _ms(bare), f"{case.ratio:.2f}×",
-                f"{harness.percentile(paired, 0.25):.2f}–{harness.percentile(paired, 0.75):.2f}", f"{(app - bare) * 1000:.2f}",
+                _ms(bare),
+                f"{case.ratio:.2f}×",
+                f"{harness.percentile(paired, 0.25):.2f}–{harness.percentile(paired, 0.75):.2f}",
+                _verdict(case.ratio, case.goal),
+                f"{(app - bare) * 1000:.2f}",
+                f"{(harness.median(case.app_cpu) - harness.median(case.bare_cpu)) * 1000:.2f}",
             ]
         else:
-            cells = ["—", "—", "—", "—"]
-        print(f"| {case.name} | {_ms(app)} | " + " | ".join(cells) + f" | {_verdict(case.ratio, case.goal)} | {case.note} |")
+            cells = ["—", "—", "—", "—", "—", f"{harness.median(case.app_cpu) * 1000:.2f}"]
+        print(f"| {case.name} | {_ms(app)} | " + " | ".join(cells) + f" | {case.note} |")
     print()
-    if cold:
-        base = harness.median(baseline)
-        print(f"### Cold starts ({len(cold[0].seconds)} fresh interpreters each, alternated with {len(baseline)} bare ones)")
+    if cold and baseline is not None:
+        base, base_cpu = harness.median(baseline.seconds), harness.median(baseline.cpu)
+        print(f"### Cold starts ({len(cold[0].seconds)} fresh interpreters each, alternated with {len(baseline.seconds)} bare ones)")
         print()
-        print(f"Bare: `import functions_framework, google.cloud.firestore` + a client + one document get, median {_ms(base)} ms.")
+        print(
+            f"Bare: `import functions_framework, google.cloud.firestore` + a client + one document get:"
+            f" median {_ms(base)} ms (range {_ms(min(baseline.seconds))}–{_ms(max(baseline.seconds))}), CPU {_ms(base_cpu)} ms."
+        )
         print()
-        print("| Function | Cold start median ms | Range ms | Ratio to bare | Goal |")
-        print("| --- | ---: | ---: | ---: | --- |")
+        print("| Function | Cold start median ms | Range ms | Ratio to bare | Goal | CPU median ms | CPU ratio |")
+        print("| --- | ---: | ---: | ---: | --- | ---: | ---: |")
         for case in cold:
             ratio = harness.median(case.seconds) / base
+            cpu = harness.median(case.cpu)
             print(
-                f"| {case.name} | {_ms(harness.median(case.seconds))} | {_ms(min(case.seconds))}–{_ms(max(case.seconds))} | {ratio:.2f}× | {_verdict(ratio, COLD_START_GOAL)} |"
+                f"| {case.name} | {_ms(harness.median(case.seconds))} | {_ms(min(case.seconds))}–{_ms(max(case.seconds))} | {ratio:.2f}× |"
+                f" {_verdict(ratio, COLD_START_GOAL)} | {_ms(cpu)} | {cpu / base_cpu:.2f}× |"
             )
         print()
     for name, extra in profile.items():
         shown = ", ".join(f"{module} {ms:.0f}" for module, ms in extra[:12])
         print(f"- Imports of `{name}`'s cold start beyond the bare one (python -X importtime, self ms summed by package): {shown}.")
     print(
-        "- Ratios are of medians; a request's bare side makes the same Firestore calls with the service's own client"
-        " (run_complete also signs with the same key). Cold starts are timed inside the fresh interpreter, from its first"
-        " statement to the first response (interpreter start-up, the same for both, is left out); the functions read the"
-        " local seal key (GBX_SIGNER=local), so a KMS deployment adds `google.cloud.kms` and one GetPublicKey to the"
-        " first verify, redeem, public_keys or run_complete."
+        "- Ratios are of medians. A request's bare side makes the same Firestore calls with the service's own client"
+        " (run_complete also signs with the same key); overhead CPU is the difference of the calling thread's CPU-time"
+        " medians, which the machine's load inflates far less than wall time. Cold starts are timed inside the fresh"
+        " interpreter, from its first statement to the first response (interpreter start-up, the same for both, is left"
+        " out); their CPU is the whole child's. The functions use the local seal key (GBX_SIGNER=local): with KMS the first"
+        " verify, redeem, public_keys or run_complete also imports `google.cloud.kms` and calls KMS."
     )
     print(f"- {harness.machine_line()} Total benchmark time {total_seconds:.0f}s.")
 
@@ -719,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
                 cases = request_cases(api, Bare())
                 measure_requests(cases, rounds=args.rounds, warmup=WARMUP_ROUNDS, rng=rng)
                 cold = cold_cases(api) if args.cold_rounds > 0 else []
-                baseline: list[float] = []
+                baseline: ColdCase | None = None
                 profile: dict[str, list[tuple[str, float]]] = {}
                 if cold:
                     print("Cold starts …", file=sys.stderr, flush=True)
