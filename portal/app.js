@@ -793,42 +793,50 @@ function formatBytes(bytes) {
   return unit === 0 ? `${bytes} bytes` : `${value.toFixed(1)} ${units[unit]}`;
 }
 
-function showOutputsComparison() {
+/** Show the outputs verdict: a headline, then what it rests on. */
+function setOutputsResult(match, headline, detail) {
   const box = $("outputs-result");
+  box.dataset.match = match;
+  if (!headline) {
+    box.replaceChildren();
+    return;
+  }
+  const strong = document.createElement("strong");
+  strong.textContent = headline;
+  box.replaceChildren(strong, detail ? ` ${detail}` : "");
+}
+
+function showOutputsComparison() {
   const outputs = state.outputs;
   if (outputs === null || outputs.hash === undefined) return;
-  $("outputs-hash").textContent = outputs.hash;
-  $("outputs-hash-line").hidden = false;
   const sealed = state.claims && state.claims.get("outputs_sha256");
-  let match;
-  let text;
+  $("outputs-hash").textContent = outputs.hash;
+  $("sealed-hash").textContent = typeof sealed === "string" ? clean(sealed) : "no seal checked yet";
+  $("outputs-hashes").hidden = false;
   if (typeof sealed !== "string") {
-    match = "unknown";
-    text = `Hashed ${outputs.what}. Choose a seal above to compare it with the sealed outputs.`;
-  } else if (sealed.toLowerCase() === outputs.hash) {
-    match = "yes";
-    text = state.verified
-      ? `These are the sealed outputs: ${outputs.what} hashes to the seal’s outputs_sha256.`
-      : `${outputs.what} hashes to this file’s outputs_sha256, but the seal did not verify, so that proves nothing.`;
+    setOutputsResult("unknown", `Hashed ${outputs.what}.`, "Choose a seal above to compare it with the sealed outputs.");
+  } else if (sealed.toLowerCase() !== outputs.hash) {
+    setOutputsResult("no", "These are NOT the sealed outputs.", `${capitalize(outputs.what)} hashes to something else than the seal’s outputs_sha256.`);
+  } else if (!state.verified) {
+    setOutputsResult("yes", "The hashes match, but the seal did not verify,", "so this proves nothing about these outputs.");
   } else {
-    match = "no";
-    text = `These are NOT the sealed outputs: ${outputs.what} hashes to ${outputs.hash}, the seal says ${clean(sealed)}.`;
+    setOutputsResult("yes", "These are the sealed outputs.", `${capitalize(outputs.what)} hashes to the seal’s outputs_sha256.`);
   }
-  box.dataset.match = match;
-  box.textContent = text;
+}
+
+function capitalize(text) {
+  return text.charAt(0).toUpperCase() + text.slice(1);
 }
 
 async function checkOutputs(files, kind) {
   const run = ++state.outputsRun;
   const cancelled = () => run !== state.outputsRun;
-  const box = $("outputs-result");
   const progressBlock = $("outputs-progress-block");
   const progress = $("outputs-progress");
   const progressText = $("outputs-progress-text");
   state.outputs = null;
-  box.dataset.match = "";
-  box.textContent = "";
-  $("outputs-hash-line").hidden = true;
+  setOutputsResult("", "", "");
+  $("outputs-hashes").hidden = true;
   progress.value = 0;
   progress.max = 1;
   progressText.textContent = "";
@@ -865,8 +873,7 @@ async function checkOutputs(files, kind) {
     showOutputsComparison();
   } catch (error) {
     if (cancelled() || error instanceof Cancelled) return;
-    box.dataset.match = "error";
-    box.textContent = error instanceof OutputsUnhashable ? `Cannot hash these outputs: ${error.message}.` : `Cannot hash these outputs: ${error.message}`;
+    setOutputsResult("error", "Cannot hash these outputs:", error instanceof OutputsUnhashable ? `${error.message}.` : error.message);
   } finally {
     if (!cancelled()) progressBlock.hidden = true;
   }
