@@ -9,11 +9,15 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from gbx_client import hashing, identity, run, verify
 from gbx_client.errors import RUN_EXIT_CODES, GbxError, UsageError
-from gbx_client.service import RetryPolicy, Service
+
+# Each command imports what it needs when it runs: `gbx hash` never loads requests or
+# cryptography, and every gbx process starts faster (start-up is most of gbx's own overhead).
+if TYPE_CHECKING:
+    from gbx_client import verify
+    from gbx_client.service import Service
 
 RUN_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 PINNED_IMAGE = re.compile(r"[^\s@]+@sha256:[0-9a-f]{64}")
@@ -82,7 +86,7 @@ def _add_service_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> Parser:
     """The whole command line."""
     parser = Parser(prog="gbx", description="GBX Entitlements runner client: run a licensed job and seal it; verify seals.")
-    parser.add_argument("--version", action="version", version=f"gbx {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="print gbx's version and exit")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
     run_parser = commands.add_parser(
@@ -184,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, command: list[str]) -> int:
     """gbx run."""
+    from gbx_client import run
+
     if not command:
         raise UsageError("no CMD: gbx run [options] -- CMD [ARG...]")
     missing = [option for option, value in (("--url", args.url), ("--run-id", args.run_id), ("--image", args.image), ("--inputs", args.inputs), ("--outputs", args.outputs)) if not value]
@@ -208,6 +214,8 @@ def _run(args: argparse.Namespace, command: list[str]) -> int:
 
 def _complete(args: argparse.Namespace) -> int:
     """gbx complete."""
+    from gbx_client import run
+
     seal_dir = Path(args.seal_dir)
     seal_id = run.complete_pending(seal_dir, lambda url: _service(args, args.url or url), _say)
     _say(f"exit 0 (sealed): seal {seal_id} in {seal_dir}")
@@ -216,6 +224,8 @@ def _complete(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     """gbx verify: print the claims and each check; 0 only when everything asked for verifies."""
+    from gbx_client import verify
+
     seal = verify.load_seal(Path(args.seal))
     service = _service(args, args.online) if args.online else None
     keys = _keys(args, seal, service)
@@ -237,6 +247,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _keys(args: argparse.Namespace, seal: verify.SealFiles, service: Service | None) -> verify.KeyRing:
     """The keys to check the seal against: --public-key, --keys, --online's, else the seal directory's own."""
+    from gbx_client import verify
+
     if args.public_key:
         try:
             return verify.single_key(Path(args.public_key).read_bytes(), args.public_key)
@@ -258,6 +270,8 @@ def _keys(args: argparse.Namespace, seal: verify.SealFiles, service: Service | N
 
 def _fetch_keys(service: Service, url: str) -> verify.KeyRing:
     """GET a public keys document (no identity needed)."""
+    from gbx_client import verify
+
     reply = service.send("GET", url, step="public_keys", auth=False)
     if reply.status != 200:
         raise UsageError(f"--keys {url}: HTTP {reply.status} {reply.message}")
@@ -266,6 +280,8 @@ def _fetch_keys(service: Service, url: str) -> verify.KeyRing:
 
 def _online_check(service: Service | None, svg: bytes) -> str:
     """Ask the service to verify the seal: "ok", or the first check it failed."""
+    from gbx_client import run, verify
+
     assert service is not None
     reply = service.post_svg("/api/seal/verify", svg, step="verify")
     if reply.status == 200:
@@ -277,7 +293,7 @@ def _online_check(service: Service | None, svg: bytes) -> str:
         return f"the service says INVALID ({failed})"
     if reply.status in (400, 413):
         return f"the service refuses the document ({reply.message})"
-    raise run._refusal("verify", reply, "-")
+    raise run.refusal("verify", reply, "-")
 
 
 def _print_verification(result: verify.Verification, key_source: str) -> None:
@@ -296,6 +312,8 @@ def _print_verification(result: verify.Verification, key_source: str) -> None:
 
 def _hash(args: argparse.Namespace) -> int:
     """gbx hash: the canonical hash of each PATH on stdout."""
+    from gbx_client import hashing
+
     for path_text in args.paths:
         digest = hashing.canonical_hash(Path(path_text), workers=args.workers)
         if args.json:
@@ -310,6 +328,9 @@ def _hash(args: argparse.Namespace) -> int:
 
 def _service(args: argparse.Namespace, url: str, *, identity_needed: bool = True) -> Service:
     """A Service for url with the identity and retry options given."""
+    from gbx_client import identity
+    from gbx_client.service import RetryPolicy, Service
+
     tokens = identity.token_source(
         token_command=args.token_command, env_token=os.environ.get("GBX_ID_TOKEN"), audience=args.audience or url.rstrip("/")
     ) if identity_needed else None
@@ -334,6 +355,17 @@ def _metadata_project(service: Service) -> str:
 def _say(text: str) -> None:
     """One line of progress or diagnosis on stderr."""
     print(f"gbx: {text}", file=sys.stderr, flush=True)
+
+
+class _VersionAction(argparse.Action):
+    """--version, looked up only when asked for (reading package metadata costs start-up time)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, default: Any = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        print(f"gbx {_version()}")
+        parser.exit()
 
 
 def _version() -> str:

@@ -128,7 +128,7 @@ def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: 
         path = sealdir.write_preseal(seal_dir, {**preseal, "error": str(exc)})
         raise SealPending(f"{exc}; the seal is pending in {path}: finish it with `gbx complete {seal_dir}`") from exc
     if reply.status != 200:
-        raise _refusal("run_complete", reply, run_id)
+        raise refusal("run_complete", reply, run_id)
     try:
         bundle = sealdir.Bundle.from_reply(reply.json_object("run_complete"))
         claims = json.loads(bundle.seal_json)
@@ -167,7 +167,7 @@ def _check(service: Service, run_id: str, say: Say) -> str:
     if state:
         say(f"check: run {run_id} is already {state} by this principal: resuming it, no new charge")
         return state
-    raise _refusal("check", reply, run_id)
+    raise refusal("check", reply, run_id)
 
 
 def _consume(service: Service, run_id: str, say: Say) -> str:
@@ -182,14 +182,14 @@ def _consume(service: Service, run_id: str, say: Say) -> str:
     if state:
         say(f"consume: run {run_id} is already {state}: resuming it, no new charge")
         return state
-    raise _refusal("consume", reply, run_id)
+    raise refusal("consume", reply, run_id)
 
 
 def _run_start(service: Service, run_id: str, start: Start, say: Say) -> None:
     """run_start: record image, project and hashes; an identical repeat is answered as before."""
     reply = service.post_json(RUN_START, {"run_id": run_id, **start.record()}, step="run_start")
     if reply.status != 200:
-        raise _refusal("run_start", reply, run_id)
+        raise refusal("run_start", reply, run_id)
     say(f"run_start: started at {reply.json_object('run_start').get('started_at')}")
 
 
@@ -223,7 +223,7 @@ def _reused_state(reply: Reply) -> str:
     return ""
 
 
-def _refusal(step: str, reply: Reply, run_id: str) -> GbxError:
+def refusal(step: str, reply: Reply, run_id: str) -> GbxError:
     """The gbx error for a final answer that is not a success."""
     detail = f"{step}: HTTP {reply.status} {reply.message}"
     if reply.status == 402:
