@@ -500,6 +500,8 @@ def test_usage_errors_are_caught_before_any_charge(api: Api, job: Job) -> None:
     assert unpinned.code == 64 and "must be pinned by digest" in unpinned.last_line
     no_cmd = job.gbx(*job.args())
     assert no_cmd.code == 64 and "no CMD" in no_cmd.last_line
+    inside = job.gbx(*job.args("--seal-dir", str(job.outputs / "seal")), *job.writes_outputs())
+    assert inside.code == 64 and "is inside --outputs" in inside.last_line
     (job.inputs / "link").symlink_to("a.txt")
     symlinked = job.gbx(*job.args(), *job.writes_outputs())
     assert symlinked.code == 65 and "symlinks are not hashed" in symlinked.last_line

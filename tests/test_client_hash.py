@@ -59,6 +59,11 @@ def test_directory_hash_equals_the_coreutils_pipeline(tree: Path) -> None:
 def test_file_and_empty_directory(tree: Path, tmp_path: Path) -> None:
     big = tree / "big.bin"
     assert gbx_hash(str(big)).stdout.strip() == coreutils_hash(big)
+    # A path given as a symlink is followed, as `cd DIR` and `sha256sum FILE` follow it; only entries inside a tree may not be symlinks.
+    (tmp_path / "big-link").symlink_to(big)
+    (tmp_path / "tree-link").symlink_to(tree)
+    assert gbx_hash(str(tmp_path / "big-link")).stdout.strip() == coreutils_hash(big)
+    assert gbx_hash(str(tmp_path / "tree-link")).stdout.strip() == coreutils_hash(tree)
     empty = tmp_path / "nothing"
     empty.mkdir()
     assert gbx_hash(str(empty)).stdout.strip() == EMPTY_SHA256 == coreutils_hash(empty)

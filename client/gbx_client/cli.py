@@ -52,6 +52,14 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name) or default
 
 
+def _workers(text: str) -> int:
+    """A positive number of hashing threads."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
 def _seconds(text: str) -> float:
     """A positive number of seconds."""
     value = float(text)
@@ -115,7 +123,7 @@ def build_parser() -> Parser:
     run_parser.add_argument("--outputs", metavar="DIR", default=_env("GBX_OUTPUTS"), help="output directory (or file) CMD writes, hashed after it (env GBX_OUTPUTS)")
     run_parser.add_argument("--manifest", metavar="FILE", default=_env("GBX_MANIFEST"), help="optional run manifest file; its hash is run_manifest_sha256 (env GBX_MANIFEST)")
     run_parser.add_argument("--seal-dir", metavar="DIR", default=_env("GBX_SEAL_DIR", "seal"), help="where the seal is written (env GBX_SEAL_DIR; default ./seal)")
-    run_parser.add_argument("--hash-workers", metavar="N", type=int, default=None, help="threads hashing files (default: one per core, at least 2)")
+    run_parser.add_argument("--hash-workers", metavar="N", type=_workers, default=None, help="threads hashing files (default: one per core, at least 2)")
     _add_service_options(run_parser)
 
     complete_parser = commands.add_parser(
@@ -154,7 +162,7 @@ def build_parser() -> Parser:
         "Symlinks, special files and names with a newline, carriage return or backslash are an error (exit 65).",
     )
     hash_parser.add_argument("paths", metavar="PATH", nargs="+", help="file or directory")
-    hash_parser.add_argument("--workers", metavar="N", type=int, default=None, help="threads hashing files (default: one per core, at least 2)")
+    hash_parser.add_argument("--workers", metavar="N", type=_workers, default=None, help="threads hashing files (default: one per core, at least 2)")
     hash_parser.add_argument("--json", action="store_true", help="one JSON object per PATH (sha256, files, bytes, seconds)")
     return parser
 
@@ -199,8 +207,13 @@ def _run(args: argparse.Namespace, command: list[str]) -> int:
         raise UsageError(f"--run-id {args.run_id!r}: 1-128 characters of A-Z a-z 0-9 . _ : -")
     if not PINNED_IMAGE.fullmatch(args.image):
         raise UsageError(f"--image {args.image!r}: must be pinned by digest, NAME[:TAG]@sha256:<64 lower-case hex>")
+    seal_dir = Path(args.seal_dir).resolve()
+    for option, tree in (("--inputs", args.inputs), ("--outputs", args.outputs)):
+        if seal_dir.is_relative_to(Path(tree).resolve()):
+            # The seal files (and a preseal) would change the very hashes they seal, and a resumed run's hashes with them.
+            raise UsageError(f"--seal-dir {args.seal_dir} is inside {option} {tree}; put it elsewhere")
     service = _service(args, args.url)
-    project = args.project or _metadata_project(service)
+    project = args.project or _metadata_project()
     if not PROJECT_ID.fullmatch(project):
         raise UsageError(f"--project {project!r} is not a Google Cloud project ID")
     job = run.Job(
@@ -338,7 +351,7 @@ def _service(args: argparse.Namespace, url: str, *, identity_needed: bool = True
     return Service(url, identity=tokens, policy=policy, report=_say)
 
 
-def _metadata_project(service: Service) -> str:
+def _metadata_project() -> str:
     """The project ID from the metadata server (Cloud Run, GCE, GKE), when --project and GOOGLE_CLOUD_PROJECT are unset."""
     host = os.environ.get("GCE_METADATA_HOST", "metadata.google.internal")
     import requests  # the metadata server is a plain GET; a short bound, it is either there or not

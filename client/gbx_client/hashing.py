@@ -105,7 +105,8 @@ def hash_listing(listing: Listing, *, workers: int | None = None) -> Digest:
     """Hash a scanned path: files in parallel, then the sha256sum-style listing of a directory."""
     started = time.perf_counter()
     if not listing.is_dir:
-        digest, size = _hash_file(os.fsencode(listing.path), bytearray(_CHUNK))
+        # The path itself may be a symlink (as `sha256sum FILE` follows it); only entries inside a tree may not.
+        digest, size = _hash_file(os.fsencode(os.path.realpath(listing.path)), bytearray(_CHUNK))
         return Digest(sha256=digest.hex(), files=1, bytes=size, seconds=time.perf_counter() - started)
     root = os.fsencode(listing.path)
     paths = [os.path.join(root, name) for name in listing.files]

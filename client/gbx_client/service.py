@@ -74,7 +74,7 @@ def _describe(attempt: RequestHistory) -> str:
     error = attempt.error
     while isinstance(error, (ProtocolError, MaxRetryError)) and error.args and isinstance(error.args[-1], Exception):
         error = error.args[-1]
-    return f"{type(error).__name__}: {error}" if error is not None else "no answer"
+    return _short(error) if error is not None else "no answer"
 
 
 @dataclass(frozen=True)
@@ -207,4 +207,12 @@ def _reason(exc: BaseException) -> str:
         if not isinstance(nested, BaseException) or nested is inner:
             break
         inner = nested
-    return f"{type(inner).__name__}: {inner}"[:300]
+    return _short(inner)
+
+
+def _short(error: BaseException) -> str:
+    """An error's class and reason, without the connection repr urllib3 puts before the OS's reason."""
+    text = str(error)
+    if "[Errno" in text:
+        text = text[text.index("[Errno") :]
+    return f"{type(error).__name__}: {text}"[:300]
