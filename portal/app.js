@@ -95,7 +95,7 @@ function decodeXmlText(bytes) {
 /** True when the prolog (before the root element) holds a document type declaration. */
 function hasDoctype(text) {
   // Skip what may precede a DOCTYPE: the XML declaration, whitespace, comments and processing instructions.
-  const prolog = /^(?:\s+|<\?[\s\S]*?\?>|<!--[\s\S]*?-->)*/.exec(text)[0];
+  const prolog = /^(?:[ \t\r\n]+|<\?[\s\S]*?\?>|<!--[\s\S]*?-->)*/.exec(text)[0];
   return text.startsWith("<!DOCTYPE", prolog.length);
 }
 
@@ -634,11 +634,15 @@ async function hashFolder(files, onProgress, cancelled) {
     const relative = file.webkitRelativePath.split("/").slice(1).join("/");
     return { file, path: `./${relative}`, bytes: encoder.encode(`./${relative}`) };
   });
+  // sha256sum escapes such names, so the listing would not hold the plain path (gbx hash refuses them too).
   // Chromium shows a backslash in webkitRelativePath as "/", but keeps it in the file's own name.
-  const unhashable = entries.find((entry) => /[\n\\]/.test(entry.path) || /[\n\\]/.test(entry.file.name));
+  const ambiguous = /[\n\r\\]/;
+  const unhashable = entries.find((entry) => ambiguous.test(entry.path) || ambiguous.test(entry.file.name));
   if (unhashable) {
-    const shown = /[\n\\]/.test(unhashable.file.name) ? unhashable.file.name : unhashable.path;
-    throw new OutputsUnhashable(`a file name has a newline or backslash, which the canonical hash does not allow: ${JSON.stringify(shown)}`);
+    const shown = ambiguous.test(unhashable.file.name) ? unhashable.file.name : unhashable.path;
+    throw new OutputsUnhashable(
+      `a file name has a newline, carriage return or backslash, which the canonical hash does not allow: ${JSON.stringify(shown)}`,
+    );
   }
   entries.sort((a, b) => compareBytes(a.bytes, b.bytes));
   const totalBytes = entries.reduce((sum, entry) => sum + entry.file.size, 0);
@@ -686,7 +690,7 @@ function displayTime(value) {
 /** Text safe to show: controls, bidi overrides and other invisible characters replaced, as the badge does. */
 function clean(value) {
   if (typeof value !== "string") return value === undefined || value === null ? "\u2014" : canonicalJson(value);
-  return value === "" ? "\u2014" : value.replace(/[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Zl}\p{Zp}]/gu, "\ufffd");
+  return value === "" ? "\u2014" : value.replace(/[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Zl}\p{Zp}\uFFFE\uFFFF]/gu, "\ufffd");
 }
 
 function fillList(list, rows) {
@@ -892,13 +896,20 @@ function setUp() {
     sealInput.value = ""; // so that choosing the same file again checks it again
   });
   const zone = $("drop-zone");
-  // A file dropped anywhere else must not make the browser open (and so render) the uploaded SVG.
-  for (const type of ["dragover", "drop"]) window.addEventListener(type, (event) => event.preventDefault());
+  // A file dropped anywhere else must not make the browser open (and so render) the uploaded SVG;
+  // the outputs pickers still take a file dropped on them.
+  for (const type of ["dragover", "drop"]) {
+    window.addEventListener(type, (event) => {
+      if (!(event.target instanceof HTMLInputElement && event.target.type === "file")) event.preventDefault();
+    });
+  }
   zone.addEventListener("dragenter", () => zone.classList.add("drag-over"));
   zone.addEventListener("dragleave", (event) => {
     if (!zone.contains(event.relatedTarget)) zone.classList.remove("drag-over");
   });
+  zone.addEventListener("dragover", (event) => event.preventDefault());
   zone.addEventListener("drop", (event) => {
+    event.preventDefault(); // handled here, not also by the input inside the zone
     zone.classList.remove("drag-over");
     const [file] = event.dataTransfer ? event.dataTransfer.files : [];
     if (file) checkSeal(file);

@@ -33,6 +33,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from werkzeug.serving import make_server
 
+from gbx_client import hashing
+from gbx_client import verify as client_verify
 from gbx_client.seal_format import (
     MAX_SEAL_BYTES,
     SEAL_NS,
@@ -74,6 +76,7 @@ P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 NOT_CHECKED = "not checked"
 STREAM_THRESHOLD = 16 * 1024 * 1024  # app.js hashes larger files with its own streaming SHA-256
 WAIT_SECONDS = 30
+POLL_SECONDS = 0.02  # the page answers in milliseconds; selenium's default poll (0.5 s) would dominate
 
 
 # --- the browser and the server it talks to ---------------------------------------
@@ -170,7 +173,7 @@ def portal(portal_server: tuple[str, PortalServer], browser: webdriver.Chrome, s
     url, server = portal_server
     browser.set_window_size(1100, 1400)
     browser.get(url + "/")
-    WebDriverWait(browser, WAIT_SECONDS).until(lambda d: d.execute_script("return document.documentElement.dataset.ready === 'true'"))
+    WebDriverWait(browser, WAIT_SECONDS, poll_frequency=POLL_SECONDS).until(lambda d: d.execute_script("return document.documentElement.dataset.ready === 'true'"))
     browser.get_log("browser")  # start each test with an empty console
     server.take_requests()
     return Portal(url=url, server=server, browser=browser, screenshots=screenshots)
@@ -200,7 +203,7 @@ def check_in_browser(portal: Portal, document: bytes | str, tmp_path: Path, name
     driver = portal.browser
     driver.execute_script("document.getElementById('result').dataset.state = 'stale'")
     driver.find_element(By.ID, "seal-file").send_keys(str(path))
-    WebDriverWait(driver, WAIT_SECONDS).until(lambda d: d.execute_script("return document.getElementById('result').dataset.state") == "done")
+    WebDriverWait(driver, WAIT_SECONDS, poll_frequency=POLL_SECONDS).until(lambda d: d.execute_script("return document.getElementById('result').dataset.state") == "done")
     shown = driver.execute_script(
         """
         const checks = {}, results = {}, claims = {};
@@ -224,7 +227,7 @@ def pick_outputs(portal: Portal, path: Path, *, folder: bool) -> dict[str, str]:
     driver = portal.browser
     driver.execute_script("const box = document.getElementById('outputs-result'); box.dataset.match = 'stale'; box.textContent = '';")
     driver.find_element(By.ID, "outputs-folder" if folder else "outputs-file").send_keys(str(path))
-    WebDriverWait(driver, WAIT_SECONDS).until(
+    WebDriverWait(driver, WAIT_SECONDS, poll_frequency=POLL_SECONDS).until(
         lambda d: d.execute_script("return document.getElementById('outputs-result').dataset.match") not in ("stale", "")
     )
     return driver.execute_script(
@@ -402,6 +405,26 @@ def test_a_genuine_seal_is_verified_and_its_claims_shown_as_the_badge_shows_them
     assert severe_console_messages(portal) == []
     save_screenshot(portal, "portal-verified.png")
     save_screenshot(portal, "portal-verified-phone.png", width=390, phone=True)
+
+
+def test_a_seal_dropped_on_the_zone_is_checked(api: Api, portal: Portal) -> None:
+    seal = make_seal(api)
+    driver = portal.browser
+    driver.execute_script(
+        """
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([arguments[0]], 'dropped-seal.svg', {type: 'image/svg+xml'}));
+        const zone = document.getElementById('drop-zone');
+        for (const type of ['dragenter', 'dragover', 'drop']) {
+          zone.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        }
+        """,
+        seal.svg,
+    )
+    WebDriverWait(driver, WAIT_SECONDS, poll_frequency=POLL_SECONDS).until(lambda d: d.execute_script("return document.getElementById('result').dataset.state") == "done")
+    assert driver.find_element(By.ID, "verdict").text == "VERIFIED"
+    assert "dropped-seal.svg" in driver.find_element(By.ID, "checked-file").text
+    assert "drag-over" not in (driver.find_element(By.ID, "drop-zone").get_attribute("class") or "")
 
 
 def test_a_changed_claim_is_invalid_at_the_signature(api: Api, portal: Portal, tmp_path: Path) -> None:
@@ -628,6 +651,7 @@ _DROP = object()
 def test_the_browser_and_the_service_agree_on_every_vector(api: Api, kms: FakeKms, portal: Portal, tmp_path: Path, subtests: Any) -> None:
     seal = make_seal(api)
     vectors = seal_vectors(seal, kms)
+    keys = client_verify.keys_document(requests.get(portal.url + "/api/seal/public_keys", timeout=30).json(), "the service")
     verdicts: dict[str, str] = {}
     for name, document in vectors.items():
         with subtests.test(msg=name):
@@ -641,6 +665,8 @@ def test_the_browser_and_the_service_agree_on_every_vector(api: Api, kms: FakeKm
             assert shown.checks == {name: expected[name] for name in ("document", "key", "signature")}
             offline_ok = all(expected[name] == "ok" for name in ("document", "key", "signature"))
             assert shown.verdict == ("VERIFIED" if offline_ok else "INVALID")
+            # gbx verify, offline with the same published keys, reaches the same verdict (it words a few reasons its own way).
+            assert client_verify.verify_seal(client_verify.SealFiles(source=Path(name), svg=document), keys).verified == offline_ok
             verdicts[name] = shown.verdict
     # The table covers both outcomes and the browser never failed to answer.
     assert {"VERIFIED", "INVALID"} <= set(verdicts.values())
@@ -688,8 +714,16 @@ def make_outputs(folder: Path) -> Path:
 def test_an_outputs_folder_matches_and_one_changed_byte_does_not(api: Api, portal: Portal, tmp_path: Path) -> None:
     outputs = make_outputs(tmp_path / "outputs")
     expected = canonical_outputs_hash(outputs)
+    assert hashing.canonical_hash(outputs).sha256 == expected  # gbx hash agrees with coreutils
     seal = make_seal(api, outputs_sha256=expected)
     assert check_in_browser(portal, seal.svg, tmp_path).verdict == "VERIFIED"
+    portal.browser.execute_script(
+        """
+        window.progressSeen = [];
+        new MutationObserver(() => window.progressSeen.push(document.getElementById('outputs-progress-text').textContent))
+          .observe(document.getElementById('outputs-progress-text'), {childList: true, characterData: true, subtree: true});
+        """
+    )
 
     same = pick_outputs(portal, outputs, folder=True)
 
@@ -697,6 +731,9 @@ def test_an_outputs_folder_matches_and_one_changed_byte_does_not(api: Api, porta
     assert same["match"] == "yes", same["text"]
     assert same["text"].startswith("These are the sealed outputs")
     assert same["progressHidden"] is True
+    # Progress was shown while hashing, in files and bytes, up to the whole folder.
+    progress = portal.browser.execute_script("return window.progressSeen")
+    assert progress and progress[-1] == "12 of 12 files, 16.8 MB of 16.8 MB", progress
 
     changed = tmp_path / "changed" / "outputs"
     shutil.copytree(outputs, changed)
@@ -749,7 +786,7 @@ def test_outputs_picked_before_the_seal_are_compared_once_it_is_checked(api: Api
     assert portal.browser.find_element(By.ID, "outputs-result").get_attribute("data-match") == "yes"
 
 
-@pytest.mark.parametrize("name", ["a\\b.txt", "new\nline.txt"])
+@pytest.mark.parametrize("name", ["a\\b.txt", "new\nline.txt", "carriage\rreturn.txt"])
 def test_a_name_with_a_newline_or_backslash_cannot_be_hashed(portal: Portal, tmp_path: Path, name: str) -> None:
     outputs = tmp_path / "outputs"
     (outputs / "sub").mkdir(parents=True)
@@ -759,7 +796,7 @@ def test_a_name_with_a_newline_or_backslash_cannot_be_hashed(portal: Portal, tmp
     shown = pick_outputs(portal, outputs, folder=True)
 
     assert shown["match"] == "error"
-    assert "newline or backslash" in shown["text"]
+    assert "newline, carriage return or backslash" in shown["text"]
     assert json.dumps(name) in shown["text"] or json.dumps("./sub/" + name) in shown["text"]
 
 
