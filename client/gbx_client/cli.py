@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -192,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("exit 130 (interrupted)")
         return 130
+    except Exception as exc:  # a bug: its traceback, then the same last line as every other outcome
+        traceback.print_exc()
+        _say(f"exit {GbxError.exit_code} ({GbxError.name}): unexpected {type(exc).__name__}: {exc}")
+        return GbxError.exit_code
 
 
 def _run(args: argparse.Namespace, command: list[str]) -> int:

@@ -124,6 +124,8 @@ def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: 
         reply = service.post_json(RUN_COMPLETE, {"run_id": run_id, "outputs_sha256": outputs_sha256}, step="run_complete")
         if reply.status >= 500:
             raise Unreachable(f"run_complete: HTTP {reply.status}: {reply.message}")
+        if reply.status != 200 and isinstance(error := refusal("run_complete", reply, run_id), Unreachable):
+            raise error  # a 429: CMD has run, so its outputs hash is kept for later like any outage
     except Unreachable as exc:
         path = sealdir.write_preseal(seal_dir, {**preseal, "error": str(exc)})
         raise SealPending(f"{exc}; the seal is pending in {path}: finish it with `gbx complete {seal_dir}`") from exc
