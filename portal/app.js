@@ -704,11 +704,12 @@ function fillList(list, rows) {
   }
 }
 
-function showChecks(checks) {
+/** Fill the checks list; `unavailable` names a check that could not be made (not one that failed). */
+function showChecks(checks, unavailable = null) {
   for (const name of CHECK_ORDER) {
     const item = document.querySelector(`#checks [data-check="${name}"]`);
     const value = checks[name];
-    item.dataset.result = value === OK ? "ok" : value === NOT_CHECKED ? "skipped" : "failed";
+    item.dataset.result = value === OK ? "ok" : value === NOT_CHECKED ? "skipped" : name === unavailable ? "unavailable" : "failed";
     item.querySelector(".check-reason").textContent = value;
   }
 }
@@ -735,7 +736,7 @@ function showResult(result) {
   verdict.dataset.verdict = verdict.textContent;
   $("verdict-detail").textContent = detail;
   $("result").dataset.verdict = verdict.textContent;
-  showChecks(checks);
+  showChecks(checks, result.unchecked ? failed : null);
 
   state.claims = result.claims;
   state.verified = verified;
