@@ -641,7 +641,7 @@ async function hashFolder(files, onProgress, cancelled) {
   if (unhashable) {
     const shown = ambiguous.test(unhashable.file.name) ? unhashable.file.name : unhashable.path;
     throw new OutputsUnhashable(
-      `a file name has a newline, carriage return or backslash, which the canonical hash does not allow: ${JSON.stringify(shown)}`,
+      `a file name has a newline, carriage return or backslash, which the canonical hash does not allow: ${clean(JSON.stringify(shown))}`,
     );
   }
   entries.sort((a, b) => compareBytes(a.bytes, b.bytes));
@@ -710,7 +710,7 @@ function showChecks(checks, unavailable = null) {
     const item = document.querySelector(`#checks [data-check="${name}"]`);
     const value = checks[name];
     item.dataset.result = value === OK ? "ok" : value === NOT_CHECKED ? "skipped" : name === unavailable ? "unavailable" : "failed";
-    item.querySelector(".check-reason").textContent = value;
+    item.querySelector(".check-reason").textContent = clean(value); // reasons may quote claim names from the upload
   }
 }
 
@@ -725,13 +725,13 @@ function showResult(result) {
     detail = "Signed with this service’s key, and unchanged since. Checked offline in your browser.";
   } else if (result.unchecked) {
     verdict.textContent = "NOT CHECKED";
-    detail = `The signature could not be checked: ${checks[failed]}. Try again when the site answers.`;
+    detail = `The signature could not be checked: ${clean(checks[failed])}. Try again when the site answers.`;
   } else if (result.refused) {
     verdict.textContent = "INVALID";
-    detail = `This file is not a usable seal.svg: ${checks.document}. Nothing else was checked.`;
+    detail = `This file is not a usable seal.svg: ${clean(checks.document)}. Nothing else was checked.`;
   } else {
     verdict.textContent = "INVALID";
-    detail = `The ${failed} check failed: ${checks[failed]}. Do not rely on what this file says.`;
+    detail = `The ${failed} check failed: ${clean(checks[failed])}. Do not rely on what this file says.`;
   }
   verdict.dataset.verdict = verdict.textContent;
   $("verdict-detail").textContent = detail;
