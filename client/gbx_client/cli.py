@@ -82,12 +82,12 @@ def _add_service_options(parser: argparse.ArgumentParser) -> None:
         "(metadata server on Cloud Run/GCE/GKE, or GOOGLE_APPLICATION_CREDENTIALS)",
     )
     parser.add_argument(
-        "--retry-timeout", metavar="SECONDS", type=_seconds, default=_seconds(_env("GBX_RETRY_TIMEOUT", "120") or "120"),
+        "--retry-timeout", metavar="SECONDS", type=_seconds, default=_env("GBX_RETRY_TIMEOUT", "120"),
         help="seconds each call retries connection errors, timeouts and 502/503/504 (Retry-After honoured, "
         "exponential backoff with jitter) before giving up; 4xx are never retried (env GBX_RETRY_TIMEOUT; default 120)",
     )
     parser.add_argument(
-        "--attempt-timeout", metavar="SECONDS", type=_seconds, default=_seconds(_env("GBX_ATTEMPT_TIMEOUT", "65") or "65"),
+        "--attempt-timeout", metavar="SECONDS", type=_seconds, default=_env("GBX_ATTEMPT_TIMEOUT", "65"),
         help="connect and read timeout of one HTTP attempt, in seconds (env GBX_ATTEMPT_TIMEOUT; default 65)",
     )
 
@@ -124,7 +124,10 @@ def build_parser() -> Parser:
     run_parser.add_argument("--outputs", metavar="DIR", default=_env("GBX_OUTPUTS"), help="output directory (or file) CMD writes, hashed after it (env GBX_OUTPUTS)")
     run_parser.add_argument("--manifest", metavar="FILE", default=_env("GBX_MANIFEST"), help="optional run manifest file; its hash is run_manifest_sha256 (env GBX_MANIFEST)")
     run_parser.add_argument("--seal-dir", metavar="DIR", default=_env("GBX_SEAL_DIR", "seal"), help="where the seal is written (env GBX_SEAL_DIR; default ./seal)")
-    run_parser.add_argument("--hash-workers", metavar="N", type=_workers, default=None, help="threads hashing files (default: one per core, at least 2)")
+    run_parser.add_argument(
+        "--hash-workers", metavar="N", type=_workers, default=_env("GBX_HASH_WORKERS"),
+        help="threads hashing files (env GBX_HASH_WORKERS; default: one per core, at least 2)",
+    )
     _add_service_options(run_parser)
 
     complete_parser = commands.add_parser(
@@ -147,9 +150,9 @@ def build_parser() -> Parser:
     keys = verify_parser.add_mutually_exclusive_group()
     keys.add_argument("--public-key", metavar="PEM", help="trust this public key (SPKI PEM file) whatever key version the seal names")
     keys.add_argument(
-        "--keys", metavar="FILE_OR_URL",
+        "--keys", metavar="FILE_OR_URL", default=_env("GBX_KEYS"),
         help="the service's GET /api/seal/public_keys document, saved or by URL: the seal's key version must be listed. "
-        "Default: --online's keys, else the seal directory's public_key.pem (integrity only, not who signed)",
+        "(env GBX_KEYS). Default: --online's keys, else the seal directory's public_key.pem (integrity only, not who signed)",
     )
     verify_parser.add_argument("--outputs", metavar="DIR", help="check that DIR (or a file) holds exactly the sealed outputs")
     verify_parser.add_argument("--online", metavar="URL", help="also ask the service at this base URL (POST /api/seal/verify)")
@@ -163,7 +166,10 @@ def build_parser() -> Parser:
         "Symlinks, special files and names with a newline, carriage return or backslash are an error (exit 65).",
     )
     hash_parser.add_argument("paths", metavar="PATH", nargs="+", help="file or directory")
-    hash_parser.add_argument("--workers", metavar="N", type=_workers, default=None, help="threads hashing files (default: one per core, at least 2)")
+    hash_parser.add_argument(
+        "--workers", metavar="N", type=_workers, default=_env("GBX_HASH_WORKERS"),
+        help="threads hashing files (env GBX_HASH_WORKERS; default: one per core, at least 2)",
+    )
     hash_parser.add_argument("--json", action="store_true", help="one JSON object per PATH (sha256, files, bytes, seconds)")
     return parser
 
