@@ -1,39 +1,40 @@
 #!/usr/bin/env bash
 # Deploy GBX Entitlements to a Google Cloud project: APIs, runtime and build service accounts,
-# Firestore, Cloud KMS seal key, admin-token secret, the eight Cloud Functions (gen2), their
-# audiences and, last, the Firestore security rules.
+# Firestore, Cloud KMS seal key, admin-token secret, one Cloud Function (gen2) per endpoint of the
+# registry (shared/endpoints.py), their audiences, Firebase Hosting in front of them (the base URL
+# https://SITE.web.app) and, last, the Firestore security rules.
 #
-#   ./deploy.sh --project PROJECT --region REGION [--dry-run]
+#   ./deploy.sh --project PROJECT --region REGION [--site SITE] [--dry-run]
 #
 # Safe to re-run: every create is guarded by a describe, every grant is an idempotent
 # add-iam-policy-binding, every deploy replaces the previous revision.
 # --dry-run prints each command it would run ("+ ..." lines, shell-quoted, in order) and runs none:
-# no gcloud, firebase, openssl or network call. Staging build/functions/ is local and happens in
-# both modes, so CI can inspect what would be uploaded.
+# no gcloud, firebase, openssl or network call. Staging build/ (the functions, the Hosting config and
+# its public folder) is local and happens in both modes, so CI can inspect what would be uploaded.
 #
 # Environment:
 #   GBX_OPERATORS           comma-separated operator emails handed to the functions (may be empty)
-#   GBX_BUILD_DIR           where functions are staged (default: build, next to this script)
+#   GBX_BUILD_DIR           where functions and Hosting are staged (default: build, next to this script)
 #   GBX_FIRESTORE_LOCATION  Firestore location for a new database (default: REGION; e.g. eur3, nam5)
+#   GBX_PYTHON              a Python with requirements.txt installed, to read the endpoint registry
+#                           (default: .venv/bin/python next to this script, from `make install`; else python3)
+#   GBX_CONCURRENCY         requests one instance serves at once (default 40; 1 to 1000)
+#   GBX_MIN_INSTANCES       instances each function keeps warm (default 0; a warm instance is billed while idle)
+#   GBX_CPU_BOOST           1: startup CPU boost on (the extra CPU is billed), 0: off, unset: left as it is
 #
 # Prerequisites the script does not handle: billing on the project; a deploying identity that may
 # enable services, create service accounts, set the project's IAM policy, update Cloud Run
 # services (roles/run.admin) and act as gbx-runtime and gbx-build (roles/iam.serviceAccountUser on
-# both). The Firestore rules additionally need Firebase added to the project and a Firebase CLI
-# that is logged in (firebase login, or GOOGLE_APPLICATION_CREDENTIALS); without them the script
-# warns and carries on.
+# both). Hosting and the Firestore rules additionally need Firebase added to the project and a
+# Firebase CLI that is logged in (firebase login, or GOOGLE_APPLICATION_CREDENTIALS); without them
+# the script warns, prints the commands to run later, and carries on.
 set -euo pipefail
 
-readonly ENTRIES=(issue check consume run_start run_complete seal_verify redeem_seal_once public_keys)
-# Deploy order. After a key rotation every function gets the new signing version, but only
-# run_complete signs: the functions that verify seals or publish the keys go first, so the new
-# version is trusted everywhere before the first seal is signed with it; run_complete goes last.
-readonly DEPLOY_ORDER=(seal_verify redeem_seal_once public_keys issue check consume run_start run_complete)
 readonly APIS=(
   cloudfunctions.googleapis.com run.googleapis.com cloudbuild.googleapis.com
   artifactregistry.googleapis.com firestore.googleapis.com cloudkms.googleapis.com
   secretmanager.googleapis.com iam.googleapis.com logging.googleapis.com
-  firebaserules.googleapis.com
+  firebaserules.googleapis.com firebasehosting.googleapis.com
 )
 readonly SA_NAME=gbx-runtime
 # Builds run as gbx-build: since mid-2024 new projects build with the default compute service
@@ -44,13 +45,22 @@ readonly KEY_RING=gbx
 readonly KEY=seal
 readonly SECRET=gbx-admin-token
 readonly DATABASE='(default)'
+# Request concurrency: a request spends most of its time waiting on Firestore or KMS, so one instance
+# serves many at once (one process with as many threads; the code is thread-safe). Cloud Run allows
+# more than one request per instance only with a whole CPU, and --cpu needs --memory beside it. The
+# default of 40 is half Cloud Run's own: the CPU-bound parts (token and seal signature checks, XML and
+# JSON parsing, validation) share one CPU and one interpreter lock, and 40 seal uploads of up to
+# 256 KiB each fit easily in 512 MiB.
+readonly CPU=1
+readonly MEMORY=512Mi
 
 usage() {
   cat <<'EOF'
-usage: deploy.sh --project PROJECT --region REGION [--dry-run]
+usage: deploy.sh --project PROJECT --region REGION [--site SITE] [--dry-run]
 
   --project PROJECT   Google Cloud project to deploy into
   --region REGION     region of the functions and the KMS key ring (e.g. europe-west1)
+  --site SITE         Firebase Hosting site of the base URL https://SITE.web.app (default: PROJECT)
   --dry-run           print every command that would run (prefixed "+ "), run none
 EOF
 }
@@ -63,16 +73,18 @@ bad_usage() {
 
 PROJECT=""
 REGION=""
+SITE=""
 DRY_RUN=0
 while (($#)); do
   case "$1" in
-    --project | --region)
+    --project | --region | --site)
       (($# >= 2)) || bad_usage "$1 needs a value"
-      if [[ $1 == --project ]]; then PROJECT=$2; else REGION=$2; fi
+      case $1 in --project) PROJECT=$2 ;; --region) REGION=$2 ;; *) SITE=$2 ;; esac
       shift 2
       ;;
     --project=*) PROJECT=${1#*=}; shift ;;
     --region=*) REGION=${1#*=}; shift ;;
+    --site=*) SITE=${1#*=}; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) bad_usage "unknown argument: $1" ;;
@@ -80,17 +92,25 @@ while (($#)); do
 done
 [[ -n $PROJECT ]] || bad_usage "--project is required"
 [[ -n $REGION ]] || bad_usage "--region is required"
-# Both end up inside resource names, URLs and gcloud dict flags: refuse anything unusual. Legacy
-# domain-scoped IDs (example.com:name) are refused too: their service-account emails and
-# cloudfunctions.net host names have another shape.
-# Letters, digits and hyphens only: a domain-scoped ID (example.com:proj) would make wrong service-account
-# emails. Length is left to gcloud (real IDs have 6 to 30 characters), so the documented `--project demo`
-# dry run works.
+# All of these end up inside resource names, URLs and gcloud dict flags: refuse anything unusual.
+# Project IDs: letters, digits and hyphens only, so legacy domain-scoped IDs (example.com:name) are
+# refused (their service-account emails and cloudfunctions.net host names have another shape). Length
+# is left to gcloud (real IDs have 6 to 30 characters), so the documented `--project demo` dry run works.
 [[ $PROJECT =~ ^[a-z][a-z0-9-]{0,28}[a-z0-9]$ ]] || bad_usage "not a Google Cloud project ID: $PROJECT"
 [[ $REGION =~ ^[a-z]+-[a-z]+[0-9]+$ ]] || bad_usage "not a Google Cloud region: $REGION"
+# A project's default Hosting site is named after the project; some older projects' is not (see the
+# Hosting page of the Firebase console), hence --site. A site ID is one DNS label.
+SITE=${SITE:-$PROJECT}
+[[ $SITE =~ ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ ]] || bad_usage "not a Firebase Hosting site ID: $SITE"
 OPERATORS=${GBX_OPERATORS:-}
 [[ $OPERATORS != *";"* ]] || bad_usage "GBX_OPERATORS must not contain ';'"
 FIRESTORE_LOCATION=${GBX_FIRESTORE_LOCATION:-$REGION}
+CONCURRENCY=${GBX_CONCURRENCY:-40}
+[[ $CONCURRENCY =~ ^[1-9][0-9]{0,3}$ ]] && ((CONCURRENCY <= 1000)) || bad_usage "GBX_CONCURRENCY must be 1 to 1000"
+MIN_INSTANCES=${GBX_MIN_INSTANCES:-0}
+[[ $MIN_INSTANCES =~ ^(0|[1-9][0-9]{0,2})$ ]] || bad_usage "GBX_MIN_INSTANCES must be a number of instances"
+CPU_BOOST=${GBX_CPU_BOOST:-}
+[[ $CPU_BOOST =~ ^[01]?$ ]] || bad_usage "GBX_CPU_BOOST must be 1, 0 or unset"
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BUILD_DIR=${GBX_BUILD_DIR:-build}
@@ -98,6 +118,14 @@ if [[ -n ${GBX_BUILD_DIR:-} && $BUILD_DIR != /* ]]; then
   BUILD_DIR="$PWD/$BUILD_DIR" # relative to where the operator stands, not to the checkout
 fi
 cd "$ROOT" # firebase reads firebase.json from the working directory; the default build dir is here
+# A Python with the project's requirements: the endpoint registry imports pydantic and the models.
+if [[ -n ${GBX_PYTHON:-} ]]; then
+  PYTHON=$GBX_PYTHON
+elif [[ -x $ROOT/.venv/bin/python ]]; then
+  PYTHON=$ROOT/.venv/bin/python
+else
+  PYTHON=python3
+fi
 
 SA_EMAIL="$SA_NAME@$PROJECT.iam.gserviceaccount.com"
 BUILD_SA_EMAIL="$BUILD_SA_NAME@$PROJECT.iam.gserviceaccount.com"
@@ -107,19 +135,22 @@ export CLOUDSDK_CORE_DISABLE_PROMPTS=1 # a prompt would hang CI; every answer is
 # fd 3 is the operator's stdout, so commands are shown even from inside $(...).
 exec 3>&1
 
+# Shell-quote the arguments into $quoted, without a subshell (a dry run shows a hundred commands).
 quote() {
-  local out="" arg
+  local arg
+  quoted=""
   for arg in "$@"; do
     if [[ $arg =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
-      out+=" $arg"
+      quoted+=" $arg"
     else
-      out+=" '${arg//\'/\'\\\'\'}'"
+      quoted+=" '${arg//\'/\'\\\'\'}'"
     fi
   done
-  printf '%s' "${out# }"
+  quoted=${quoted# }
 }
+quoted() { quote "$@"; printf '%s' "$quoted"; }
 
-show() { printf '+ %s\n' "$(quote "$@")" >&3; }
+show() { quote "$@"; printf '+ %s\n' "$quoted" >&3; }
 note() { printf '# %s\n' "$*" >&3; }
 die() { printf 'deploy.sh: error: %s\n' "$*" >&2; exit 1; }
 warn() { printf 'deploy.sh: warning: %s\n' "$*" >&2; }
@@ -151,31 +182,102 @@ retry() {
   return 1
 }
 
-function_name() { printf 'gbx-%s' "${1//_/-}"; }
-
 function_url() {
-  probe gcloud functions describe "$(function_name "$1")" --gen2 --region="$REGION" --project="$PROJECT" \
+  probe gcloud functions describe "${FUNCTION_NAME[$1]}" --gen2 --region="$REGION" --project="$PROJECT" \
     --format='value(serviceConfig.uri)'
 }
 
-# --- 1. Stage each function: its main.py + shared/ (minus local-mode modules) + gbx_client/ + requirements.txt.
+# --- 1. The endpoint registry (shared/endpoints.py) declares every function once. One interpreter
+# (importing the registry takes a moment) reads it and stages Hosting from it:
+#  - it prints `python -m shared.endpoints list`: NAME FUNCTION_NAME METHOD PATH CALLER KEYS, one line
+#    per function, in deploy order. After a key rotation every function gets the new signing version,
+#    but only run_complete signs: the functions that verify seals or publish the keys come first, so
+#    the new version is trusted everywhere before the first seal is signed with it; the signer is last;
+#  - it writes $BUILD_DIR/firebase.json, the config `firebase deploy --only hosting` is given: the
+#    tracked firebase.json (public folder, headers, Firestore files) with the site and, for REGION,
+#    the registry's rewrites (`python -m shared.endpoints rewrites`) of every path to its function.
+#    Firebase resolves the paths in a config from that config's folder and refuses any outside it, so
+#    the public folder ($BUILD_DIR/hosting: the portal plus a copy of openapi.json, served at
+#    /openapi.json) and the Firestore rules and indexes are copied next to it.
+registry_status=0
+# The registry imports shared/ and the runner client's package (client/gbx_client), both from this checkout.
+registry=$(PYTHONPATH="$ROOT:$ROOT/client${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$REGION" "$SITE" "$BUILD_DIR" <<'PY'
+import contextlib
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+try:
+    from shared import endpoints
+except ImportError as exc:
+    sys.exit(f"deploy.sh: {exc}")
+
+region, site, build = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+rewrites = io.StringIO()
+with contextlib.redirect_stdout(rewrites):
+    endpoints.main(["rewrites", "--region", region])
+config = json.loads(Path("firebase.json").read_text(encoding="utf-8"))
+public, staged_public = Path(config["hosting"]["public"]), build / "hosting"
+if not (public / "index.html").is_file():
+    sys.exit(f"deploy.sh: error: {public}/index.html is missing")
+build.mkdir(parents=True, exist_ok=True)
+shutil.rmtree(staged_public, ignore_errors=True)
+shutil.copytree(public, staged_public, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+shutil.copyfile("openapi.json", staged_public / "openapi.json")
+for key in ("rules", "indexes"):
+    source = Path(config["firestore"][key])
+    shutil.copyfile(source, build / source.name)
+    config["firestore"][key] = source.name
+config["hosting"] = {
+    "site": site, **config["hosting"], "public": staged_public.name, "rewrites": json.loads(rewrites.getvalue()),
+}
+(build / "firebase.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+endpoints.main(["list"])
+PY
+) || registry_status=$?
+if ((registry_status)); then
+  if ! PYTHONPATH="$ROOT:$ROOT/client" "$PYTHON" -c 'import shared.endpoints' >/dev/null 2>&1; then
+    die "cannot import shared.endpoints with $PYTHON: run make install first (or set GBX_PYTHON to a Python with requirements.txt installed)"
+  fi
+  die "reading the endpoint registry and staging Hosting failed (see above)"
+fi
+[[ -n $registry ]] || die "the endpoint registry lists no function"
+ENTRIES=() # the entry points (functions/<entry>/main.py), in deploy order
+declare -A FUNCTION_NAME=() CALLER=()
+while IFS=$'\t' read -r entry name _method _path caller _keys; do
+  [[ $entry =~ ^[a-z][a-z0-9_]*$ && $name =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] ||
+    die "unexpected line from the endpoint registry: $entry $name"
+  ENTRIES+=("$entry")
+  FUNCTION_NAME[$entry]=$name
+  CALLER[$entry]=$caller
+done <<<"$registry"
+note "staged Hosting: $BUILD_DIR/firebase.json, public folder $BUILD_DIR/hosting (portal/ + openapi.json)"
+
+# Then each function: its main.py and requirements.txt beside the library every function shares: shared/
+# (minus the local-mode modules) and gbx_client/, the runner client's package, where the seal format lives
+# once for both. The library is prepared once, then copied whole into each function.
+for entry in "${ENTRIES[@]}"; do
+  [[ -f functions/$entry/main.py ]] || die "functions/$entry/main.py is missing"
+done
+library="$BUILD_DIR/functions/.library"
+rm -rf -- "$library"
+mkdir -p -- "$library"
+cp -R -- shared client/gbx_client "$library/"
+find "$library" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf -- {} +
+# local.py serves everything on one port with local keys; emulator.py starts the emulator.
+rm -f -- "$library/shared/local.py" "$library/shared/emulator.py"
 stage() {
   local entry=$1
   local source="functions/$entry/main.py" dest="$BUILD_DIR/functions/$entry"
-  [[ -f $source ]] || die "$source is missing"
   rm -rf -- "$dest"
-  mkdir -p -- "$dest"
-  cp -- "$source" "$dest/main.py"
-  cp -- requirements.txt "$dest/requirements.txt"
-  cp -R -- shared "$dest/shared"
-  # The seal format lives in the runner client's package, once for both: ship that module's package.
-  cp -R -- client/gbx_client "$dest/gbx_client"
-  find "$dest/shared" "$dest/gbx_client" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf -- {} +
-  # local.py serves everything on one port with local keys; emulator.py starts the emulator.
-  rm -f -- "$dest/shared/local.py" "$dest/shared/emulator.py"
+  cp -R -- "$library" "$dest"
+  cp -- "$source" requirements.txt "$dest/"
   note "staged $source -> $dest"
 }
 for entry in "${ENTRIES[@]}"; do stage "$entry"; done
+rm -rf -- "$library"
 
 if ((DRY_RUN)); then
   note "dry run: showing the commands for project $PROJECT in $REGION; none of them runs"
@@ -215,7 +317,7 @@ elif [[ $db_type != FIRESTORE_NATIVE ]]; then
 fi
 
 # One line of gcloud flags per index of firestore.indexes.json (the firebase-tools format).
-index_lines=$(python3 - firestore.indexes.json <<'PY'
+index_lines=$("$PYTHON" - firestore.indexes.json <<'PY'
 import json
 import sys
 
@@ -269,8 +371,8 @@ secret_version=$(probe gcloud secrets versions list "$SECRET" --project="$PROJEC
   --format='value(name)')
 if [[ -z $secret_version ]]; then
   # The value goes from openssl to gcloud through a pipe: never in argv, a variable or the output.
-  printf '+ %s | %s | %s\n' "$(quote openssl rand -hex 32)" "$(quote tr -d '\n')" \
-    "$(quote gcloud secrets versions add "$SECRET" --data-file=- --project="$PROJECT")" >&3
+  printf '+ %s | %s | %s\n' "$(quoted openssl rand -hex 32)" "$(quoted tr -d '\n')" \
+    "$(quoted gcloud secrets versions add "$SECRET" --data-file=- --project="$PROJECT")" >&3
   if ((!DRY_RUN)); then
     openssl rand -hex 32 | tr -d '\n' | gcloud secrets versions add "$SECRET" --data-file=- --project="$PROJECT"
   fi
@@ -334,11 +436,15 @@ else
 fi
 
 # --- 7. Audiences: the URLs an ID token for a function may be minted for, all known before the
-# first deploy so that no deploy opens a window of 401s. Each gen2 function answers at
+# first deploy so that no deploy opens a window of 401s. First the base URL, where Firebase Hosting
+# answers every path (https://SITE.web.app and https://SITE.firebaseapp.com): one token minted for it
+# is accepted by every function. Then each gen2 function's own URLs:
 #   https://REGION-PROJECT.cloudfunctions.net/NAME        (Cloud Functions)
 #   https://NAME-PROJECT_NUMBER.REGION.run.app            (Cloud Run's deterministic URL)
-# and at its serviceConfig.uri, which may be a hash-based run.app URL known only once it exists.
+# and its serviceConfig.uri, which may be a hash-based run.app URL known only once it exists.
 # The service compares `aud` exactly, so each URL is accepted without and with a trailing "/".
+readonly BASE_URL="https://$SITE.web.app"
+readonly BASE_URLS=("$BASE_URL" "https://$SITE.firebaseapp.com")
 project_number=$(run gcloud projects describe "$PROJECT" --format='value(projectNumber)')
 if ((DRY_RUN)); then
   project_number=PROJECT_NUMBER
@@ -351,15 +457,17 @@ lookup_service_uris() {
   local i url
   for i in "${!ENTRIES[@]}"; do
     url=$(function_url "${ENTRIES[$i]}")
-    if ((DRY_RUN)) && [[ $1 == after ]]; then url="https://$(function_name "${ENTRIES[$i]}")-PLACEHOLDER.$REGION.run.app"; fi
+    if ((DRY_RUN)) && [[ $1 == after ]]; then url="https://${FUNCTION_NAME[${ENTRIES[$i]}]}-PLACEHOLDER.$REGION.run.app"; fi
     service_uris[i]=$url
   done
 }
-# Every function's URLs, each without and with a trailing "/", comma-separated, duplicates once.
+# The base URLs, then every function's URLs, each without and with a trailing "/", comma-separated,
+# duplicates once.
 audiences() {
   local i name base url out=","
+  for base in "${BASE_URLS[@]}"; do out+="$base,$base/,"; done
   for i in "${!ENTRIES[@]}"; do
-    name=$(function_name "${ENTRIES[$i]}")
+    name=${FUNCTION_NAME[${ENTRIES[$i]}]}
     for base in "https://$REGION-$PROJECT.cloudfunctions.net/$name" "https://$name-$project_number.$REGION.run.app" \
       "${service_uris[$i]%/}"; do
       [[ -n $base ]] || continue
@@ -374,30 +482,39 @@ audiences() {
 lookup_service_uris before
 DEPLOY_AUDIENCES=$(audiences)
 
-# --- 8. The eight functions, verifiers first and the signer last (DEPLOY_ORDER).
+# --- 8. The functions, in the registry's deploy order (verifiers first, the signer last).
 # No --allow-unauthenticated: it binds allUsers as invoker, which the domain-restricted-sharing
 # organisation policy forbids. Instead each function's Cloud Run service skips the invoker IAM
 # check (--no-invoker-iam-check): every function verifies its caller itself (a Google ID token for
 # one of GBX_AUDIENCES, or the admin token), so that 401/403 come with the contract's JSON bodies,
-# and public_keys is public by design. A redeploy replaces the service's environment, so the
-# audiences ride along with every deploy.
+# and public_keys is public by design. Firebase Hosting reaches the services the same way. A
+# redeploy replaces the service's environment, so the audiences ride along with every deploy.
+# Concurrency: see CPU and MEMORY above. THREADS is the functions framework's thread count (its
+# default, 4 per CPU, would leave most of the concurrency waiting in a queue). --min-instances is
+# always given, so the environment decides it and a redeploy without GBX_MIN_INSTANCES goes back to 0.
 env_vars="^;^GOOGLE_CLOUD_PROJECT=$PROJECT;GBX_ISSUER=$PROJECT"
 env_vars+=";GBX_KMS_KEY_VERSION=$SIGNING_VERSION;GBX_TRUSTED_KEY_VERSIONS=$TRUSTED_VERSIONS"
 if [[ -n $OPERATORS ]]; then env_vars+=";GBX_OPERATORS=$OPERATORS"; fi
+env_vars+=";THREADS=$CONCURRENCY"
 env_vars+=";GBX_AUDIENCES=$DEPLOY_AUDIENCES"
+# Startup CPU boost is a Cloud Run setting; it rides along with the invoker setting after each deploy.
+cpu_boost=()
+case $CPU_BOOST in 1) cpu_boost=(--cpu-boost) ;; 0) cpu_boost=(--no-cpu-boost) ;; esac
 
-for entry in "${DEPLOY_ORDER[@]}"; do
-  name=$(function_name "$entry")
+for entry in "${ENTRIES[@]}"; do
+  name=${FUNCTION_NAME[$entry]}
   deploy=(gcloud functions deploy "$name" --gen2 --runtime=python312 --trigger-http
     --entry-point="$entry" --source="$BUILD_DIR/functions/$entry"
     --region="$REGION" --project="$PROJECT" --service-account="$SA_EMAIL"
-    --build-service-account="projects/$PROJECT/serviceAccounts/$BUILD_SA_EMAIL" --set-env-vars="$env_vars")
-  if [[ $entry == issue ]]; then
-    deploy+=(--set-secrets="GBX_ADMIN_TOKEN=$SECRET:latest") # the only function that sees the token
+    --build-service-account="projects/$PROJECT/serviceAccounts/$BUILD_SA_EMAIL"
+    --concurrency="$CONCURRENCY" --cpu="$CPU" --memory="$MEMORY" --min-instances="$MIN_INSTANCES"
+    --set-env-vars="$env_vars")
+  if [[ ${CALLER[$entry]} == admin ]]; then
+    deploy+=(--set-secrets="GBX_ADMIN_TOKEN=$SECRET:latest") # only the functions partners call see the token
   fi
   run "${deploy[@]}"
   # A gen2 function is a Cloud Run service of the same name.
-  run gcloud run services update "$name" --region="$REGION" --project="$PROJECT" --no-invoker-iam-check
+  run gcloud run services update "$name" --region="$REGION" --project="$PROJECT" --no-invoker-iam-check "${cpu_boost[@]}"
 done
 
 # --- 9. Audiences, again: only when a function's serviceConfig.uri was not known before step 8
@@ -405,43 +522,83 @@ done
 # carries the value on every later redeploy.
 lookup_service_uris after
 for i in "${!ENTRIES[@]}"; do
-  [[ -n ${service_uris[$i]} ]] || die "no URL for $(function_name "${ENTRIES[$i]}")"
+  [[ -n ${service_uris[$i]} ]] || die "no URL for ${FUNCTION_NAME[${ENTRIES[$i]}]}"
 done
 AUDIENCES=$(audiences)
 if [[ $AUDIENCES == "$DEPLOY_AUDIENCES" ]]; then
   note "GBX_AUDIENCES unchanged; already set by the deploys"
 else
-  for entry in "${DEPLOY_ORDER[@]}"; do
-    run gcloud run services update "$(function_name "$entry")" --region="$REGION" --project="$PROJECT" \
+  for entry in "${ENTRIES[@]}"; do
+    run gcloud run services update "${FUNCTION_NAME[$entry]}" --region="$REGION" --project="$PROJECT" \
       --update-env-vars="^;^GBX_AUDIENCES=$AUDIENCES"
   done
 fi
 
-# --- 10. Firestore security rules, last, because they may fail for reasons of their own: the
-# functions reach Firestore with IAM credentials, which rules do not govern, so everything above
-# works without them. The rules deny every client (mobile/web SDK, REST with end-user tokens) on
-# every path. gcloud cannot release rules; the Firebase CLI can, on a project with Firebase added
-# (firebase projects:addfirebase PROJECT) and with credentials (firebase login, or
-# GOOGLE_APPLICATION_CREDENTIALS). A failure is a warning, not an abort.
-rules_command=(firebase deploy --only firestore:rules --project "$PROJECT" --non-interactive)
-rules_deployed=1
+# --- 10 and 11: Firebase. gcloud can neither deploy Hosting nor release rules; the Firebase CLI can, on a
+# project with Firebase added (firebase projects:addfirebase PROJECT) and with credentials (firebase login,
+# or GOOGLE_APPLICATION_CREDENTIALS). Both come after the functions and may fail for reasons of their own,
+# so a failure is a warning with the commands to run later, not an abort: the functions answer at their
+# own URLs either way.
+have_firebase=1
 if ((!DRY_RUN)) && ! command -v firebase >/dev/null 2>&1; then
-  rules_deployed=0
-  warn "firebase CLI not found"
-elif ! run "${rules_command[@]}"; then
-  rules_deployed=0
-  warn "firebase deploy failed (is Firebase added to $PROJECT, and is the CLI logged in?)"
+  have_firebase=0
+  warn "firebase CLI not found (npm install -g firebase-tools, then firebase login)"
+fi
+firebase_failed() {
+  warn "firebase failed (is Firebase added to $PROJECT: firebase projects:addfirebase $PROJECT? Is the CLI logged in?)"
+}
+
+# --- 10. Firebase Hosting, the base URL: every contract path rewritten to its function (the rewrites name
+# Cloud Run services, so they come after the functions), the portal at /, /openapi.json. The site is created
+# on a project that has none yet; a site ID taken by another project fails here (choose one with --site).
+site_command=(firebase hosting:sites:create "$SITE" --project "$PROJECT" --non-interactive)
+hosting_command=(firebase deploy --only hosting --config "$BUILD_DIR/firebase.json" --project "$PROJECT" --non-interactive)
+hosting_deployed=0
+if ((have_firebase)); then
+  show firebase hosting:sites:get "$SITE" --project "$PROJECT" --non-interactive
+  if ((!DRY_RUN)) && firebase hosting:sites:get "$SITE" --project "$PROJECT" --non-interactive >/dev/null 2>&1; then
+    site_found=1
+  else
+    site_found=0
+  fi
+  if ((site_found)) || run "${site_command[@]}"; then
+    if run "${hosting_command[@]}"; then hosting_deployed=1; fi
+  fi
+  ((hosting_deployed)) || firebase_failed
+fi
+if ((!hosting_deployed)); then
+  warn "Firebase Hosting (the base URL $BASE_URL) was NOT deployed. Deploy it from $ROOT with:"
+  warn "  $(quoted "${site_command[@]}")   # only if the site does not exist yet"
+  warn "  $(quoted "${hosting_command[@]}")"
+fi
+
+# --- 11. Firestore security rules, last: the functions reach Firestore with IAM credentials, which rules do
+# not govern, so everything above works without them. The rules deny every client (mobile/web SDK, REST
+# with end-user tokens) on every path. They come from the tracked firebase.json.
+rules_command=(firebase deploy --only firestore:rules --project "$PROJECT" --non-interactive)
+rules_deployed=0
+if ((have_firebase)); then
+  if run "${rules_command[@]}"; then rules_deployed=1; else firebase_failed; fi
 fi
 if ((!rules_deployed)); then
-  warn "firestore.rules was NOT deployed; everything else was. Deploy the rules from $ROOT with:"
-  warn "  $(quote "${rules_command[@]}")"
+  warn "firestore.rules was NOT deployed. Deploy the rules from $ROOT with:"
+  warn "  $(quoted "${rules_command[@]}")"
 fi
 
 echo
+if ((DRY_RUN)); then
+  echo "Base URL (a dry run deploys nothing): $BASE_URL"
+elif ((hosting_deployed)); then
+  echo "Base URL: $BASE_URL"
+else
+  echo "Base URL: $BASE_URL (NOT deployed: see the warnings above; the function URLs below work)"
+fi
+echo "  every /api/... path, the portal at / and /openapi.json; also at https://$SITE.firebaseapp.com."
+echo "  Runners: gbx run --url $BASE_URL ...; an ID token minted for the base URL is accepted by every function."
 if ((DRY_RUN)); then echo "Function URLs (placeholders; a dry run deploys nothing):"; else echo "Function URLs:"; fi
 for i in "${!ENTRIES[@]}"; do
-  printf '  %-22s %s\n' "$(function_name "${ENTRIES[$i]}")" "${service_uris[$i]}"
+  printf '  %-22s %s\n' "${FUNCTION_NAME[${ENTRIES[$i]}]}" "${service_uris[$i]}"
 done
 echo "Each also answers at https://$REGION-$PROJECT.cloudfunctions.net/NAME and https://NAME-$project_number.$REGION.run.app;"
-echo "an ID token for any of these URLs is accepted (GBX_AUDIENCES)."
+echo "an ID token for any of these URLs or the base URL is accepted (GBX_AUDIENCES)."
 echo "Admin token: gcloud secrets versions access latest --secret=$SECRET --project=$PROJECT"

@@ -1,19 +1,33 @@
-"""deploy.sh: the dry run's commands, a re-runnable deployment (against a fake gcloud), self-contained staging."""
+"""deploy.sh: the dry run's commands, a re-runnable deployment (against a fake gcloud and firebase), self-contained staging.
+
+What deploy.sh deploys comes from the endpoint registry (shared/endpoints.py), and so do these tests' expectations.
+"""
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import copy
+import functools
+import hashlib
 import json
 import os
 import re
 import shlex
 import shutil
+import socketserver
 import subprocess
 import sys
 import textwrap
+import threading
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from shared.endpoints import ENDPOINTS, Caller, Keys, deploy_order, hosting_rewrites
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT = "gbx-demo"
@@ -23,25 +37,23 @@ SA_EMAIL = f"gbx-runtime@{PROJECT}.iam.gserviceaccount.com"
 BUILD_SA_EMAIL = f"gbx-build@{PROJECT}.iam.gserviceaccount.com"
 BUILD_ROLES = {"roles/logging.logWriter", "roles/artifactregistry.writer", "roles/storage.objectAdmin"}
 KEY = f"projects/{PROJECT}/locations/{REGION}/keyRings/gbx/cryptoKeys/seal"
-# Entry point (= directory under functions/) -> Cloud Function name.
-FUNCTIONS = {
-    "issue": "gbx-issue",
-    "check": "gbx-check",
-    "consume": "gbx-consume",
-    "run_start": "gbx-run-start",
-    "run_complete": "gbx-run-complete",
-    "seal_verify": "gbx-seal-verify",
-    "redeem_seal_once": "gbx-redeem-seal-once",
-    "public_keys": "gbx-public-keys",
-}
-# Verifiers (and the key publisher) before the only signer, run_complete, which goes last.
-VERIFIERS = ["seal_verify", "redeem_seal_once", "public_keys"]
-DEPLOY_ORDER = [*VERIFIERS, "issue", "check", "consume", "run_start", "run_complete"]
+# Entry point (= directory under functions/) -> Cloud Function name, as the registry declares them.
+FUNCTIONS = {endpoint.name: endpoint.function_name for endpoint in ENDPOINTS.values()}
+# The registry's deploy order: the verifiers (and the key publisher) first, the only signer last.
+DEPLOY_ORDER = [endpoint.name for endpoint in deploy_order()]
+VERIFIERS = [endpoint.name for endpoint in deploy_order() if endpoint.keys is Keys.VERIFY]
+(SIGNER,) = [endpoint.name for endpoint in ENDPOINTS.values() if endpoint.keys is Keys.SIGN]
+# Partners call these with the admin token; only they may read it.
+ADMIN_ENTRIES = {endpoint.name for endpoint in ENDPOINTS.values() if endpoint.caller is Caller.ADMIN}
 APIS = [f"{api}.googleapis.com" for api in (
-    "cloudfunctions", "run", "cloudbuild", "artifactregistry", "firestore", "cloudkms", "secretmanager", "iam", "logging")]
+    "cloudfunctions", "run", "cloudbuild", "artifactregistry", "firestore", "cloudkms", "secretmanager", "iam", "logging",
+    "firebaserules", "firebasehosting")]
 CLOUD_RUN_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 HEX_TOKEN = re.compile(r"[0-9a-f]{64}")
-CHECKOUT_FILES = ["deploy.sh", "requirements.txt", "firestore.rules", "firestore.indexes.json", "firebase.json"]
+CHECKOUT_FILES = ["deploy.sh", "requirements.txt", "firestore.rules", "firestore.indexes.json", "firebase.json", "openapi.json"]
+# Request concurrency and the whole CPU it needs (Cloud Run refuses concurrency > 1 below one CPU; --cpu needs --memory).
+CONCURRENCY = {"concurrency": "40", "cpu": "1", "memory": "512Mi", "min-instances": "0"}
+USAGE = "usage: deploy.sh --project PROJECT --region REGION [--site SITE] [--dry-run]"
 
 
 # ---------------------------------------------------------------- helpers
@@ -55,7 +67,7 @@ class Deploy:
     stdout: str
     stderr: str
 
-    @property
+    @functools.cached_property
     def commands(self) -> list[list[str]]:
         return [shlex.split(line[2:]) for line in self.stdout.splitlines() if line.startswith("+ ")]
 
@@ -65,6 +77,11 @@ class Deploy:
 
     def find(self, *prefix: str) -> list[list[str]]:
         return [self.commands[i] for i in self.indexes(*prefix)]
+
+    @property
+    def summary(self) -> str:
+        """What follows the commands and notes: the base URL, the function URLs, where the admin token is."""
+        return self.stdout.partition("\n\n")[2]
 
 
 def flags(cmd: list[str]) -> dict[str, str]:
@@ -81,6 +98,11 @@ def env_vars(value: str) -> dict[str, str]:
     """Parse a gcloud dict flag written with the ^;^ alternate delimiter."""
     assert value.startswith("^;^"), value
     return dict(item.split("=", 1) for item in value[3:].split(";"))
+
+
+def base_urls(site: str = PROJECT) -> list[str]:
+    """Firebase Hosting's two domains for a site, each without and with a trailing slash: first in GBX_AUDIENCES."""
+    return [url for base in (f"https://{site}.web.app", f"https://{site}.firebaseapp.com") for url in (base, base + "/")]
 
 
 def deterministic_urls(name: str, project_number: str) -> list[str]:
@@ -112,6 +134,7 @@ def make_checkout(root: Path) -> Path:
         shutil.copy2(REPO / name, root / name)
     shutil.copytree(REPO / "shared", root / "shared", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "client" / "gbx_client", root / "client" / "gbx_client", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "portal", root / "portal")
     # Local-mode modules and byte code must never be shipped, whether or not they exist yet.
     (root / "shared" / "local.py").write_text('"""local mode"""\n')
     (root / "shared" / "__pycache__").mkdir(exist_ok=True)
@@ -123,12 +146,23 @@ def make_checkout(root: Path) -> Path:
 
 
 def run_deploy(checkout: Path, args: list[str], *, path: str, env: dict[str, str] | None = None,
-               cwd: Path | None = None) -> Deploy:
-    """Run `bash deploy.sh ARGS` with a controlled PATH and environment."""
+               cwd: Path | None = None, python: str | None = sys.executable) -> Deploy:
+    """Run `bash deploy.sh ARGS` with a controlled PATH and environment (GBX_PYTHON: this interpreter, unless None)."""
     full_env = {"PATH": path, "HOME": str(checkout.parent), "LANG": "C.UTF-8", **(env or {})}
+    if python is not None:
+        full_env.setdefault("GBX_PYTHON", python)
     result = subprocess.run(["bash", str(checkout / "deploy.sh"), *args], cwd=cwd or checkout, env=full_env,
                             capture_output=True, text=True, timeout=120, check=False)
     return Deploy(result.returncode, result.stdout, result.stderr)
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (dot files excepted, as Hosting's `ignore` does), by its relative path."""
+    return {
+        path.relative_to(directory).as_posix(): path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts)
+    }
 
 
 DRY_ARGS = ["--project", PROJECT, "--region", REGION, "--dry-run"]
@@ -145,9 +179,93 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def dry(sandbox: dict[str, Path]) -> Deploy:
+    """The dry run of the stub checkout, staged into its build/ (no other test stages there)."""
     result = run_deploy(sandbox["checkout"], DRY_ARGS, path=str(sandbox["path"]), env={"GBX_OPERATORS": "ops@example.com,b@x.y"})
     assert result.returncode == 0, result.stderr
     return result
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_function_directories_and_the_registry_agree() -> None:
+    """Each functions/<name>/main.py is the registry's endpoint <name>: `<name> = function("<name>")`, and no other."""
+    directories = {path.name for path in (REPO / "functions").iterdir() if path.is_dir() and path.name != "__pycache__"}
+    assert directories == set(ENDPOINTS), "a functions/<name>/ directory without an endpoint, or an endpoint without one"
+    for name in ENDPOINTS:
+        module = ast.parse((REPO / "functions" / name / "main.py").read_text())
+        defined = [
+            (target.id, call.args[0].value)
+            for node in module.body if isinstance(node, ast.Assign) and isinstance(call := node.value, ast.Call)
+            and isinstance(call.func, ast.Name) and call.func.id == "function"
+            and len(call.args) == 1 and isinstance(call.args[0], ast.Constant)
+            for target in node.targets if isinstance(target, ast.Name)
+        ]
+        assert defined == [(name, name)], f"functions/{name}/main.py must define {name} = function({name!r})"
+
+
+def test_the_registry_orders_verifiers_first_and_the_signer_last() -> None:
+    assert DEPLOY_ORDER[-1] == SIGNER
+    assert DEPLOY_ORDER[: len(VERIFIERS)] == VERIFIERS and VERIFIERS
+    assert all(CLOUD_RUN_NAME.match(name) for name in FUNCTIONS.values())
+
+
+def test_deploy_sh_follows_the_registry_not_a_list_of_its_own(sandbox: dict[str, Path], tmp_path: Path) -> None:
+    """A registry without `check`, whose public_keys partners call, deploys exactly that: nothing is hard-coded."""
+    checkout = make_checkout(tmp_path / "checkout")
+    with (checkout / "shared" / "endpoints.py").open("a") as module:
+        module.write(textwrap.dedent('''
+            import dataclasses as _dataclasses
+            del ENDPOINTS["check"]
+            ENDPOINTS["public_keys"] = _dataclasses.replace(ENDPOINTS["public_keys"], caller=Caller.ADMIN)
+        '''))
+    shutil.rmtree(checkout / "functions" / "check")
+    result = run_deploy(checkout, DRY_ARGS, path=str(sandbox["path"]))
+    assert result.returncode == 0, result.stderr
+    expected = [entry for entry in DEPLOY_ORDER if entry != "check"]
+    deploys = result.find("gcloud", "functions", "deploy")
+    assert [cmd[3] for cmd in deploys] == [FUNCTIONS[entry] for entry in expected]
+    with_secret = {flags(cmd)["entry-point"] for cmd in deploys if "set-secrets" in flags(cmd)}
+    assert with_secret == ADMIN_ENTRIES | {"public_keys"}
+    rewrites = json.loads((checkout / "build" / "firebase.json").read_text())["hosting"]["rewrites"]
+    assert [rule["run"]["serviceId"] for rule in rewrites] == [FUNCTIONS[e] for e in FUNCTIONS if e != "check"]
+    assert "gbx-check" not in result.stdout
+
+
+def test_without_the_registry_s_requirements_it_says_to_run_make_install(sandbox: dict[str, Path], tmp_path: Path) -> None:
+    """No .venv and a python3 without pydantic (site-packages off): stop before staging or showing anything."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    (shims / "python3").chmod(0o755)
+    result = run_deploy(sandbox["checkout"], DRY_ARGS, path=f"{shims}:{sandbox['path']}", python=None,
+                        env={"GBX_BUILD_DIR": str(tmp_path / "b")})
+    assert result.returncode == 1
+    assert "cannot import shared.endpoints with python3: run make install first" in result.stderr
+    assert "No module named 'pydantic'" in result.stderr
+    assert result.commands == [] and not (tmp_path / "b").exists()
+
+
+def test_a_missing_gbx_python_says_to_run_make_install(sandbox: dict[str, Path], tmp_path: Path) -> None:
+    result = run_deploy(sandbox["checkout"], DRY_ARGS, path=str(sandbox["path"]), python=str(tmp_path / "nowhere"),
+                        env={"GBX_BUILD_DIR": str(tmp_path / "b")})
+    assert result.returncode == 1
+    assert f"cannot import shared.endpoints with {tmp_path / 'nowhere'}: run make install first" in result.stderr
+    assert result.commands == []
+
+
+def test_the_checkout_s_venv_is_found_without_gbx_python(sandbox: dict[str, Path], tmp_path: Path) -> None:
+    """`make install` makes .venv next to deploy.sh: used before any python3 on PATH (here one that always fails)."""
+    checkout = make_checkout(tmp_path / "checkout")
+    (checkout / ".venv").symlink_to(sys.prefix, target_is_directory=True)  # this test run's environment
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "python3").write_text("#!/bin/sh\necho 'not this python' >&2\nexit 1\n")
+    (shims / "python3").chmod(0o755)
+    result = run_deploy(checkout, DRY_ARGS, path=f"{shims}:{sandbox['path']}", python=None)
+    assert result.returncode == 0, result.stderr
+    assert len(result.find("gcloud", "functions", "deploy")) == len(FUNCTIONS)
+    assert "not this python" not in result.stderr
 
 
 # ---------------------------------------------------------------- the dry run
@@ -162,7 +280,7 @@ def test_every_line_of_the_dry_run_is_a_command_a_note_or_the_summary(dry: Deplo
     body, _, summary = dry.stdout.partition("\n\n")
     for line in body.splitlines():
         assert line.startswith(("+ ", "# ")), line
-    assert "Function URLs" in summary
+    assert "Base URL" in summary and "Function URLs" in summary
 
 
 def test_apis_are_enabled_first(dry: Deploy) -> None:
@@ -244,8 +362,9 @@ def test_firebase_json_points_at_the_rules_and_indexes() -> None:
 
 
 def test_rules_are_deployed_with_the_firebase_cli_last(dry: Deploy) -> None:
-    assert dry.find("firebase", "deploy") == [["firebase", "deploy", "--only", "firestore:rules", "--project", PROJECT, "--non-interactive"]]
-    assert dry.indexes("firebase", "deploy") == [len(dry.commands) - 1], "nothing waits on the rules"
+    assert dry.find("firebase", "deploy", "--only", "firestore:rules") == [
+        ["firebase", "deploy", "--only", "firestore:rules", "--project", PROJECT, "--non-interactive"]]
+    assert dry.indexes("firebase", "deploy", "--only", "firestore:rules") == [len(dry.commands) - 1], "nothing waits on the rules"
 
 
 def test_seal_key_is_an_ec_p256_signing_key(dry: Deploy) -> None:
@@ -272,7 +391,7 @@ def test_admin_token_secret_is_generated_without_ever_showing_it(dry: Deploy) ->
     assert "GBX_ADMIN_TOKEN=" not in "".join(arg for cmd in dry.commands for arg in cmd if "set-env-vars" in arg)
 
 
-def test_eight_gen2_functions_are_deployed(dry: Deploy) -> None:
+def test_every_registry_function_is_deployed_as_a_gen2_function(dry: Deploy) -> None:
     deploys = dry.find("gcloud", "functions", "deploy")
     assert [cmd[3] for cmd in deploys] == [FUNCTIONS[entry] for entry in DEPLOY_ORDER]
     for entry, cmd in zip(DEPLOY_ORDER, deploys):
@@ -295,10 +414,52 @@ def test_eight_gen2_functions_are_deployed(dry: Deploy) -> None:
         assert version in env["GBX_TRUSTED_KEY_VERSIONS"].split(",")
         assert env["GBX_OPERATORS"] == "ops@example.com,b@x.y"
         assert "GBX_ADMIN_TOKEN" not in env
-        if entry == "issue":
+        if entry in ADMIN_ENTRIES:
             assert options["set-secrets"] == "GBX_ADMIN_TOKEN=gbx-admin-token:latest"
         else:
             assert not any("secret" in arg for arg in cmd), cmd
+    assert ADMIN_ENTRIES == {"issue"}
+
+
+def test_functions_serve_concurrent_requests_on_a_whole_cpu(dry: Deploy) -> None:
+    """gen2 concurrency needs at least one CPU (and --cpu needs --memory); THREADS lets the framework serve that many."""
+    for cmd in dry.find("gcloud", "functions", "deploy"):
+        options = flags(cmd)
+        assert {key: options[key] for key in CONCURRENCY} == CONCURRENCY
+        assert env_vars(options["set-env-vars"])["THREADS"] == CONCURRENCY["concurrency"]
+    assert not [cmd for cmd in dry.commands if "--cpu-boost" in cmd or "--no-cpu-boost" in cmd], "left as Cloud Run has it"
+
+
+@pytest.mark.parametrize(("knobs", "deploy_flags", "update_flag"), [
+    ({"GBX_CONCURRENCY": "8", "GBX_MIN_INSTANCES": "2", "GBX_CPU_BOOST": "1"},
+     {"concurrency": "8", "cpu": "1", "memory": "512Mi", "min-instances": "2"}, "--cpu-boost"),
+    ({"GBX_CONCURRENCY": "1000", "GBX_CPU_BOOST": "0"},
+     {"concurrency": "1000", "cpu": "1", "memory": "512Mi", "min-instances": "0"}, "--no-cpu-boost"),
+])
+def test_operator_knobs(sandbox: dict[str, Path], tmp_path: Path, knobs: dict[str, str], deploy_flags: dict[str, str],
+                        update_flag: str) -> None:
+    result = run_deploy(sandbox["checkout"], DRY_ARGS, path=str(sandbox["path"]), env={"GBX_BUILD_DIR": str(tmp_path / "b"), **knobs})
+    assert result.returncode == 0, result.stderr
+    deploys = result.find("gcloud", "functions", "deploy")
+    assert len(deploys) == len(FUNCTIONS)
+    for cmd in deploys:
+        options = flags(cmd)
+        assert {key: options[key] for key in deploy_flags} == deploy_flags
+        assert env_vars(options["set-env-vars"])["THREADS"] == deploy_flags["concurrency"]
+    # Startup CPU boost is a Cloud Run setting: set right after each deploy, with the invoker setting.
+    invoker_updates = [cmd for cmd in result.commands if "--no-invoker-iam-check" in cmd]
+    assert len(invoker_updates) == len(FUNCTIONS) and all(cmd[-1] == update_flag for cmd in invoker_updates)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("GBX_CONCURRENCY", "0"), ("GBX_CONCURRENCY", "1001"), ("GBX_CONCURRENCY", "08"), ("GBX_CONCURRENCY", "many"),
+    ("GBX_MIN_INSTANCES", "-1"), ("GBX_MIN_INSTANCES", "1.5"), ("GBX_CPU_BOOST", "yes"),
+])
+def test_bad_knobs_exit_2_before_doing_anything(sandbox: dict[str, Path], tmp_path: Path, name: str, value: str) -> None:
+    result = run_deploy(sandbox["checkout"], DRY_ARGS, path=str(sandbox["path"]), env={"GBX_BUILD_DIR": str(tmp_path / "b"), name: value})
+    assert result.returncode == 2
+    assert f"deploy.sh: {name} must be" in result.stderr
+    assert result.stdout == "" and not (tmp_path / "b").exists()
 
 
 def test_nothing_binds_all_users(dry: Deploy) -> None:
@@ -319,7 +480,7 @@ def test_each_function_skips_the_invoker_iam_check_right_after_its_deploy(dry: D
 def test_verifiers_are_deployed_before_the_signer(dry: Deploy) -> None:
     """After a rotation the new key version is trusted everywhere before run_complete signs with it."""
     order = [cmd[3] for cmd in dry.find("gcloud", "functions", "deploy")]
-    assert order[-1] == FUNCTIONS["run_complete"]
+    assert order[-1] == FUNCTIONS[SIGNER] == "gbx-run-complete"
     assert set(order[:len(VERIFIERS)]) == {FUNCTIONS[entry] for entry in VERIFIERS}
 
 
@@ -338,15 +499,27 @@ def test_everything_a_function_needs_exists_before_it_is_deployed(dry: Deploy) -
 
 
 def test_audiences_are_known_before_the_first_deploy(dry: Deploy) -> None:
-    """Every deploy carries both deterministic URLs of all eight functions, with and without a trailing slash."""
+    """Every deploy carries the base URLs and both deterministic URLs of every function, with and without a trailing slash."""
     (describe,) = dry.find("gcloud", "projects", "describe")
     assert describe == ["gcloud", "projects", "describe", PROJECT, "--format=value(projectNumber)"]
     assert dry.indexes("gcloud", "projects", "describe")[0] < dry.indexes("gcloud", "functions", "deploy")[0]
-    expected = [url for name in FUNCTIONS.values() for url in deterministic_urls(name, "PROJECT_NUMBER")]
+    expected = base_urls() + [url for entry in DEPLOY_ORDER for url in deterministic_urls(FUNCTIONS[entry], "PROJECT_NUMBER")]
     for cmd in dry.find("gcloud", "functions", "deploy"):
         assert audiences(env_vars(flags(cmd)["set-env-vars"])["GBX_AUDIENCES"]) == expected
     assert f"https://gbx-issue-PROJECT_NUMBER.{REGION}.run.app/" in expected
     assert f"https://{REGION}-{PROJECT}.cloudfunctions.net/gbx-issue" in expected
+
+
+def test_one_token_for_the_base_url_is_accepted_by_every_function(dry: Deploy) -> None:
+    """Hosting answers at SITE.web.app and SITE.firebaseapp.com; `aud` is compared exactly, so both forms of each."""
+    for cmd in [*dry.find("gcloud", "functions", "deploy"), *dry.find("gcloud", "run", "services", "update")]:
+        options = flags(cmd)
+        if "no-invoker-iam-check" in options:
+            continue
+        env = env_vars(options.get("set-env-vars") or options["update-env-vars"])
+        assert audiences(env["GBX_AUDIENCES"])[:4] == [
+            "https://gbx-demo.web.app", "https://gbx-demo.web.app/",
+            "https://gbx-demo.firebaseapp.com", "https://gbx-demo.firebaseapp.com/"]
 
 
 def test_service_uris_not_known_before_are_added_after_all_deploys(dry: Deploy) -> None:
@@ -355,8 +528,9 @@ def test_service_uris_not_known_before_are_added_after_all_deploys(dry: Deploy) 
     assert len(updates) == len(FUNCTIONS)
     assert min(updates) > last_deploy
     placeholders = {name: f"https://{name}-PLACEHOLDER.{REGION}.run.app" for name in FUNCTIONS.values()}
-    expected = [url for name in FUNCTIONS.values()
-                for url in [*deterministic_urls(name, "PROJECT_NUMBER"), placeholders[name], placeholders[name] + "/"]]
+    expected = base_urls() + [url for entry in DEPLOY_ORDER
+                              for url in [*deterministic_urls(FUNCTIONS[entry], "PROJECT_NUMBER"),
+                                          placeholders[FUNCTIONS[entry]], placeholders[FUNCTIONS[entry]] + "/"]]
     for entry, position in zip(DEPLOY_ORDER, updates):
         cmd = dry.commands[position]
         assert cmd[4] == FUNCTIONS[entry]
@@ -368,7 +542,7 @@ def test_service_uris_not_known_before_are_added_after_all_deploys(dry: Deploy) 
     assert len(described) == 2 * len(FUNCTIONS), "once before the deploys, once after"
     assert all(flags(cmd)["format"] == "value(serviceConfig.uri)" for cmd in described)
     for url in placeholders.values():
-        assert url in dry.stdout.partition("\n\n")[2]  # the closing summary lists the URLs
+        assert url in dry.summary  # the closing summary lists the URLs
 
 
 def test_staging_ships_main_requirements_and_shared_only(dry: Deploy, sandbox: dict[str, Path]) -> None:
@@ -376,7 +550,7 @@ def test_staging_ships_main_requirements_and_shared_only(dry: Deploy, sandbox: d
     for entry in FUNCTIONS:
         staged = checkout / "build" / "functions" / entry
         assert (staged / "main.py").read_text() == f"# stub for {entry}\n"
-        assert (staged / "requirements.txt").read_bytes() == (REPO / "requirements.txt").read_bytes()
+        assert (staged / "requirements.txt").read_bytes() == (checkout / "requirements.txt").read_bytes()
         assert (staged / "shared" / "__init__.py").is_file()
         assert not (staged / "shared" / "local.py").exists()
         assert not (staged / "shared" / "emulator.py").exists()
@@ -391,6 +565,9 @@ def test_build_dir_can_be_moved(sandbox: dict[str, Path], tmp_path: Path) -> Non
     for entry, cmd in zip(DEPLOY_ORDER, result.find("gcloud", "functions", "deploy")):
         assert flags(cmd)["source"] == f"{tmp_path}/elsewhere/functions/{entry}"
         assert (tmp_path / "elsewhere" / "functions" / entry / "main.py").is_file()
+    (hosting,) = result.find("firebase", "deploy", "--only", "hosting")
+    assert hosting[hosting.index("--config") + 1] == f"{tmp_path}/elsewhere/firebase.json"
+    assert (tmp_path / "elsewhere" / "hosting" / "index.html").is_file()
 
 
 @pytest.mark.parametrize("args", [
@@ -409,11 +586,17 @@ def test_build_dir_can_be_moved(sandbox: dict[str, Path], tmp_path: Path) -> Non
     ["--project", "gbx-demo-", "--region", REGION, "--dry-run"],
     ["--project", "1gbx-demo", "--region", REGION, "--dry-run"],
     ["--project=GBX-demo", "--region", REGION, "--dry-run"],
+    # Hosting site IDs: one DNS label of [a-z0-9-].
+    ["--project", PROJECT, "--region", REGION, "--dry-run", "--site"],
+    ["--project", PROJECT, "--region", REGION, "--dry-run", "--site", "Gbx-Site"],
+    ["--project", PROJECT, "--region", REGION, "--dry-run", "--site=gbx-site-"],
+    ["--project", PROJECT, "--region", REGION, "--dry-run", "--site", "gbx.example.com"],
+    ["--project", PROJECT, "--region", REGION, "--dry-run", "--site", "g" * 64],
 ])
 def test_bad_usage_exits_2_before_doing_anything(sandbox: dict[str, Path], tmp_path: Path, args: list[str]) -> None:
     result = run_deploy(sandbox["checkout"], args, path=str(sandbox["path"]), env={"GBX_BUILD_DIR": str(tmp_path / "b")})
     assert result.returncode == 2
-    assert "usage: deploy.sh --project PROJECT --region REGION [--dry-run]" in result.stderr
+    assert USAGE in result.stderr
     assert result.stdout == ""
     assert not (tmp_path / "b").exists()
 
@@ -435,6 +618,15 @@ def test_a_missing_function_stops_the_deployment(sandbox: dict[str, Path], tmp_p
     assert result.commands == []
 
 
+def test_a_missing_portal_stops_the_deployment(sandbox: dict[str, Path], tmp_path: Path) -> None:
+    checkout = make_checkout(tmp_path / "checkout")
+    (checkout / "portal" / "index.html").unlink()
+    result = run_deploy(checkout, DRY_ARGS, path=str(sandbox["path"]))
+    assert result.returncode == 1
+    assert "portal/index.html is missing" in result.stderr
+    assert result.commands == []
+
+
 def test_the_script_is_strict_and_executable() -> None:
     script = REPO / "deploy.sh"
     assert os.access(script, os.X_OK)
@@ -442,34 +634,120 @@ def test_the_script_is_strict_and_executable() -> None:
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
 
 
-# ---------------------------------------------------------------- a real run, against a fake gcloud
-
-FAKE_GCLOUD = r'''
-"""A stateful stand-in for gcloud: just enough of each command deploy.sh uses."""
-import json, os, sys
-
-STATE = os.environ["FAKE_GCLOUD_STATE"]
-with open(STATE) as file:
-    state = json.load(file)
-argv = sys.argv[1:]
-state["calls"].append(argv)
-words = [a for a in argv if not a.startswith("-")]
-opts = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "") for a in argv if a.startswith("--"))
+# ---------------------------------------------------------------- the front door: Firebase Hosting
 
 
-def done(out="", code=0, err=""):
-    with open(STATE, "w") as file:
-        json.dump(state, file)
-    sys.stdout.write(out)
-    sys.stderr.write(err)
-    sys.exit(code)
+def test_hosting_is_deployed_after_the_functions_and_before_the_rules(dry: Deploy) -> None:
+    firebase = [cmd for cmd in dry.commands if cmd[0] == "firebase"]
+    assert firebase == [
+        ["firebase", "hosting:sites:get", PROJECT, "--project", PROJECT, "--non-interactive"],
+        ["firebase", "hosting:sites:create", PROJECT, "--project", PROJECT, "--non-interactive"],
+        ["firebase", "deploy", "--only", "hosting", "--config", "build/firebase.json", "--project", PROJECT, "--non-interactive"],
+        ["firebase", "deploy", "--only", "firestore:rules", "--project", PROJECT, "--non-interactive"],
+    ], "a dry run finds no site, so it shows the create a first deployment runs"
+    first_firebase = dry.commands.index(firebase[0])
+    assert all(cmd[0] == "firebase" for cmd in dry.commands[first_firebase:])
+    assert max(dry.indexes("gcloud", "run", "services", "update")) < first_firebase, "the rewrites name existing services"
 
 
-def missing():
-    done(code=1, err="ERROR: NOT_FOUND\n")
+def test_the_dry_run_prints_the_base_url(dry: Deploy) -> None:
+    assert "Base URL (a dry run deploys nothing): https://gbx-demo.web.app\n" in dry.summary
+    assert "gbx run --url https://gbx-demo.web.app" in dry.summary
+    assert "https://gbx-demo.firebaseapp.com" in dry.summary
+    assert dry.summary.index("Base URL") < dry.summary.index("Function URLs")
 
 
-def parse_env(value):
+def test_the_effective_hosting_config_rewrites_every_path_to_its_function(dry: Deploy, sandbox: dict[str, Path]) -> None:
+    """build/firebase.json: the tracked config, with the site and the registry's rewrites for --region."""
+    build = sandbox["checkout"] / "build"
+    config = json.loads((build / "firebase.json").read_text())
+    hosting = config["hosting"]
+    assert hosting["rewrites"] == hosting_rewrites(REGION)
+    assert [rule["source"] for rule in hosting["rewrites"]] == [endpoint.path for endpoint in ENDPOINTS.values()]
+    for rule in hosting["rewrites"]:
+        (endpoint,) = [e for e in ENDPOINTS.values() if e.path == rule["source"]]
+        assert rule["run"] == {"serviceId": endpoint.function_name, "region": REGION}
+        assert rule["run"]["serviceId"] in [cmd[3] for cmd in dry.find("gcloud", "functions", "deploy")]
+    assert len({rule["source"] for rule in hosting["rewrites"]}) == len(ENDPOINTS)
+    assert hosting["site"] == PROJECT
+    tracked = json.loads((sandbox["checkout"] / "firebase.json").read_text())
+    assert {key: value for key, value in hosting.items() if key not in {"site", "public", "rewrites"}} == {
+        key: value for key, value in tracked["hosting"].items() if key != "public"}, "headers and ignore as tracked"
+
+
+def test_the_effective_hosting_config_resolves_from_its_own_folder(dry: Deploy, sandbox: dict[str, Path]) -> None:
+    """Firebase resolves `public` (and the rules and indexes) from the config's folder and refuses paths outside it."""
+    checkout = sandbox["checkout"]
+    build = checkout / "build"
+    config = json.loads((build / "firebase.json").read_text())
+    public = (build / config["hosting"]["public"]).resolve()
+    assert public.is_relative_to(build.resolve()) and public.is_dir()
+    assert tree(public) == {**tree(checkout / "portal"), "openapi.json": (checkout / "openapi.json").read_bytes()}
+    for key, tracked in json.loads((checkout / "firebase.json").read_text())["firestore"].items():
+        copied = (build / config["firestore"][key]).resolve()
+        assert copied.is_relative_to(build.resolve())
+        assert copied.read_bytes() == (checkout / tracked).read_bytes()
+    assert "staged Hosting: build/firebase.json, public folder build/hosting" in dry.stdout
+
+
+def test_site_and_region_shape_the_base_url_the_audiences_and_the_rewrites(sandbox: dict[str, Path], tmp_path: Path) -> None:
+    """--site for a project whose default Hosting site has another ID; the rewrites follow --region."""
+    build = tmp_path / "b"
+    result = run_deploy(sandbox["checkout"], ["--project", PROJECT, "--region", "us-central1", "--site=gbx-demo-7f3a", "--dry-run"],
+                        path=str(sandbox["path"]), env={"GBX_BUILD_DIR": str(build)})
+    assert result.returncode == 0, result.stderr
+    config = json.loads((build / "firebase.json").read_text())
+    assert config["hosting"]["site"] == "gbx-demo-7f3a"
+    assert config["hosting"]["rewrites"] == hosting_rewrites("us-central1")
+    for cmd in result.find("gcloud", "functions", "deploy"):
+        urls = audiences(env_vars(flags(cmd)["set-env-vars"])["GBX_AUDIENCES"])
+        assert urls[:4] == base_urls("gbx-demo-7f3a")
+        assert not [url for url in urls if f"//{PROJECT}.web.app" in url or f"//{PROJECT}.firebaseapp.com" in url]
+    assert [cmd[2] for cmd in result.commands if cmd[:2] in (["firebase", "hosting:sites:get"], ["firebase", "hosting:sites:create"])] == [
+        "gbx-demo-7f3a", "gbx-demo-7f3a"]
+    assert "Base URL (a dry run deploys nothing): https://gbx-demo-7f3a.web.app\n" in result.summary
+
+
+# ---------------------------------------------------------------- a real run, against a fake gcloud and firebase
+
+# The fake gcloud and firebase are this one bash script, under both names. It hands its name, working directory,
+# arguments and (for --data-file=-) standard input to the test's FakeCloud over TCP and relays the answer: "o" lines
+# to stdout, "e" lines to stderr, "x" the exit code. One Python process answers every call, instead of a Python
+# interpreter started per call.
+FAKE_CLI = r'''#!/bin/bash
+export LC_ALL=C
+exec 3<>/dev/tcp/127.0.0.1/@PORT@ || exit 99
+stdin=""
+for arg; do
+  if [[ $arg == --data-file=- ]]; then stdin=$(cat; printf x); stdin=${stdin%x}; fi
+done
+printf '%s\0' "${0##*/}" "$PWD" "$#" "$@" "${#stdin}" >&3
+printf '%s' "$stdin" >&3
+while IFS= read -r -t 60 line <&3; do
+  case $line in
+    o*) printf '%s\n' "${line#o}" ;;
+    e*) printf '%s\n' "${line#e}" >&2 ;;
+    x*) exit "${line#x}" ;;
+  esac
+done
+echo "fake ${0##*/}: no answer" >&2
+exit 98
+'''
+
+
+class Answer(Exception):
+    """What a fake command answers: stdout, exit code, stderr."""
+
+    def __init__(self, out: str = "", code: int = 0, err: str = "") -> None:
+        super().__init__(out, code, err)
+        self.out, self.code, self.err = out, code, err
+
+
+def missing() -> Answer:
+    return Answer(code=1, err="ERROR: NOT_FOUND\n")
+
+
+def parse_env(value: str) -> dict[str, str]:
     if value.startswith("^"):
         delim, value = value[1:].split("^", 1)
     else:
@@ -477,144 +755,297 @@ def parse_env(value):
     return dict(item.split("=", 1) for item in value.split(delim))
 
 
-def grant(kind, name):
-    binding = [kind, name, opts["member"], opts["role"]]
-    if binding not in state["bindings"]:
-        state["bindings"].append(binding)
-    done()
+def fresh_project() -> dict:
+    """A new project: nothing enabled, created or deployed; Firebase added, but no Hosting site yet."""
+    return {
+        "calls": [], "apis": [], "service_accounts": [], "bindings": [], "database": None, "indexes": [],
+        "secrets": {}, "keyrings": [], "key_versions": {}, "generation_polls": 0, "functions": {},
+        "project_number": PROJECT_NUMBER,
+        "firebase_added": True, "taken_sites": [], "sites": [], "firebase_calls": [], "hosting": {}, "rules": None,
+    }
 
 
-project = opts.get("project")
-match words[:3]:
-    case ["services", "enable", *_]:
-        state["apis"] = sorted(set(state["apis"]) | set(words[2:])); done()
-    case ["iam", "service-accounts", "describe"]:
-        done(words[3] + "\n") if words[3] in state["service_accounts"] else missing()
-    case ["iam", "service-accounts", "create"]:
-        state["service_accounts"].append(f"{words[3]}@{project}.iam.gserviceaccount.com"); done()
-    case ["projects", "add-iam-policy-binding", name]:
-        grant("project", name)
-    case ["projects", "describe", name]:
-        done(state["project_number"] + "\n")
-    case ["firestore", "databases", "describe"]:
-        done("FIRESTORE_NATIVE\n") if state["database"] else missing()
-    case ["firestore", "databases", "create"]:
-        state["database"] = opts["location"]; done()
-    case ["firestore", "indexes", "composite"]:
-        index = [opts["collection-group"]] + [a for a in argv if a.startswith("--field-config=")]
-        if index in state["indexes"]:
-            done(code=1, err="ERROR: (gcloud.firestore.indexes.composite.create) ALREADY_EXISTS: index already exists\n")
-        state["indexes"].append(index); done()
-    case ["secrets", "describe", name]:
-        done(name + "\n") if name in state["secrets"] else missing()
-    case ["secrets", "create", name]:
-        state["secrets"][name] = []; done()
-    case ["secrets", "versions", "list"]:
-        done("".join(f"{i + 1}\n" for i, _ in enumerate(state["secrets"][words[3]])))
-    case ["secrets", "versions", "add"]:
-        state["secrets"][words[3]].append(sys.stdin.read()); done()
-    case ["secrets", "add-iam-policy-binding", name]:
-        grant("secret", name)
-    case ["kms", "keyrings", "describe"]:
-        done(words[3] + "\n") if words[3] in state["keyrings"] else missing()
-    case ["kms", "keyrings", "create"]:
-        state["keyrings"].append(words[3]); done()
-    case ["kms", "keys", "describe"]:
-        done("EC_SIGN_P256_SHA256\n") if state["key_versions"] else missing()
-    case ["kms", "keys", "create"]:
-        # A new asymmetric key's first version is generated while the caller waits: one listing.
-        state["key_versions"] = {"1": "PENDING_GENERATION"}; state["generation_polls"] = 1; done()
-    case ["kms", "keys", "add-iam-policy-binding"]:
-        grant("kms_key", words[3])
-    case ["kms", "keys", "versions"]:
-        key = f"projects/{project}/locations/{opts['location']}/keyRings/{opts['keyring']}/cryptoKeys/{opts['key']}"
-        newest_first = sorted(state["key_versions"].items(), key=lambda item: -int(item[0]))
-        listing = "".join(f"{key}/cryptoKeyVersions/{v}\t{s}\n" for v, s in newest_first)
-        state["generation_polls"] -= 1
-        if state["generation_polls"] <= 0:
-            state["key_versions"] = {v: "ENABLED" if s == "PENDING_GENERATION" else s for v, s in newest_first}
-        done(listing)
-    case ["functions", "describe", name]:
-        done(state["functions"][name]["uri"] + "\n") if name in state["functions"] else missing()
-    case ["functions", "deploy", name]:
-        state["functions"][name] = {
-            "uri": f"https://{name}-x7y8z9-ew.a.run.app",
-            "env": parse_env(opts["set-env-vars"]),
-            "secrets": opts.get("set-secrets"),
-            "source": opts["source"],
-            "build_service_account": opts.get("build-service-account"),
-            "invoker_iam_check": True,  # assume the worst: a deploy switches it back on
-        }
-        done()
-    case ["run", "services", "update"]:
-        service = state["functions"][words[3]]
-        if "no-invoker-iam-check" in opts:
-            service["invoker_iam_check"] = False
-        if "update-env-vars" in opts:
-            service["env"].update(parse_env(opts["update-env-vars"]))
-        done()
-done(code=3, err=f"fake gcloud: unexpected command {argv}\n")
-'''
+def gcloud(state: dict, argv: list[str], stdin: str) -> Answer:
+    """A stateful stand-in for gcloud: just enough of each command deploy.sh uses."""
+    state["calls"].append(argv)
+    words = [a for a in argv if not a.startswith("-")]
+    opts = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "") for a in argv if a.startswith("--"))
+
+    def grant(kind: str, name: str) -> Answer:
+        binding = [kind, name, opts["member"], opts["role"]]
+        if binding not in state["bindings"]:
+            state["bindings"].append(binding)
+        return Answer()
+
+    project = opts.get("project")
+    match words[:3]:
+        case ["services", "enable", *_]:
+            state["apis"] = sorted(set(state["apis"]) | set(words[2:]))
+            return Answer()
+        case ["iam", "service-accounts", "describe"]:
+            return Answer(words[3] + "\n") if words[3] in state["service_accounts"] else missing()
+        case ["iam", "service-accounts", "create"]:
+            state["service_accounts"].append(f"{words[3]}@{project}.iam.gserviceaccount.com")
+            return Answer()
+        case ["projects", "add-iam-policy-binding", name]:
+            return grant("project", name)
+        case ["projects", "describe", name]:
+            return Answer(state["project_number"] + "\n")
+        case ["firestore", "databases", "describe"]:
+            return Answer("FIRESTORE_NATIVE\n") if state["database"] else missing()
+        case ["firestore", "databases", "create"]:
+            state["database"] = opts["location"]
+            return Answer()
+        case ["firestore", "indexes", "composite"]:
+            index = [opts["collection-group"]] + [a for a in argv if a.startswith("--field-config=")]
+            if index in state["indexes"]:
+                return Answer(code=1, err="ERROR: (gcloud.firestore.indexes.composite.create) ALREADY_EXISTS: index already exists\n")
+            state["indexes"].append(index)
+            return Answer()
+        case ["secrets", "describe", name]:
+            return Answer(name + "\n") if name in state["secrets"] else missing()
+        case ["secrets", "create", name]:
+            state["secrets"][name] = []
+            return Answer()
+        case ["secrets", "versions", "list"]:
+            return Answer("".join(f"{i + 1}\n" for i, _ in enumerate(state["secrets"][words[3]])))
+        case ["secrets", "versions", "add"]:
+            state["secrets"][words[3]].append(stdin)
+            return Answer()
+        case ["secrets", "add-iam-policy-binding", name]:
+            return grant("secret", name)
+        case ["kms", "keyrings", "describe"]:
+            return Answer(words[3] + "\n") if words[3] in state["keyrings"] else missing()
+        case ["kms", "keyrings", "create"]:
+            state["keyrings"].append(words[3])
+            return Answer()
+        case ["kms", "keys", "describe"]:
+            return Answer("EC_SIGN_P256_SHA256\n") if state["key_versions"] else missing()
+        case ["kms", "keys", "create"]:
+            # A new asymmetric key's first version is generated while the caller waits: one listing.
+            state["key_versions"] = {"1": "PENDING_GENERATION"}
+            state["generation_polls"] = 1
+            return Answer()
+        case ["kms", "keys", "add-iam-policy-binding"]:
+            return grant("kms_key", words[3])
+        case ["kms", "keys", "versions"]:
+            key = f"projects/{project}/locations/{opts['location']}/keyRings/{opts['keyring']}/cryptoKeys/{opts['key']}"
+            newest_first = sorted(state["key_versions"].items(), key=lambda item: -int(item[0]))
+            listing = "".join(f"{key}/cryptoKeyVersions/{v}\t{s}\n" for v, s in newest_first)
+            state["generation_polls"] -= 1
+            if state["generation_polls"] <= 0:
+                state["key_versions"] = {v: "ENABLED" if s == "PENDING_GENERATION" else s for v, s in newest_first}
+            return Answer(listing)
+        case ["functions", "describe", name]:
+            return Answer(state["functions"][name]["uri"] + "\n") if name in state["functions"] else missing()
+        case ["functions", "deploy", name]:
+            if "cpu" in opts and "memory" not in opts:
+                return Answer(code=2, err="ERROR: (gcloud.functions.deploy) argument --memory: Must be specified.\n")
+            if int(opts.get("concurrency", "1")) > 1 and float(opts.get("cpu", "0")) < 1:
+                return Answer(code=1, err="ERROR: concurrency > 1 requires at least 1 CPU\n")
+            state["functions"][name] = {
+                "uri": f"https://{name}-x7y8z9-ew.a.run.app",
+                "region": opts["region"],
+                "env": parse_env(opts["set-env-vars"]),
+                "secrets": opts.get("set-secrets"),
+                "source": opts["source"],
+                "build_service_account": opts.get("build-service-account"),
+                "scaling": {key: opts.get(key) for key in CONCURRENCY},
+                "invoker_iam_check": True,  # assume the worst: a deploy switches it back on
+                "cpu_boost": None,
+            }
+            return Answer()
+        case ["run", "services", "update"]:
+            service = state["functions"][words[3]]
+            if "no-invoker-iam-check" in opts:
+                service["invoker_iam_check"] = False
+            if "cpu-boost" in opts or "no-cpu-boost" in opts:
+                service["cpu_boost"] = "cpu-boost" in opts
+            if "update-env-vars" in opts:
+                service["env"].update(parse_env(opts["update-env-vars"]))
+            return Answer()
+    return Answer(code=3, err=f"fake gcloud: unexpected command {argv}\n")
+
+
+def firebase(state: dict, cwd: Path, argv: list[str]) -> Answer:
+    """A stateful stand-in for the Firebase CLI: sites, `deploy --only hosting --config ...`, `deploy --only firestore:rules`."""
+    state["firebase_calls"].append(argv)
+    words, opts, args = [], {}, iter(argv)
+    for arg in args:
+        if arg == "--non-interactive":
+            opts["non-interactive"] = ""
+        elif arg.startswith("--"):
+            opts[arg[2:]] = next(args)
+        else:
+            words.append(arg)
+    if "non-interactive" not in opts:
+        return Answer(code=4, err="fake firebase: would prompt\n")
+    if not state["firebase_added"]:
+        return Answer(code=1, err=f"Error: Failed to get Firebase project {opts['project']}. Please make sure the project "
+                                  "exists and your account has permission to access it.\n")
+    match words:
+        case ["hosting:sites:get", site]:
+            return Answer(f"Site {site}\n") if site in state["sites"] else Answer(code=1, err="Error: HTTP Error: 404\n")
+        case ["hosting:sites:create", site]:
+            if site in state["taken_sites"] or site in state["sites"]:
+                return Answer(code=1, err=f"Error: HTTP Error: 400, Invalid name: `{site}` is reserved by another project\n")
+            state["sites"].append(site)
+            return Answer(f"Site {site} has been created\n")
+        case ["deploy"] if opts.get("only") == "hosting":
+            # As Firebase: paths resolve from the config's folder and may not leave it; the site and services must exist.
+            config_path = cwd / opts["config"]
+            project_dir = config_path.parent.resolve()
+            hosting = json.loads(config_path.read_text())["hosting"]
+            if hosting.get("site") not in state["sites"]:
+                return Answer(code=1, err=f"Error: Hosting site {hosting.get('site')} not found\n")
+            public = (project_dir / hosting["public"]).resolve()
+            if not public.is_relative_to(project_dir) or not public.is_dir():
+                return Answer(code=1, err=f"Error: {hosting['public']} is outside of project directory, or missing\n")
+            for rule in hosting.get("rewrites", []):
+                service = state["functions"].get(rule["run"]["serviceId"])
+                if service is None or service["region"] != rule["run"]["region"]:
+                    return Answer(code=1, err=f"Error: Cloud Run service {rule['run']} does not exist\n")
+            state["hosting"][hosting["site"]] = {
+                "rewrites": hosting["rewrites"], "headers": hosting["headers"],
+                "files": {name: hashlib.sha256(data).hexdigest() for name, data in tree(public).items()},
+            }
+            return Answer("Deploy complete!\n")
+        case ["deploy"] if opts.get("only") == "firestore:rules":
+            config = json.loads((cwd / opts.get("config", "firebase.json")).read_text())
+            state["rules"] = (cwd / config["firestore"]["rules"]).read_text()
+            return Answer("Deploy complete!\n")
+    return Answer(code=3, err=f"fake firebase: unexpected command {argv}\n")
+
+
+class FakeCloudServer(socketserver.TCPServer):
+    """Answers the fake CLIs one call at a time (deploy.sh calls them one after another)."""
+
+    allow_reuse_address = True
+
+    def __init__(self, state: dict) -> None:
+        super().__init__(("127.0.0.1", 0), FakeCloudHandler)
+        self.state = state
+
+
+class FakeCloudHandler(socketserver.StreamRequestHandler):
+    def field(self) -> str:
+        data = bytearray()
+        while (byte := self.rfile.read(1)) != b"\0":
+            if not byte:
+                raise EOFError("the fake CLI hung up")
+            data += byte
+        return data.decode("utf-8", "surrogateescape")
+
+    def handle(self) -> None:
+        state = self.server.state  # type: ignore[attr-defined]
+        try:
+            tool, cwd, count = self.field(), Path(self.field()), int(self.field())
+            argv = [self.field() for _ in range(count)]
+            stdin = self.rfile.read(int(self.field())).decode()
+            answer = gcloud(state, argv, stdin) if tool == "gcloud" else firebase(state, cwd, argv)
+        except Exception:  # noqa: BLE001 - shown to the test through deploy.sh's stderr
+            answer = Answer(code=3, err=traceback.format_exc())
+        lines = [b"o" + line.encode() for line in answer.out.splitlines()]
+        lines += [b"e" + line.encode() for line in answer.err.splitlines()]
+        self.wfile.write(b"\n".join([*lines, f"x{answer.code}".encode()]) + b"\n")
 
 
 @dataclass
 class FakeCloud:
-    """A stub checkout and a PATH whose gcloud keeps its state in a JSON file, whose firebase and sleep record."""
+    """A stub checkout and a PATH whose gcloud and firebase answer from `state`; sleep and curl only record."""
 
     checkout: Path
-    state: Path
+    state: dict
     path: str
-    firebase: Path
     sleep: Path
     bin_dir: Path
 
     def update(self, **changes: object) -> None:
-        """Change the project behind deploy.sh's back (a rotation, a stuck key version)."""
-        self.state.write_text(json.dumps({**json.loads(self.state.read_text()), **changes}))
+        """Change the project behind deploy.sh's back (a rotation, a stuck key version, no Firebase)."""
+        self.state.update(changes)
+
+
+@contextlib.contextmanager
+def fake_cloud(directory: Path, state: dict, sleep_log: str = "") -> Iterator[FakeCloud]:
+    """A stub checkout and a PATH whose gcloud and firebase answer from `state`, while the block runs."""
+    server = FakeCloudServer(state)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        bin_dir = directory / "bin"
+        bin_dir.mkdir()
+        for name in ("gcloud", "firebase"):
+            (bin_dir / name).write_text(FAKE_CLI.replace("@PORT@", str(server.server_address[1])))
+            (bin_dir / name).chmod(0o755)
+        make_shims(bin_dir, directory / "sleep.log", ["sleep"], exit_code=0)  # waits take no time here
+        make_shims(bin_dir, directory / "curl.log", ["curl", "wget"])
+        if sleep_log:
+            (directory / "sleep.log").write_text(sleep_log)
+        yield FakeCloud(checkout=make_checkout(directory / "checkout"), state=state, path=f"{bin_dir}:/usr/bin:/bin",
+                        sleep=directory / "sleep.log", bin_dir=bin_dir)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture
-def cloud(tmp_path: Path) -> FakeCloud:
+def cloud(tmp_path: Path) -> Iterator[FakeCloud]:
     """A fresh project: nothing enabled, created or deployed."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    gcloud = bin_dir / "gcloud"
-    gcloud.write_text(f"#!{sys.executable}\n{FAKE_GCLOUD}")
-    gcloud.chmod(0o755)
-    make_shims(bin_dir, tmp_path / "firebase.log", ["firebase"], exit_code=0)
-    make_shims(bin_dir, tmp_path / "sleep.log", ["sleep"], exit_code=0)  # waits take no time here
-    make_shims(bin_dir, tmp_path / "curl.log", ["curl", "wget"])
-    state = tmp_path / "state.json"
-    state.write_text(json.dumps({
-        "calls": [], "apis": [], "service_accounts": [], "bindings": [], "database": None, "indexes": [],
-        "secrets": {}, "keyrings": [], "key_versions": {}, "generation_polls": 0, "functions": {},
-        "project_number": PROJECT_NUMBER,
-    }))
-    return FakeCloud(checkout=make_checkout(tmp_path / "checkout"), state=state, path=f"{bin_dir}:/usr/bin:/bin",
-                     firebase=tmp_path / "firebase.log", sleep=tmp_path / "sleep.log", bin_dir=bin_dir)
+    with fake_cloud(tmp_path, fresh_project()) as fresh:
+        yield fresh
 
 
-def run_for_real(cloud: FakeCloud) -> tuple[Deploy, dict]:
-    """Run deploy.sh without --dry-run against the fake; return its result and the project's state after it."""
-    cloud.update(calls=[])
-    result = run_deploy(cloud.checkout, ["--project", PROJECT, "--region", REGION], path=cloud.path,
-                        env={"FAKE_GCLOUD_STATE": str(cloud.state), "GBX_OPERATORS": "ops@example.com"})
-    return result, json.loads(cloud.state.read_text())
+@dataclass(frozen=True)
+class FirstDeployment:
+    """deploy.sh's first run on a fresh project: what it printed, the project after it, what it slept, its checkout."""
+
+    result: Deploy
+    state: dict
+    sleep_log: str
+    checkout: Path
 
 
-def deploy_for_real(cloud: FakeCloud) -> tuple[Deploy, dict]:
+@pytest.fixture(scope="module")
+def first(tmp_path_factory: pytest.TempPathFactory) -> FirstDeployment:
+    """One first deployment, shared by the tests that only read it (they must not change it)."""
+    with fake_cloud(tmp_path_factory.mktemp("first"), fresh_project()) as fresh:
+        result, state = deploy_for_real(fresh)
+        return FirstDeployment(result, state, fresh.sleep.read_text(), fresh.checkout)
+
+
+@pytest.fixture
+def deployed(first: FirstDeployment, tmp_path: Path) -> Iterator[FakeCloud]:
+    """A project as the first deployment left it (a copy), for the tests that go on from there."""
+    with fake_cloud(tmp_path, copy.deepcopy(first.state), first.sleep_log) as project:
+        yield project
+
+
+def run_for_real(cloud: FakeCloud, *args: str) -> tuple[Deploy, dict]:
+    """Run deploy.sh without --dry-run against the fake; return its result and (a copy of) the project's state after it."""
+    cloud.update(calls=[], firebase_calls=[])
+    result = run_deploy(cloud.checkout, ["--project", PROJECT, "--region", REGION, *args], path=cloud.path,
+                        env={"GBX_OPERATORS": "ops@example.com"})
+    return result, copy.deepcopy(cloud.state)
+
+
+def deploy_for_real(cloud: FakeCloud, *args: str) -> tuple[Deploy, dict]:
     """run_for_real, which must succeed."""
-    result, state = run_for_real(cloud)
+    result, state = run_for_real(cloud, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     return result, state
+
+
+def published(checkout: Path) -> dict[str, str]:
+    """The files Hosting serves from a checkout, by SHA-256: the portal and openapi.json."""
+    files = {**tree(checkout / "portal"), "openapi.json": (checkout / "openapi.json").read_bytes()}
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
 
 
 def service_uri(name: str) -> str:
     return f"https://{name}-x7y8z9-ew.a.run.app"
 
 
-def test_first_deployment_creates_everything(cloud: FakeCloud) -> None:
-    result, state = deploy_for_real(cloud)
+def test_first_deployment_creates_everything(first: FirstDeployment) -> None:
+    result, state = first.result, first.state
     assert set(APIS) <= set(state["apis"])
     assert state["service_accounts"] == [SA_EMAIL, BUILD_SA_EMAIL]
     assert state["database"] == REGION
@@ -626,38 +1057,58 @@ def test_first_deployment_creates_everything(cloud: FakeCloud) -> None:
         ["kms_key", "seal", member, "roles/cloudkms.signerVerifier"],
         *(["project", PROJECT, f"serviceAccount:{BUILD_SA_EMAIL}", role] for role in BUILD_ROLES),
     ])
-    assert cloud.firebase.read_text() == f"firebase deploy --only firestore:rules --project {PROJECT} --non-interactive\n"
-    assert "PENDING_GENERATION" in result.stdout and cloud.sleep.read_text() == "sleep 5\n", "the new key was waited for"
+    assert state["rules"] == (first.checkout / "firestore.rules").read_text()
+    assert "PENDING_GENERATION" in result.stdout and first.sleep_log == "sleep 5\n", "the new key was waited for"
 
     (token,) = state["secrets"]["gbx-admin-token"]
     assert re.fullmatch(r"[0-9a-f]{64}", token), "one random line, without its newline"
     everything_shown = result.stdout + result.stderr + json.dumps(state["calls"]) + json.dumps(state["functions"])
     assert token not in everything_shown
 
-    all_urls = [url for name in FUNCTIONS.values()
-                for url in [*deterministic_urls(name, PROJECT_NUMBER), service_uri(name), service_uri(name) + "/"]]
+    all_urls = base_urls() + [url for entry in DEPLOY_ORDER for name in [FUNCTIONS[entry]]
+                              for url in [*deterministic_urls(name, PROJECT_NUMBER), service_uri(name), service_uri(name) + "/"]]
     assert set(state["functions"]) == set(FUNCTIONS.values())
     for entry, name in FUNCTIONS.items():
         deployed = state["functions"][name]
         assert deployed["source"] == f"build/functions/{entry}"
+        assert deployed["region"] == REGION
         assert deployed["build_service_account"] == f"projects/{PROJECT}/serviceAccounts/{BUILD_SA_EMAIL}"
         assert deployed["invoker_iam_check"] is False
-        assert audiences(deployed["env"].pop("GBX_AUDIENCES")) == all_urls
-        assert deployed["env"] == {
+        assert deployed["scaling"] == CONCURRENCY and deployed["cpu_boost"] is None
+        env = dict(deployed["env"])
+        assert audiences(env.pop("GBX_AUDIENCES")) == all_urls
+        assert env == {
             "GOOGLE_CLOUD_PROJECT": PROJECT, "GBX_ISSUER": PROJECT,
             "GBX_KMS_KEY_VERSION": f"{KEY}/cryptoKeyVersions/1", "GBX_TRUSTED_KEY_VERSIONS": f"{KEY}/cryptoKeyVersions/1",
-            "GBX_OPERATORS": "ops@example.com",
+            "GBX_OPERATORS": "ops@example.com", "THREADS": "40",
         }
-        assert deployed["secrets"] == ("GBX_ADMIN_TOKEN=gbx-admin-token:latest" if entry == "issue" else None)
+        assert deployed["secrets"] == ("GBX_ADMIN_TOKEN=gbx-admin-token:latest" if entry in ADMIN_ENTRIES else None)
     for name in FUNCTIONS.values():
-        assert service_uri(name) in result.stdout.partition("\n\n")[2]
+        assert service_uri(name) in result.summary
 
 
-def test_the_first_deploy_already_accepts_the_deterministic_urls(cloud: FakeCloud) -> None:
+def test_first_deployment_puts_hosting_in_front_of_the_functions(first: FirstDeployment) -> None:
+    """A project without a Hosting site gets one; the site rewrites every path to its function and serves the portal."""
+    result, state = first.result, first.state
+    assert state["firebase_calls"] == [
+        ["hosting:sites:get", PROJECT, "--project", PROJECT, "--non-interactive"],
+        ["hosting:sites:create", PROJECT, "--project", PROJECT, "--non-interactive"],
+        ["deploy", "--only", "hosting", "--config", "build/firebase.json", "--project", PROJECT, "--non-interactive"],
+        ["deploy", "--only", "firestore:rules", "--project", PROJECT, "--non-interactive"],
+    ]
+    hosting = state["hosting"][PROJECT]
+    assert hosting["rewrites"] == hosting_rewrites(REGION)
+    assert hosting["headers"] == json.loads((first.checkout / "firebase.json").read_text())["hosting"]["headers"]
+    assert hosting["files"] == published(first.checkout)
+    assert "Base URL: https://gbx-demo.web.app\n" in result.summary
+    assert "NOT deployed" not in result.stdout + result.stderr
+
+
+def test_the_first_deploy_already_accepts_the_deterministic_urls(first: FirstDeployment) -> None:
     """No 401 window: the URLs a client can know in advance are in the environment the first revision starts with."""
-    _, state = deploy_for_real(cloud)
+    state = first.state
     deploys = [call for call in state["calls"] if call[:2] == ["functions", "deploy"]]
-    expected = [url for name in FUNCTIONS.values() for url in deterministic_urls(name, PROJECT_NUMBER)]
+    expected = base_urls() + [url for entry in DEPLOY_ORDER for url in deterministic_urls(FUNCTIONS[entry], PROJECT_NUMBER)]
     assert [call[2] for call in deploys] == [FUNCTIONS[entry] for entry in DEPLOY_ORDER]
     for call in deploys:
         assert audiences(env_vars(flags(call)["set-env-vars"])["GBX_AUDIENCES"]) == expected
@@ -669,9 +1120,8 @@ def test_the_first_deploy_already_accepts_the_deterministic_urls(cloud: FakeClou
                                                     f"--project={PROJECT}", "--no-invoker-iam-check"]
 
 
-def test_a_second_deployment_creates_nothing_and_keeps_the_audiences(cloud: FakeCloud) -> None:
-    _, first = deploy_for_real(cloud)
-    result, second = deploy_for_real(cloud)
+def test_a_second_deployment_creates_nothing_and_keeps_the_audiences(first: FirstDeployment, deployed: FakeCloud) -> None:
+    result, second = deploy_for_real(deployed)
     creates = [call for call in second["calls"] if "create" in call or call[:3] == ["secrets", "versions", "add"]]
     assert creates == [
         call for call in second["calls"] if call[:4] == ["firestore", "indexes", "composite", "create"]
@@ -679,18 +1129,23 @@ def test_a_second_deployment_creates_nothing_and_keeps_the_audiences(cloud: Fake
     assert "index exists" in result.stdout
     assert not [call for call in second["calls"] if call[:3] == ["run", "services", "update"] and "--no-invoker-iam-check" not in call]
     assert len([call for call in second["calls"] if "--no-invoker-iam-check" in call]) == len(FUNCTIONS)
-    assert second["secrets"] == first["secrets"], "the admin token is not rotated by a redeploy"
-    assert second["bindings"] == first["bindings"]
-    assert second["functions"] == first["functions"]
-    assert cloud.sleep.read_text() == "sleep 5\n", "only the first run waited (for the new key)"
+    assert second["secrets"] == first.state["secrets"], "the admin token is not rotated by a redeploy"
+    assert second["bindings"] == first.state["bindings"]
+    assert second["functions"] == first.state["functions"]
+    assert deployed.sleep.read_text() == "sleep 5\n", "only the first run waited (for the new key)"
     # The audiences, service URIs included, ride along with each redeploy: there is no moment without them.
     for call in second["calls"]:
         if call[:2] == ["functions", "deploy"]:
-            assert env_vars(flags(call)["set-env-vars"])["GBX_AUDIENCES"] == first["functions"][call[2]]["env"]["GBX_AUDIENCES"]
+            assert env_vars(flags(call)["set-env-vars"])["GBX_AUDIENCES"] == first.state["functions"][call[2]]["env"]["GBX_AUDIENCES"]
+    # The site exists now: found, not created again; Hosting is deployed again.
+    assert [call[0] for call in second["firebase_calls"]] == ["hosting:sites:get", "deploy", "deploy"]
+    assert second["sites"] == [PROJECT]
+    # (Each test copies the portal from the repository, whose files may change between two copies.)
+    assert second["hosting"] == {PROJECT: {**first.state["hosting"][PROJECT], "files": published(deployed.checkout)}}
 
 
-def test_after_a_rotation_the_newest_version_signs_once_generated_and_the_enabled_ones_are_trusted(cloud: FakeCloud) -> None:
-    deploy_for_real(cloud)
+def test_after_a_rotation_the_newest_version_signs_once_generated_and_the_enabled_ones_are_trusted(deployed: FakeCloud) -> None:
+    cloud = deployed
     cloud.update(key_versions={"1": "DISABLED", "2": "ENABLED", "3": "PENDING_GENERATION"}, generation_polls=2)
     result, after = deploy_for_real(cloud)
     assert result.stdout.count("to leave PENDING_GENERATION") == 2
@@ -698,23 +1153,24 @@ def test_after_a_rotation_the_newest_version_signs_once_generated_and_the_enable
         assert deployed["env"]["GBX_KMS_KEY_VERSION"] == f"{KEY}/cryptoKeyVersions/3"
         assert deployed["env"]["GBX_TRUSTED_KEY_VERSIONS"] == f"{KEY}/cryptoKeyVersions/3,{KEY}/cryptoKeyVersions/2"
     deployed_order = [call[2] for call in after["calls"] if call[:2] == ["functions", "deploy"]]
-    assert deployed_order[-1] == FUNCTIONS["run_complete"], "the signer comes last"
+    assert deployed_order[-1] == FUNCTIONS[SIGNER], "the signer comes last"
     assert {FUNCTIONS[entry] for entry in VERIFIERS} == set(deployed_order[:len(VERIFIERS)])
 
 
-def test_a_key_version_stuck_in_generation_stops_before_any_deploy(cloud: FakeCloud) -> None:
-    deploy_for_real(cloud)
+def test_a_key_version_stuck_in_generation_stops_before_any_deploy(deployed: FakeCloud) -> None:
+    cloud = deployed
     cloud.update(key_versions={"1": "ENABLED", "2": "PENDING_GENERATION"}, generation_polls=1000)
     result, state = run_for_real(cloud)
     assert result.returncode == 1
     assert "still PENDING_GENERATION" in result.stderr
     assert not [call for call in state["calls"] if call[:2] == ["functions", "deploy"]]
+    assert state["firebase_calls"] == [], "nothing is deployed, Hosting neither"
     listings = [call for call in state["calls"] if call[:4] == ["kms", "keys", "versions", "list"]]
     assert 1 < len(listings) <= 30, "bounded"
 
 
-def test_a_key_without_enabled_versions_stops_at_once(cloud: FakeCloud) -> None:
-    deploy_for_real(cloud)
+def test_a_key_without_enabled_versions_stops_at_once(deployed: FakeCloud) -> None:
+    cloud = deployed
     cloud.update(key_versions={"1": "DISABLED"})
     result, state = run_for_real(cloud)
     assert result.returncode == 1
@@ -723,26 +1179,57 @@ def test_a_key_without_enabled_versions_stops_at_once(cloud: FakeCloud) -> None:
     assert not [call for call in state["calls"] if call[:2] == ["functions", "deploy"]]
 
 
-def test_a_failing_firebase_deploy_is_a_warning_not_an_abort(cloud: FakeCloud) -> None:
-    """No Firebase on the project, or no firebase login: everything else is deployed and the run succeeds."""
-    make_shims(cloud.bin_dir, cloud.firebase, ["firebase"], exit_code=1)
+def test_operator_knobs_reach_the_functions(cloud: FakeCloud) -> None:
+    result = run_deploy(cloud.checkout, ["--project", PROJECT, "--region", REGION], path=cloud.path,
+                        env={"GBX_CONCURRENCY": "16", "GBX_MIN_INSTANCES": "1", "GBX_CPU_BOOST": "1"})
+    assert result.returncode == 0, result.stderr
+    for deployed in cloud.state["functions"].values():
+        assert deployed["scaling"] == {"concurrency": "16", "cpu": "1", "memory": "512Mi", "min-instances": "1"}
+        assert deployed["env"]["THREADS"] == "16"
+        assert deployed["cpu_boost"] is True and deployed["invoker_iam_check"] is False
+
+
+def test_without_firebase_on_the_project_hosting_and_rules_are_warnings_not_an_abort(cloud: FakeCloud) -> None:
+    """Firebase not added (or no firebase login): the functions are deployed, the run succeeds and says what to run later."""
+    cloud.update(firebase_added=False)
     result, state = deploy_for_real(cloud)
-    assert cloud.firebase.read_text().startswith("firebase deploy --only firestore:rules")
-    assert "deploy.sh: warning: firebase deploy failed" in result.stderr
+    assert f"deploy.sh: warning: firebase failed (is Firebase added to {PROJECT}: firebase projects:addfirebase {PROJECT}?" in result.stderr
+    assert "Firebase Hosting (the base URL https://gbx-demo.web.app) was NOT deployed" in result.stderr
+    assert f"firebase hosting:sites:create {PROJECT} --project {PROJECT} --non-interactive" in result.stderr
+    assert f"firebase deploy --only hosting --config build/firebase.json --project {PROJECT} --non-interactive" in result.stderr
     assert "firestore.rules was NOT deployed" in result.stderr
     assert f"firebase deploy --only firestore:rules --project {PROJECT} --non-interactive" in result.stderr
     assert set(state["functions"]) == set(FUNCTIONS.values())
     assert all(not deployed["invoker_iam_check"] for deployed in state["functions"].values())
+    assert state["hosting"] == {} and state["rules"] is None
+    assert "Base URL: https://gbx-demo.web.app (NOT deployed" in result.summary
     assert "Function URLs:" in result.stdout
 
 
-def test_without_the_firebase_cli_the_rules_command_is_printed(cloud: FakeCloud) -> None:
+def test_a_site_id_taken_elsewhere_leaves_hosting_undeployed_and_the_rules_deployed(cloud: FakeCloud) -> None:
+    """The default site of some older projects has another ID: the warning says so, and --site fixes it."""
+    cloud.update(taken_sites=[PROJECT], sites=["gbx-demo-7f3a"])
+    result, state = deploy_for_real(cloud)
+    assert "Firebase Hosting (the base URL https://gbx-demo.web.app) was NOT deployed" in result.stderr
+    assert state["hosting"] == {} and state["rules"] is not None
+    result, state = deploy_for_real(cloud, "--site", "gbx-demo-7f3a")
+    assert [call[0] for call in state["firebase_calls"]] == ["hosting:sites:get", "deploy", "deploy"]
+    assert state["hosting"]["gbx-demo-7f3a"]["rewrites"] == hosting_rewrites(REGION)
+    assert "Base URL: https://gbx-demo-7f3a.web.app\n" in result.summary
+    for deployed in state["functions"].values():
+        assert audiences(deployed["env"]["GBX_AUDIENCES"])[:4] == base_urls("gbx-demo-7f3a")
+
+
+def test_without_the_firebase_cli_the_commands_are_printed(cloud: FakeCloud) -> None:
     (cloud.bin_dir / "firebase").unlink()
     result, state = deploy_for_real(cloud)
-    assert "firebase CLI not found" in result.stderr
+    assert result.stderr.count("firebase CLI not found") == 1
+    assert "Firebase Hosting (the base URL https://gbx-demo.web.app) was NOT deployed" in result.stderr
+    assert f"firebase deploy --only hosting --config build/firebase.json --project {PROJECT}" in result.stderr
     assert "firestore.rules was NOT deployed" in result.stderr
     assert f"firebase deploy --only firestore:rules --project {PROJECT}" in result.stderr
     assert set(state["functions"]) == set(FUNCTIONS.values())
+    assert state["firebase_calls"] == []
 
 
 # ---------------------------------------------------------------- the real functions/, staged
@@ -783,48 +1270,68 @@ SERVE = textwrap.dedent('''
     from pathlib import Path
     import functions_framework
 
-    entry, method, repo = sys.argv[1:4]
-    app = functions_framework.create_app(target=entry, source=str(Path("main.py").resolve()))
-    response = app.test_client().open("/", method=method)
-    import shared
-    from_repo = sorted(
-        name for name, module in list(sys.modules.items())
-        if (getattr(module, "__file__", None) or "").startswith((repo + "/shared", repo + "/functions", repo + "/client"))
-    )
-    print(json.dumps({
-        "status": response.status_code,
-        "body": response.get_json(silent=True),
-        "request_id": response.headers.get("X-Request-Id"),
-        "shared": shared.__file__,
-        "from_repo": from_repo,
-    }))
+    repo, *functions = sys.argv[1:]
+    for function in functions:
+        directory, entry, method = function.split(":")
+        # As on a fresh instance: none of the previous function's modules, nor its folder on sys.path.
+        for name in [name for name in sys.modules if name == "main" or name.split(".")[0] in ("shared", "gbx_client")]:
+            del sys.modules[name]
+        sys.path[:] = [path for path in sys.path if not path.startswith(str(Path(directory).parent))]
+        app = functions_framework.create_app(target=entry, source=str(Path(directory, "main.py")))
+        response = app.test_client().open("/", method=method)
+        import shared
+        from_repo = sorted(
+            name for name, module in list(sys.modules.items())
+            if (getattr(module, "__file__", None) or "").startswith((repo + "/shared", repo + "/functions", repo + "/client"))
+        )
+        print("served:", json.dumps({  # the function logs JSON lines of its own
+            "entry": entry,
+            "status": response.status_code,
+            "body": response.get_json(silent=True),
+            "request_id": response.headers.get("X-Request-Id"),
+            "shared": shared.__file__,
+            "from_repo": from_repo,
+        }))
 ''')
 
 
-@pytest.mark.parametrize("entry", FUNCTIONS)
-def test_each_staged_function_serves_its_endpoint_on_its_own(staged: Path, entry: str, tmp_path: Path) -> None:
-    """functions-framework loads the staged main.py with nothing of the repository on sys.path (-I)."""
-    directory = staged / entry
-    wrong_method = "POST" if entry == "public_keys" else "GET"
+@pytest.fixture(scope="module")
+def served(staged: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Each staged function's answer to a wrong method, loaded by functions-framework from its own folder.
+
+    One interpreter (-I: nothing of the repository on sys.path, cwd outside it) loads them one after another, dropping
+    the previous function's modules each time, so the third-party imports are paid once rather than per function.
+    """
+    home = tmp_path_factory.mktemp("served")
     env = {
-        "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "GOOGLE_CLOUD_PROJECT": "demo", "GBX_SIGNER": "local",
-        "GBX_LOCAL_DIR": str(tmp_path / "local"), "GBX_AUDIENCES": "x", "GBX_ADMIN_TOKEN": "x",
+        "PATH": "/usr/bin:/bin", "HOME": str(home), "GOOGLE_CLOUD_PROJECT": "demo", "GBX_SIGNER": "local",
+        "GBX_LOCAL_DIR": str(home / "local"), "GBX_AUDIENCES": "x", "GBX_ADMIN_TOKEN": "x",
     }
-    result = subprocess.run([sys.executable, "-I", "-c", SERVE, entry, wrong_method, str(REPO)], cwd=directory, env=env,
+    functions = [f"{staged / entry}:{entry}:{'POST' if ENDPOINTS[entry].method == 'GET' else 'GET'}" for entry in FUNCTIONS]
+    result = subprocess.run([sys.executable, "-I", "-c", SERVE, str(REPO), *functions], cwd=home, env=env,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    served = json.loads(result.stdout.strip().splitlines()[-1])
-    assert served["status"] == 405, served
-    assert served["body"]["error"]["code"] == "method_not_allowed"
-    assert served["body"]["error"]["status"] == 405
-    assert isinstance(served["body"]["error"]["message"], str) and served["body"]["error"]["message"]
-    assert served["request_id"]
-    assert Path(served["shared"]).resolve().is_relative_to(directory.resolve())
-    assert served["from_repo"] == []
+    answers = [json.loads(line.removeprefix("served:")) for line in result.stdout.splitlines() if line.startswith("served:")]
+    assert [answer["entry"] for answer in answers] == list(FUNCTIONS), result.stdout
+    return {answer["entry"]: answer for answer in answers}
+
+
+@pytest.mark.parametrize("entry", FUNCTIONS)
+def test_each_staged_function_serves_its_endpoint_on_its_own(staged: Path, served: dict[str, dict], entry: str) -> None:
+    """functions-framework loads the staged main.py with nothing of the repository on sys.path (-I)."""
+    answer = served[entry]
+    assert answer["status"] == 405, answer
+    assert answer["body"]["error"]["code"] == "method_not_allowed"
+    assert answer["body"]["error"]["status"] == 405
+    assert isinstance(answer["body"]["error"]["message"], str) and answer["body"]["error"]["message"]
+    assert answer["request_id"]
+    assert Path(answer["shared"]).resolve().is_relative_to((staged / entry).resolve())
+    assert answer["from_repo"] == []
 
 
 def test_the_issue_documented_dry_run_works(sandbox: dict[str, Path], tmp_path: Path) -> None:
     result = run_deploy(sandbox["checkout"], ["--project", "demo", "--region", "europe-west1", "--dry-run"], path=str(sandbox["path"]), env={"GBX_BUILD_DIR": str(tmp_path / "b")})
     assert result.returncode == 0, result.stderr
     deploys = [line for line in result.stdout.splitlines() if line.startswith("+ gcloud functions deploy ")]
-    assert len(deploys) == 8 and all("--project=demo" in line for line in deploys)
+    assert len(deploys) == len(FUNCTIONS) and all("--project=demo" in line for line in deploys)
+    assert "Base URL (a dry run deploys nothing): https://demo.web.app" in result.summary
