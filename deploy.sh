@@ -182,8 +182,9 @@ retry() {
   return 1
 }
 
+# The serviceConfig.uri of function i (of ENTRIES and NAMES), or nothing when it does not exist.
 function_url() {
-  probe gcloud functions describe "${FUNCTION_NAME[$1]}" --gen2 --region="$REGION" --project="$PROJECT" \
+  probe gcloud functions describe "${NAMES[$1]}" --gen2 --region="$REGION" --project="$PROJECT" \
     --format='value(serviceConfig.uri)'
 }
 
@@ -244,14 +245,14 @@ if ((registry_status)); then
   die "reading the endpoint registry and staging Hosting failed (see above)"
 fi
 [[ -n $registry ]] || die "the endpoint registry lists no function"
-ENTRIES=() # the entry points (functions/<entry>/main.py), in deploy order
-declare -A FUNCTION_NAME=() CALLER=()
+# Per function, in deploy order: its entry point (functions/<entry>/main.py), its name, who calls it.
+ENTRIES=() NAMES=() CALLERS=()
 while IFS=$'\t' read -r entry name _method _path caller _keys; do
   [[ $entry =~ ^[a-z][a-z0-9_]*$ && $name =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] ||
     die "unexpected line from the endpoint registry: $entry $name"
   ENTRIES+=("$entry")
-  FUNCTION_NAME[$entry]=$name
-  CALLER[$entry]=$caller
+  NAMES+=("$name")
+  CALLERS+=("$caller")
 done <<<"$registry"
 note "staged Hosting: $BUILD_DIR/firebase.json, public folder $BUILD_DIR/hosting (portal/ + openapi.json)"
 
@@ -456,8 +457,8 @@ service_uris=() # serviceConfig.uri of ENTRIES[i], when that function exists
 lookup_service_uris() {
   local i url
   for i in "${!ENTRIES[@]}"; do
-    url=$(function_url "${ENTRIES[$i]}")
-    if ((DRY_RUN)) && [[ $1 == after ]]; then url="https://${FUNCTION_NAME[${ENTRIES[$i]}]}-PLACEHOLDER.$REGION.run.app"; fi
+    url=$(function_url "$i")
+    if ((DRY_RUN)) && [[ $1 == after ]]; then url="https://${NAMES[$i]}-PLACEHOLDER.$REGION.run.app"; fi
     service_uris[i]=$url
   done
 }
@@ -467,7 +468,7 @@ audiences() {
   local i name base url out=","
   for base in "${BASE_URLS[@]}"; do out+="$base,$base/,"; done
   for i in "${!ENTRIES[@]}"; do
-    name=${FUNCTION_NAME[${ENTRIES[$i]}]}
+    name=${NAMES[$i]}
     for base in "https://$REGION-$PROJECT.cloudfunctions.net/$name" "https://$name-$project_number.$REGION.run.app" \
       "${service_uris[$i]%/}"; do
       [[ -n $base ]] || continue
@@ -501,20 +502,21 @@ env_vars+=";GBX_AUDIENCES=$DEPLOY_AUDIENCES"
 cpu_boost=()
 case $CPU_BOOST in 1) cpu_boost=(--cpu-boost) ;; 0) cpu_boost=(--no-cpu-boost) ;; esac
 
-for entry in "${ENTRIES[@]}"; do
-  name=${FUNCTION_NAME[$entry]}
+for i in "${!ENTRIES[@]}"; do
+  entry=${ENTRIES[$i]} name=${NAMES[$i]}
   deploy=(gcloud functions deploy "$name" --gen2 --runtime=python312 --trigger-http
     --entry-point="$entry" --source="$BUILD_DIR/functions/$entry"
     --region="$REGION" --project="$PROJECT" --service-account="$SA_EMAIL"
     --build-service-account="projects/$PROJECT/serviceAccounts/$BUILD_SA_EMAIL"
     --concurrency="$CONCURRENCY" --cpu="$CPU" --memory="$MEMORY" --min-instances="$MIN_INSTANCES"
     --set-env-vars="$env_vars")
-  if [[ ${CALLER[$entry]} == admin ]]; then
+  if [[ ${CALLERS[$i]} == admin ]]; then
     deploy+=(--set-secrets="GBX_ADMIN_TOKEN=$SECRET:latest") # only the functions partners call see the token
   fi
   run "${deploy[@]}"
   # A gen2 function is a Cloud Run service of the same name.
-  run gcloud run services update "$name" --region="$REGION" --project="$PROJECT" --no-invoker-iam-check "${cpu_boost[@]}"
+  run gcloud run services update "$name" --region="$REGION" --project="$PROJECT" --no-invoker-iam-check \
+    ${cpu_boost[@]+"${cpu_boost[@]}"} # (set -u calls an empty array unbound before bash 4.4)
 done
 
 # --- 9. Audiences, again: only when a function's serviceConfig.uri was not known before step 8
@@ -522,14 +524,14 @@ done
 # carries the value on every later redeploy.
 lookup_service_uris after
 for i in "${!ENTRIES[@]}"; do
-  [[ -n ${service_uris[$i]} ]] || die "no URL for ${FUNCTION_NAME[${ENTRIES[$i]}]}"
+  [[ -n ${service_uris[$i]} ]] || die "no URL for ${NAMES[$i]}"
 done
 AUDIENCES=$(audiences)
 if [[ $AUDIENCES == "$DEPLOY_AUDIENCES" ]]; then
   note "GBX_AUDIENCES unchanged; already set by the deploys"
 else
-  for entry in "${ENTRIES[@]}"; do
-    run gcloud run services update "${FUNCTION_NAME[$entry]}" --region="$REGION" --project="$PROJECT" \
+  for name in "${NAMES[@]}"; do
+    run gcloud run services update "$name" --region="$REGION" --project="$PROJECT" \
       --update-env-vars="^;^GBX_AUDIENCES=$AUDIENCES"
   done
 fi
@@ -544,7 +546,10 @@ if ((!DRY_RUN)) && ! command -v firebase >/dev/null 2>&1; then
   have_firebase=0
   warn "firebase CLI not found (npm install -g firebase-tools, then firebase login)"
 fi
+firebase_hinted=0
 firebase_failed() {
+  ((firebase_hinted)) && return 0
+  firebase_hinted=1
   warn "firebase failed (is Firebase added to $PROJECT: firebase projects:addfirebase $PROJECT? Is the CLI logged in?)"
 }
 
@@ -597,7 +602,7 @@ echo "  every /api/... path, the portal at / and /openapi.json; also at https://
 echo "  Runners: gbx run --url $BASE_URL ...; an ID token minted for the base URL is accepted by every function."
 if ((DRY_RUN)); then echo "Function URLs (placeholders; a dry run deploys nothing):"; else echo "Function URLs:"; fi
 for i in "${!ENTRIES[@]}"; do
-  printf '  %-22s %s\n' "${FUNCTION_NAME[${ENTRIES[$i]}]}" "${service_uris[$i]}"
+  printf '  %-22s %s\n' "${NAMES[$i]}" "${service_uris[$i]}"
 done
 echo "Each also answers at https://$REGION-$PROJECT.cloudfunctions.net/NAME and https://NAME-$project_number.$REGION.run.app;"
 echo "an ID token for any of these URLs or the base URL is accepted (GBX_AUDIENCES)."

@@ -1194,6 +1194,7 @@ def test_without_firebase_on_the_project_hosting_and_rules_are_warnings_not_an_a
     cloud.update(firebase_added=False)
     result, state = deploy_for_real(cloud)
     assert f"deploy.sh: warning: firebase failed (is Firebase added to {PROJECT}: firebase projects:addfirebase {PROJECT}?" in result.stderr
+    assert result.stderr.count("firebase failed") == 1, "one hint for both steps"
     assert "Firebase Hosting (the base URL https://gbx-demo.web.app) was NOT deployed" in result.stderr
     assert f"firebase hosting:sites:create {PROJECT} --project {PROJECT} --non-interactive" in result.stderr
     assert f"firebase deploy --only hosting --config build/firebase.json --project {PROJECT} --non-interactive" in result.stderr
