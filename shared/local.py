@@ -150,6 +150,13 @@ def _portal(path: str = "index.html") -> flask.Response:
     return response
 
 
+def _openapi() -> flask.Response:
+    """The OpenAPI document, with the headers Hosting gives its static copy in production."""
+    response = flask.Response(openapi.render(), mimetype="application/json")
+    response.headers.update(_hosting_headers("/openapi.json"))
+    return response
+
+
 def create_app() -> flask.Flask:
     """One Flask app serving every registered endpoint at its /api path, /openapi.json, /healthz and the portal at /."""
     app = flask.Flask("gbx-local", static_folder=None)
@@ -165,7 +172,7 @@ def create_app() -> flask.Flask:
         app.url_map.add(Rule(endpoint.path, endpoint=endpoint.name))
         app.view_functions[endpoint.name] = view
     app.add_url_rule("/healthz", endpoint="healthz", view_func=lambda: {"status": "ok"})
-    app.add_url_rule("/openapi.json", endpoint="openapi", view_func=lambda: flask.Response(openapi.render(), mimetype="application/json"))
+    app.add_url_rule("/openapi.json", endpoint="openapi", view_func=_openapi)
     app.add_url_rule("/", endpoint="portal_index", view_func=_portal)
     app.add_url_rule("/<path:path>", endpoint="portal", view_func=_portal)
 

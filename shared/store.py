@@ -380,6 +380,8 @@ def all_grants(principal: str) -> list[dict[str, Any]]:
 # that contention ends in each request's correct answer and only a Firestore outage ends in 503.
 MAX_ATTEMPTS = 200
 MAX_BACKOFF_SECONDS = 0.25
+# Also bounded in time: Hosting gives up on a function after 60 s, Cloud Functions at its timeout.
+MAX_CONTENTION_SECONDS = 40.0
 # Re-reads after commits whose reply was lost: each costs up to a commit timeout, so few.
 MAX_UNCERTAIN_COMMITS = 2
 
@@ -394,7 +396,10 @@ def optimistic(attempt: Callable[[], T], *, max_attempts: int = MAX_ATTEMPTS) ->
     """
     delays = gretry.exponential_sleep_generator(0.01, MAX_BACKOFF_SECONDS, 2.0)
     uncertain = 0
+    deadline = time.monotonic() + MAX_CONTENTION_SECONDS
     for _ in range(max_attempts):
+        if time.monotonic() > deadline:
+            break
         try:
             return attempt()
         except Contended:
