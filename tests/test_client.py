@@ -28,7 +28,10 @@ import requests
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gbx_client.errors import Unreachable
+from gbx_client.identity import StaticToken
 from gbx_client.seal_format import b64url_decode, b64url_encode, canonical_json, decode_payload, parse_seal_svg, render_seal_svg
+from gbx_client.service import RetryPolicy, Service
 from tests.conftest import IMAGE, RUNNER, Api, error_code
 
 PROJECT = "acme-prod"
@@ -150,6 +153,7 @@ DROP = "drop"  # close the connection without forwarding or answering
 LOSE = "lose"  # forward (the service acts), then close without answering: the reply is lost
 CUT = "cut"  # forward, then send the headers and half the body and close
 SLOW = "slow"  # wait longer than the client's attempt timeout, then forward
+TOO_MANY = "429"  # answer 429 + Retry-After without forwarding: a 4xx, never retried
 
 
 @dataclass
@@ -200,9 +204,10 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def relay(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             fault = proxy.next_fault(self.path.rsplit("/", 1)[-1])
-            if fault == UNAVAILABLE:
-                payload = b'{"error": {"code": "unavailable", "message": "proxy says try later", "status": 503}}'
-                self.reply(503, {"Content-Type": "application/json", "Retry-After": proxy.retry_after}, payload)
+            if fault in (UNAVAILABLE, TOO_MANY):
+                status = int(fault)
+                payload = b'{"error": {"code": "unavailable", "message": "proxy says try later", "status": %d}}' % status
+                self.reply(status, {"Content-Type": "application/json", "Retry-After": proxy.retry_after}, payload)
                 return
             if fault == DROP:
                 self.close_connection = True
@@ -436,6 +441,25 @@ def test_unavailable_answers_lost_replies_and_cut_bodies_are_retried(api: Api, j
     assert "consume: already charged for this run_id, no new charge, balance 1" in result.stderr
     assert balance(api) == 1 and job.cmd_runs() == 1
     assert api.verify((job.seal_dir / "seal.svg").read_bytes()).json()["status"] == "VERIFIED"
+
+
+def test_a_long_outage_is_retried_in_bounded_chains_and_4xx_never(api: Api, job: Job, proxy: FaultProxy) -> None:
+    api.issue(RUNNER, 1)
+    # urllib3 retries by recursion: many quick retries must end in "unreachable", never a RecursionError.
+    proxy.always["check"] = UNAVAILABLE
+    proxy.retry_after = "0"
+    reports: list[str] = []
+    service = Service(proxy.url, identity=StaticToken(job.token), policy=RetryPolicy(timeout=1.0, backoff=0.0, backoff_max=0.05, attempts_per_chain=5), report=reports.append)
+    with pytest.raises(Unreachable, match="still answers HTTP 503 after 1 s"):
+        service.post_json("/api/entitlement/check", {"run_id": "job-1"}, step="check")
+    assert proxy.received["check"] > 3 * 6 and sum("after 5 retries" in line for line in reports) >= 3
+    # A 429 with Retry-After is an answer, not an outage: asked once, CMD never runs.
+    proxy.always["check"] = TOO_MANY
+    asked_before = proxy.received["check"]
+    limited = job.gbx(*job.args(url=proxy.url), *FAST, *job.writes_outputs())
+    assert limited.code == 69 and "HTTP 429" in limited.last_line
+    assert proxy.received["check"] == asked_before + 1
+    assert job.cmd_runs() == 0 and balance(api) == 1
 
 
 def test_attempt_timeouts_are_retried(api: Api, job: Job, proxy: FaultProxy) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -31,6 +32,7 @@ class RetryPolicy:
     attempt_timeout: float = 65.0  # connect and read, per attempt: above a Cloud Function's 60 s default
     backoff: float = 0.25  # urllib3's backoff_factor: waits of 0.5, 1, 2, 4 s… plus jitter
     backoff_max: float = 10.0
+    attempts_per_chain: int = 50  # urllib3 retries recursively; send() chains at most this many before starting afresh
 
 
 class DeadlineRetry(Retry):
@@ -46,20 +48,21 @@ class DeadlineRetry(Retry):
         retry.report = self.report
         return retry
 
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        """Only the transient statuses: a 413 or 429 with Retry-After is an answer (4xx are never retried), not an outage."""
+        return status_code in self.status_forcelist
+
     def is_exhausted(self) -> bool:
         """Out of retries once the deadline has passed."""
         return super().is_exhausted() or time.monotonic() >= self.deadline
 
     def sleep(self, response: Any = None) -> None:
-        """Wait Retry-After when the service sent it, else urllib3's exponential backoff; never past the deadline."""
-        delay: float | None = None
+        """Wait urllib3's exponential backoff, or longer when the service's Retry-After asks; never past the deadline."""
+        delay = self.get_backoff_time()
         if response is not None and self.respect_retry_after_header:
-            try:
-                delay = self.get_retry_after(response)
-            except Exception:  # an unparseable Retry-After: fall back to the backoff
-                delay = None
-        if delay is None:
-            delay = self.get_backoff_time()
+            # Never sooner than the service asks; never a tight loop when it says "Retry-After: 0".
+            with contextlib.suppress(Exception):  # an unparseable Retry-After leaves the backoff
+                delay = max(delay, self.get_retry_after(response) or 0.0)
         delay = max(0.0, min(delay, self.deadline - time.monotonic()))
         if self.report is not None and self.history:
             self.report(f"{_describe(self.history[-1])}; retrying in {delay:.1f} s")
@@ -137,10 +140,11 @@ class Service:
         return self.send("POST", self.base_url + path, step=step, data=svg, content_type="image/svg+xml")
 
     def send(self, method: str, url: str, *, step: str, data: bytes | None = None, content_type: str | None = None, auth: bool = True) -> Reply:
-        """Send one call: urllib3 retries connection errors, timeouts and 502/503/504; a reply cut short is retried too."""
-        retry = self._retry(step)
+        """Send one call: urllib3 retries connection errors, timeouts and 502/503/504 until the deadline; a reply cut short too."""
+        deadline = time.monotonic() + self.policy.timeout
+        retry = self._retry(step, deadline)
         while True:
-            # Each call gets its own deadline: the adapter's Retry is replaced, not shared across calls.
+            # Each call gets its own Retry (and deadline): the adapter's is replaced, never shared across calls.
             self._adapter.max_retries = retry
             headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
             if content_type:
@@ -158,30 +162,43 @@ class Service:
                 try:
                     retry = retry.increment(method, url, error=ProtocolError(f"reply cut short: {exc}"))
                 except MaxRetryError as final:
-                    raise Unreachable(f"{step}: {url}: replies kept being cut short for {self.policy.timeout:g} s") from final
+                    if time.monotonic() >= deadline:
+                        raise Unreachable(f"{step}: {url}: replies kept being cut short for {self.policy.timeout:g} s") from final
+                    retry = self._next_chain(step, deadline, "replies cut short")
+                    continue
                 retry.sleep()
                 continue
             except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema) as exc:
                 raise UsageError(f"{step}: invalid URL {url}: {exc}") from exc
             except requests.RequestException as exc:
-                raise Unreachable(f"{step}: {url} unreachable for {self.policy.timeout:g} s: {_reason(exc)}") from exc
+                if time.monotonic() >= deadline:
+                    raise Unreachable(f"{step}: {url} unreachable for {self.policy.timeout:g} s: {_reason(exc)}") from exc
+                retry = self._next_chain(step, deadline, _reason(exc))
+                continue
+            if response.status_code in RETRY_STATUSES:
+                if time.monotonic() >= deadline:
+                    raise Unreachable(f"{step}: {url} still answers HTTP {response.status_code} after {self.policy.timeout:g} s")
+                retry = self._next_chain(step, deadline, f"HTTP {response.status_code}")
+                continue
             break
-        if response.status_code in RETRY_STATUSES:
-            raise Unreachable(f"{step}: {url} still answers HTTP {response.status_code} after {self.policy.timeout:g} s")
         try:
             body = response.json()
         except ValueError:
             body = None
         return Reply(status=response.status_code, body=body, text=response.text)
 
-    def _retry(self, step: str) -> DeadlineRetry:
-        """A fresh Retry whose deadline starts now: unbounded counts, POST included (every call is idempotent per run_id)."""
+    def _next_chain(self, step: str, deadline: float, problem: str) -> DeadlineRetry:
+        """After a chain of attempts_per_chain retries (urllib3 retries by recursion), wait the longest backoff and start another."""
+        pause = max(0.0, min(self.policy.backoff_max, deadline - time.monotonic()))
+        self._report(f"{step}: {problem} after {self.policy.attempts_per_chain} retries; retrying in {pause:.1f} s")
+        time.sleep(pause)
+        return self._retry(step, deadline)
+
+    def _retry(self, step: str, deadline: float) -> DeadlineRetry:
+        """A Retry bounded by the call's deadline (and a chain length), POST included: every call is idempotent per run_id."""
         retry = DeadlineRetry(
-            total=None,
-            connect=None,
-            read=None,
-            status=None,
-            other=None,
+            # urllib3 retries by calling itself: a count bounds the recursion; send() starts a new chain after it.
+            total=self.policy.attempts_per_chain,
             redirect=0,
             # POST too: check and verify write nothing, consume replays, run_start and run_complete
             # answer an identical retry as before, so a retry never charges or seals twice.
@@ -194,7 +211,7 @@ class Service:
             raise_on_redirect=False,
             respect_retry_after_header=True,
         )
-        retry.deadline = time.monotonic() + self.policy.timeout
+        retry.deadline = deadline
         retry.report = lambda text: self._report(f"{step}: {text}")
         return retry
 
