@@ -20,7 +20,6 @@ from xml.sax.saxutils import escape as _escape_text
 import defusedxml.ElementTree
 from defusedxml.common import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden
 
-
 SEAL_NS = "urn:gbx:seal:v1"
 SVG_NS = "http://www.w3.org/2000/svg"
 MAX_SEAL_BYTES = 256 * 1024
