@@ -136,7 +136,7 @@ class Api:
         response = self.client.open(request.path, method=request.method, headers=request.headers, data=request.body)
         if response.status_code != 200:
             raise harness.BenchmarkFailed(f"{request.method} {request.path} answered {response.status_code}: {response.get_data(as_text=True)[:300]}")
-        return response.get_json()  # type: ignore[no-any-return]
+        return response.get_json()
 
     # Untimed set-up, through the same public API.
 
@@ -310,7 +310,7 @@ class Bare:
         payload = _b64url(seal.attrib["payload"])
         digest = hashlib.sha256(payload).digest()
         self._public_key.verify(_b64url(seal.attrib["signature"]), digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
-        return json.loads(payload)  # type: ignore[no-any-return]
+        return json.loads(payload)
 
     def verify(self, svg: bytes) -> None:
         """Parse and check the seal, then the two reads: its seal record and its redemption."""
@@ -659,11 +659,11 @@ def print_report(cases: list[Case], cold: list[ColdCase], baseline: ColdCase | N
         print()
         print("| Function | Cold start median ms | Range ms | Ratio to bare | Goal | CPU median ms | CPU ratio |")
         print("| --- | ---: | ---: | ---: | --- | ---: | ---: |")
-        for case in cold:
-            ratio = harness.median(case.seconds) / base
-            cpu = harness.median(case.cpu)
+        for function in cold:
+            ratio = harness.median(function.seconds) / base
+            cpu = harness.median(function.cpu)
             print(
-                f"| {case.name} | {_ms(harness.median(case.seconds))} | {_ms(min(case.seconds))}–{_ms(max(case.seconds))} | {ratio:.2f}× |"
+                f"| {function.name} | {_ms(harness.median(function.seconds))} | {_ms(min(function.seconds))}–{_ms(max(function.seconds))} | {ratio:.2f}× |"
                 f" {_verdict(ratio, COLD_START_GOAL)} | {_ms(cpu)} | {cpu / base_cpu:.2f}× |"
             )
         print()
