@@ -7,6 +7,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, TypeAdapter, WithJsonSchema
+from pydantic.config import JsonDict
 
 from gbx_client.seal_format import SealClaims
 
@@ -48,7 +49,7 @@ UtcTime = Annotated[
     WithJsonSchema({"type": "string", "format": "date-time", "pattern": RFC3339_UTC_PATTERN, "examples": ["2030-01-01T00:00:00Z"]}),
 ]
 # JSON Schema counts 3.0 as an integer; the server (strict) does not: say so, and mark it for generators.
-INTEGER_LITERAL = {"x-integer-literal": True}
+INTEGER_LITERAL: JsonDict = {"x-integer-literal": True}
 
 
 class Model(BaseModel):

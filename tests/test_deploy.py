@@ -394,7 +394,7 @@ def test_admin_token_secret_is_generated_without_ever_showing_it(dry: Deploy) ->
 def test_every_registry_function_is_deployed_as_a_gen2_function(dry: Deploy) -> None:
     deploys = dry.find("gcloud", "functions", "deploy")
     assert [cmd[3] for cmd in deploys] == [FUNCTIONS[entry] for entry in DEPLOY_ORDER]
-    for entry, cmd in zip(DEPLOY_ORDER, deploys):
+    for entry, cmd in zip(DEPLOY_ORDER, deploys, strict=True):
         name = FUNCTIONS[entry]
         assert CLOUD_RUN_NAME.match(name), name
         options = flags(cmd)
@@ -418,7 +418,7 @@ def test_every_registry_function_is_deployed_as_a_gen2_function(dry: Deploy) -> 
             assert options["set-secrets"] == "GBX_ADMIN_TOKEN=gbx-admin-token:latest"
         else:
             assert not any("secret" in arg for arg in cmd), cmd
-    assert ADMIN_ENTRIES == {"issue"}
+    assert {"issue"} == ADMIN_ENTRIES
 
 
 def test_functions_serve_concurrent_requests_on_a_whole_cpu(dry: Deploy) -> None:
@@ -470,7 +470,7 @@ def test_nothing_binds_all_users(dry: Deploy) -> None:
 
 def test_each_function_skips_the_invoker_iam_check_right_after_its_deploy(dry: Deploy) -> None:
     deploys = dry.indexes("gcloud", "functions", "deploy")
-    for entry, position in zip(DEPLOY_ORDER, deploys):
+    for entry, position in zip(DEPLOY_ORDER, deploys, strict=True):
         following = dry.commands[position + 1]
         assert following == ["gcloud", "run", "services", "update", FUNCTIONS[entry], f"--region={REGION}",
                              f"--project={PROJECT}", "--no-invoker-iam-check"]
@@ -531,7 +531,7 @@ def test_service_uris_not_known_before_are_added_after_all_deploys(dry: Deploy) 
     expected = base_urls() + [url for entry in DEPLOY_ORDER
                               for url in [*deterministic_urls(FUNCTIONS[entry], "PROJECT_NUMBER"),
                                           placeholders[FUNCTIONS[entry]], placeholders[FUNCTIONS[entry]] + "/"]]
-    for entry, position in zip(DEPLOY_ORDER, updates):
+    for entry, position in zip(DEPLOY_ORDER, updates, strict=True):
         cmd = dry.commands[position]
         assert cmd[4] == FUNCTIONS[entry]
         options = flags(cmd)
@@ -562,7 +562,7 @@ def test_build_dir_can_be_moved(sandbox: dict[str, Path], tmp_path: Path) -> Non
     result = run_deploy(sandbox["checkout"], DRY_ARGS, path=str(sandbox["path"]),
                         env={"GBX_BUILD_DIR": "elsewhere"}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for entry, cmd in zip(DEPLOY_ORDER, result.find("gcloud", "functions", "deploy")):
+    for entry, cmd in zip(DEPLOY_ORDER, result.find("gcloud", "functions", "deploy"), strict=True):
         assert flags(cmd)["source"] == f"{tmp_path}/elsewhere/functions/{entry}"
         assert (tmp_path / "elsewhere" / "functions" / entry / "main.py").is_file()
     (hosting,) = result.find("firebase", "deploy", "--only", "hosting")
