@@ -673,8 +673,10 @@ def test_the_browser_and_the_service_agree_on_every_vector(api: Api, kms: FakeKm
             assert shown.checks == {name: as_displayed(expected[name]) for name in ("document", "key", "signature")}
             offline_ok = all(expected[name] == "ok" for name in ("document", "key", "signature"))
             assert shown.verdict == ("VERIFIED" if offline_ok else "INVALID")
-            # gbx verify, offline with the same published keys, reaches the same verdict (it words a few reasons its own way).
-            assert client_verify.verify_seal(client_verify.SealFiles(source=Path(name), svg=document), keys).verified == offline_ok
+            # gbx verify, offline with the same published keys, reaches the same verdict for the same reasons.
+            by_gbx = client_verify.verify_seal(client_verify.SealFiles(source=Path(name), svg=document), keys)
+            assert by_gbx.verified == offline_ok
+            assert {check: by_gbx.checks[check] for check in ("document", "key", "signature")} == {check: expected[check] for check in ("document", "key", "signature")}
             verdicts[name] = shown.verdict
     # The table covers both outcomes and the browser never failed to answer.
     assert {"VERIFIED", "INVALID"} <= set(verdicts.values())

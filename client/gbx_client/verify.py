@@ -157,11 +157,12 @@ def verify_seal(
         checks["document"] = exc.reason
         return result
     result.claims = claims
+    # A signature that does not decode is the signature check's failure, as the service reports it.
+    der: bytes | None
     try:
         der = b64url_decode(element.signature)
     except ValueError:
-        checks["document"] = "signature is not base64url"
-        return result
+        der = None
     document_problem = _document_problem(seal, claims, element.key, payload, der)
     checks["document"] = document_problem or OK
     if document_problem:
@@ -169,7 +170,8 @@ def verify_seal(
 
     pem = keys.find(element.key)
     if pem is None:
-        checks["key"] = f"key version is not trusted by {keys.source}"
+        # The service's words; the CLI names where the trusted keys came from beside the checks.
+        checks["key"] = "key version is not trusted"
         return result
     public_key = _load_p256(pem)
     if public_key is None:
@@ -177,6 +179,9 @@ def verify_seal(
         return result
     checks["key"] = OK
 
+    if der is None:
+        checks["signature"] = "signature is not base64url"
+        return result
     try:
         public_key.verify(der, payload, ec.ECDSA(hashes.SHA256()))
     except (InvalidSignature, ValueError):
@@ -198,14 +203,14 @@ def verify_seal(
     return result
 
 
-def _document_problem(seal: SealFiles, claims: dict[str, Any], key: str, payload: bytes, der: bytes) -> str:
+def _document_problem(seal: SealFiles, claims: dict[str, Any], key: str, payload: bytes, der: bytes | None) -> str:
     """Why the document is inconsistent (its key, or a seal directory's files against the svg), or ""."""
     if claims["key"] != key:
         return "payload key differs from the seal element's key"
     # A seal directory must agree with itself: openssl checks seal.json and seal.sig, gbx the svg.
     if seal.seal_json is not None and seal.seal_json != payload:
         return "seal.json differs from the payload in seal.svg"
-    if seal.seal_sig is not None and seal.seal_sig != der:
+    if seal.seal_sig is not None and der is not None and seal.seal_sig != der:
         return "seal.sig differs from the signature in seal.svg"
     return ""
 
