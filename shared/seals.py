@@ -243,13 +243,15 @@ def redeem_seal_once(caller: Identity, upload: RedeemUpload, *, idempotency_key:
     tried: list[RedeemResponse] = []
 
     def attempt() -> RedeemResponse:
+        # The redemption before the key: both are created in one commit, so a redemption made with this key
+        # and read here has its key record visible on the read after it (the other order could 409 a twin).
+        redemption = store.read_redemption(principal, seal_id)
         if key_hash is not None:
             first = store.read_redemption_key(key_hash)
             if first is not None:
                 if first["seal_id"] != seal_id:
                     raise errors.IdempotencyConflict("this Idempotency-Key was used to redeem another seal")
                 return RedeemResponse.model_validate({**first["response"], "replayed": first["grant_id"] != grant_id})
-        redemption = store.read_redemption(principal, seal_id)
         if redemption is not None:
             if redemption["grant_id"] == grant_id and tried:
                 return tried[-1]
