@@ -24,8 +24,12 @@ EXIT_NO_EMULATOR = 3  # the Firestore emulator (or Java) is not installed
 EXIT_INTERRUPTED = 130
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived: unwind, stop the emulator, exit 130."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: unwind, stop the emulator, exit 130.
+
+    A KeyboardInterrupt, not an Exception: the service's own `except Exception` (a request's 500) must not
+    swallow it when the signal lands inside a request.
+    """
 
 
 class BenchmarkFailed(Exception):

@@ -725,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     try:
         with (
-            tempfile.TemporaryDirectory(prefix="gbx-bench-latency-") as folder,
+            tempfile.TemporaryDirectory(prefix="gbx-bench-keys-") as folder,
             service_configured(Path(folder)) as issuer,
             harness.running_emulator(PROJECT, name="latency") as emu,
         ):
