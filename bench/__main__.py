@@ -69,4 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # between benchmarks, where no emulator runs
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(harness.EXIT_INTERRUPTED)
