@@ -25,8 +25,9 @@ browser:
 run: $(STAMP)
 	$(VENV)/bin/python -m shared.local serve --port $(PORT)
 
+# Two workers, each with its own emulator, KMS test server and (for the portal) browser; a file's tests stay together.
 test: $(STAMP) browser
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -17,7 +17,7 @@ from tests.conftest import RUNNER, Api, error_code
 
 
 @pytest.fixture
-def stall_next_commit(api: Api, db: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], list[str]]]:
+def stall_next_commit(api: Api, db: Any, short_firestore_budgets: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], list[str]]]:
     """Arm: the next commit is sent to an emulator stopped for longer than the commit's timeout."""
     pid = db.process.pid
     stall_seconds = config.get_config().firestore_timeout_seconds + 1.5

@@ -88,6 +88,7 @@ def test_healthz(api: Api) -> None:
 
 
 @pytest.mark.parametrize("endpoint", ["consume", "issue", "redeem"])
+@pytest.mark.usefixtures("short_firestore_budgets")
 def test_firestore_outage_is_a_503_with_retry_after_and_nothing_written(api: Api, monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
     from shared import emulator, store
 
@@ -99,7 +100,7 @@ def test_firestore_outage_is_a_503_with_retry_after_and_nothing_written(api: Api
         "redeem": lambda: api.redeem(seal_svg),
     }
     # Point the service at a port where no Firestore answers, as in an outage. The calls are bounded
-    # (store.RPC_RETRY), so this ends in our 503 rather than the platform's timeout.
+    # (the Firestore budgets of the configuration), so this ends in our 503 rather than the platform's timeout.
     monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{emulator.free_port()}")
     store.client.cache_clear()
     try:
