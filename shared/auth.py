@@ -7,6 +7,7 @@ import json
 import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,9 @@ CLOCK_SKEW_SECONDS = 10
 # Google ID tokens are about 1 KB; anything far larger is refused before it is decoded.
 MAX_TOKEN_CHARS = 16 * 1024
 _MAX_AGE = re.compile(r"max-age=(\d+)")
+# A runner sends one ID token for up to an hour: a token that verified is remembered until it expires,
+# so its RS256 check is not repeated on every request (bounded, least recently used first out).
+VERIFIED_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -105,11 +109,59 @@ def bearer_token(authorization: str | None) -> str:
     return token.strip()
 
 
+class VerifiedTokens:
+    """Identities of tokens that verified, until each token's `exp`; safe for concurrent requests."""
+
+    def __init__(self, size: int = VERIFIED_CACHE_SIZE) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, Config], tuple[Identity, float]] = OrderedDict()
+
+    def get(self, token: str, config: Config) -> Identity | None:
+        """The identity a still-valid token verified as under this configuration, or None."""
+        with self._lock:
+            entry = self._entries.get((token, config))
+            if entry is None:
+                return None
+            identity, expires = entry
+            if time.time() >= expires:
+                del self._entries[(token, config)]
+                return None
+            self._entries.move_to_end((token, config))
+            return identity
+
+    def clear(self) -> None:
+        """Forget every token (tests start each case from a cold instance)."""
+        with self._lock:
+            self._entries.clear()
+
+    def put(self, token: str, config: Config, identity: Identity, expires: float) -> None:
+        """Remember a token that verified, until `expires` (its exp claim)."""
+        with self._lock:
+            self._entries[(token, config)] = (identity, expires)
+            self._entries.move_to_end((token, config))
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
+verified_tokens = VerifiedTokens()
+
+
 def verify_id_token(token: str, config: Config | None = None) -> Identity:
     """Verify signature, exp, aud, iss and email_verified of an ID token; 401 on any failure."""
     config = config or get_config()
     if len(token) > MAX_TOKEN_CHARS:
         raise errors.Unauthenticated("the ID token is not valid")
+    cached = verified_tokens.get(token, config)
+    if cached is not None:
+        return cached
+    identity, expires = _verify(token, config)
+    verified_tokens.put(token, config, identity, expires)
+    return identity
+
+
+def _verify(token: str, config: Config) -> tuple[Identity, float]:
+    """The full verification of a token not seen before: its identity and its exp."""
     if not config.audiences:
         # A deployment without audiences would accept tokens minted for any service.
         raise errors.Unauthenticated("the service has no audiences configured")
@@ -135,7 +187,7 @@ def verify_id_token(token: str, config: Config | None = None) -> Identity:
     principal = email.lower()
     if not re.fullmatch(PRINCIPAL_PATTERN, principal):
         raise errors.Unauthenticated("the ID token's email is not a usable principal")
-    return Identity(principal=principal, operator=principal in config.operators)
+    return Identity(principal=principal, operator=principal in config.operators), float(claims["exp"])
 
 
 def authenticate(authorization: str | None) -> Identity:

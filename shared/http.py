@@ -20,7 +20,6 @@ from google.api_core import exceptions as gexc
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
-from gbx_client.seal_format import MAX_SEAL_BYTES
 from shared import auth, errors
 from shared.config import get_config
 from shared.endpoints import ENDPOINTS, Body, Caller, Endpoint
@@ -118,6 +117,9 @@ def _reject_duplicate_keys(raw: bytes) -> None:
 
 def _parse_seal(request: flask.Request, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
     """A seal.svg sent raw (image/svg+xml) or as the multipart field `seal`, with the principal an operator names."""
+    # Imported on first use: only the seal endpoints load the format (and defusedxml) at all.
+    from gbx_client.seal_format import MAX_SEAL_BYTES
+
     _check_encoding(request)
     principal = request.args.get("principal")
     if request.mimetype == "image/svg+xml":

@@ -9,8 +9,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, TypeAdapter, WithJsonSchema
 from pydantic.config import JsonDict
 
-from gbx_client.seal_format import SealClaims
-
 RUN_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 IMAGE_PATTERN = r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:(?::[0-9]{1,5})?/[a-z0-9]+(?:[._-][a-z0-9]+)*)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?@sha256:[0-9a-f]{64}$"
 PROJECT_ID_PATTERN = r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$"
@@ -235,6 +233,9 @@ SealClaimsOrEmpty = Annotated[
 
 def seal_claims_schema() -> dict[str, Any]:
     """The JSON schema of seal.json's claims, from the format module's SealClaims (for the OpenAPI document)."""
+    # Imported here: only the OpenAPI generator needs it, and a function's cold start should not.
+    from gbx_client.seal_format import SealClaims
+
     schema = TypeAdapter(SealClaims).json_schema()
     schema["properties"]["run_manifest_sha256"] = {"type": "string", "description": "Absent when the run had no manifest."}
     schema["properties"]["v"] = {"const": 1}

@@ -13,7 +13,7 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from shared import config, emulator, signing, store
+from shared import auth, config, emulator, signing, store
 from shared.local import LocalIssuer
 from tests.kms_server import VERSION_1, FakeKms, fake_kms_server
 
@@ -185,6 +185,7 @@ def api(server_url: str, issuer: LocalIssuer, db: emulator.Emulator, kms: FakeKm
     """The service over HTTP, on an empty database, with fresh KMS keys (and the signer's key cache emptied)."""
     config.get_config.cache_clear()
     signing.get_signer.cache_clear()
+    auth.verified_tokens.clear()
     return Api(base_url=server_url, issuer=issuer)
 
 

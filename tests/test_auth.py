@@ -117,3 +117,43 @@ def test_deeply_nested_token_segments_are_401(funded: Api, segment: str) -> None
 
 def test_oversized_token_is_401(funded: Api) -> None:
     assert _consume_with(funded, "a" * 20000 + ".b.c") == (401, "unauthenticated")
+
+
+def test_a_verified_token_is_not_verified_again_until_it_expires(funded: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared import auth
+
+    decoded: list[str] = []
+    real_decode = google.auth.jwt.decode
+
+    def counting_decode(token: str, *args: object, **kwargs: object) -> object:
+        decoded.append(token)
+        return real_decode(token, *args, **kwargs)
+
+    monkeypatch.setattr(google.auth.jwt, "decode", counting_decode)
+    token = funded.token()
+    for run in ("job-1", "job-2", "job-3"):
+        assert funded.post("/api/entitlement/consume", {"run_id": run}, as_user=None, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert decoded == [token]  # one RS256 check for three requests
+    # A token that failed is never remembered: each attempt is checked (and refused) again.
+    forged = token[:-5] + "AAAAA"
+    assert _consume_with(funded, forged) == (401, "unauthenticated")
+    assert _consume_with(funded, forged) == (401, "unauthenticated")
+    assert decoded.count(forged) == 2
+    # Another configuration (other audiences) does not reuse what this one verified.
+    other = auth.get_config().model_copy(update={"audiences": ("https://elsewhere.example",)})
+    with pytest.raises(auth.errors.Unauthenticated):
+        auth.verify_id_token(token, other)
+
+
+def test_the_verified_cache_forgets_at_exp_and_beyond_its_size() -> None:
+    from shared import auth
+    from shared.config import load_config
+
+    config = load_config({"GBX_LOCAL_MODE": "1"})
+    cache = auth.VerifiedTokens(size=2)
+    alice = auth.Identity(principal="alice@example.com", operator=False)
+    cache.put("expired", config, alice, time.time() - 1)
+    assert cache.get("expired", config) is None
+    for name in ("a", "b", "c"):
+        cache.put(name, config, alice, time.time() + 60)
+    assert [cache.get(name, config) for name in ("a", "b", "c")] == [None, alice, alice]
