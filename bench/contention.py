@@ -6,7 +6,6 @@ Run it from the repository root: `python -m bench.contention` (or `make bench`, 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import datetime as dt
 import functools
 import secrets
@@ -149,43 +148,25 @@ def run_together(count: int, request: Callable[[int], Outcome], *, deadline_seco
     return outcomes, wall
 
 
-# The service's commit of a consume: each call is one commit tried.
-_COMMIT_CONSUME = store.commit_consume.__code__
-
-
 class CommitTries:
-    """Counts the commits each request tried (`--count-tries`), by profiling the request's own thread.
+    """Counts the commits each request tried and the races it lost, from the store's own record
+    (`store.recording_attempts()`, per request thread); no production code is replaced or profiled."""
 
-    cProfile hooks only the thread that enables it, so a profiler per request sees that request's calls of
-    `store.commit_consume` and nothing else, and no production code is replaced. But it slows every Python
-    call: an uncontended consume by about a sixth, and 100 racing consumers (CPU-bound on two cores) about
-    twice, which widens each read-to-commit window and so adds lost races. Off by default: the service has
-    no counter of its own to read yet.
-    """
-
-    def __init__(self, *, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_request: dict[int, int] = {}
 
     def run(self, index: int, request: Callable[[], Outcome]) -> Outcome:
-        """Run one request, under its own profiler when counting, and record how many commits it tried."""
-        if not self.enabled:
-            return request()
-        profiler = cProfile.Profile(builtins=False)
-        profiler.enable()
-        try:
-            return request()
-        finally:
-            profiler.disable()
-            tries = sum(entry.callcount for entry in profiler.getstats() if entry.code is _COMMIT_CONSUME)
-            with self._lock:
-                self._by_request[index] = tries
+        """Run one request and record how many commits it tried."""
+        with store.recording_attempts() as record:
+            try:
+                return request()
+            finally:
+                with self._lock:
+                    self._by_request[index] = record.count("commit")
 
     def totals(self, outcomes: list[Outcome]) -> tuple[int, int, int] | tuple[None, None, None]:
-        """(commits tried, races lost, most tries of one request), or Nones when not counting; a try is lost unless it charged its request's 200."""
-        if not self.enabled:
-            return None, None, None
+        """(commits tried, races lost, most tries of one request); a try is lost unless it charged its request's 200."""
         with self._lock:
             tries = dict(self._by_request)
         charged = sum(1 for o in outcomes if o.kind == "ok" and not o.value.replayed)
@@ -277,13 +258,13 @@ def design_invariants(principal: str, grant_id: str, runs: int, outcomes: list[O
     return problems
 
 
-def scenario_design(emu: emulator.Emulator, consumers: int, runs: int, *, count_tries: bool, max_shards: int = store.MAX_SHARDS) -> ScenarioResult:
+def scenario_design(emu: emulator.Emulator, consumers: int, runs: int, *, max_shards: int = store.MAX_SHARDS) -> ScenarioResult:
     """A: `consumers` threads consume distinct run_ids against one grant of `runs` runs, in at most `max_shards` documents."""
     emu.clear()
     principal = f"bench-design-{consumers}-{runs}-{max_shards}@example.com"
     grant_id = issue_grant(principal, runs, max_shards=max_shards)
     shard_count = len(store.all_grants(principal))
-    tries = CommitTries(enabled=count_tries)
+    tries = CommitTries()
     outcomes, wall = run_together(
         consumers, lambda i: tries.run(i, lambda: consume_once(principal, f"job-{i:04d}", i)), deadline_seconds=DESIGN_DEADLINE_SECONDS
     )
@@ -299,14 +280,14 @@ def scenario_design(emu: emulator.Emulator, consumers: int, runs: int, *, count_
 # ---------------------------------------------------------------------------------------------
 
 
-def scenario_sequential(emu: emulator.Emulator, count: int, *, count_tries: bool) -> ScenarioResult:
+def scenario_sequential(emu: emulator.Emulator, count: int) -> ScenarioResult:
     """C: `count` consumes one after another on one grant: the uncontended cost (two reads and one commit)."""
     emu.clear()
     principal = "bench-sequential@example.com"
     # At most 63 runs stay one document; more would be sharded, and consume then reads the balance again.
     grant_id = issue_grant(principal, count, max_shards=1)
     outcomes: list[Outcome] = []
-    tries = CommitTries(enabled=count_tries)
+    tries = CommitTries()
     began = time.perf_counter()
     for i in range(count):
         if time.perf_counter() - began > SEQUENTIAL_DEADLINE_SECONDS:
@@ -503,7 +484,7 @@ TABLE_HEADER = (
 )
 
 
-def print_report(results: list[ScenarioResult], total_seconds: float, *, count_tries: bool) -> None:
+def print_report(results: list[ScenarioResult], total_seconds: float) -> None:
     """The results table, the details of anything unexpected, and what the figures mean."""
     order = {"A": 0, "B": 1, "C": 2}
     print()
@@ -518,14 +499,7 @@ def print_report(results: list[ScenarioResult], total_seconds: float, *, count_t
             print(f"- {result.name} ({result.consumers}×{result.runs}) errors: {result.error_summary()}")
         for problem in result.invariants:
             print(f"- {result.name} ({result.consumers}×{result.runs}) BROKEN INVARIANT: {problem}")
-    if count_tries:
-        counted = (
-            "commits attempted (A, C: calls of store.commit_consume seen by a profiler on each request's thread; it slows"
-            " every request, about twice under contention, so wall, commits/s and latency of A and C are not comparable"
-            " with a run without --count-tries)"
-        )
-    else:
-        counted = "transaction bodies run (B; A and C are counted with --count-tries only)"
+    counted = "commits tried (A, C: the store's own record of each request, store.recording_attempts; B: transaction bodies run)"
     print(
         f"- Tries: {counted}; lost races: tries that did not end the request (a failed precondition, or an aborted"
         " transaction). Commits/s: successful consumes per second of wall time. p50/p95: per-request latency of"
@@ -550,19 +524,19 @@ def print_report(results: list[ScenarioResult], total_seconds: float, *, count_t
 # ---------------------------------------------------------------------------------------------
 
 
-def run_all(emu: emulator.Emulator, *, count_tries: bool) -> list[ScenarioResult]:
+def run_all(emu: emulator.Emulator) -> list[ScenarioResult]:
     """Every scenario, in an order that keeps B's possibly stuck transactions from disturbing A and C."""
     warm_up(emu)
     results: list[ScenarioResult] = []
     for consumers, runs in DESIGN_SHAPES:
         print(f"A: {consumers} consumers vs {runs} runs …", file=sys.stderr, flush=True)
-        results.append(scenario_design(emu, consumers, runs, count_tries=count_tries))
+        results.append(scenario_design(emu, consumers, runs))
     # The same large grant kept in one document: what sharding saves.
     consumers, runs = SHARDING_SHAPE
     print(f"A: {consumers} consumers vs {runs} runs in one document …", file=sys.stderr, flush=True)
-    results.append(scenario_design(emu, consumers, runs, count_tries=count_tries, max_shards=1))
+    results.append(scenario_design(emu, consumers, runs, max_shards=1))
     print(f"C: {SEQUENTIAL_CONSUMES} sequential consumes …", file=sys.stderr, flush=True)
-    results.append(scenario_sequential(emu, SEQUENTIAL_CONSUMES, count_tries=count_tries))
+    results.append(scenario_sequential(emu, SEQUENTIAL_CONSUMES))
     print(f"B: {TRANSACTION_SHAPE[0]} transactions vs {TRANSACTION_SHAPE[1]} runs (at most {TRANSACTION_DEADLINE_SECONDS:.0f}s) …", file=sys.stderr, flush=True)
     results.append(scenario_transaction(emu, *TRANSACTION_SHAPE))
     return results
@@ -575,17 +549,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.splitlines()[0],
         epilog="Exit status: 0 every invariant held, 1 the design broke one or ended a request in an error, 3 no emulator, 130 interrupted.",
     )
-    parser.add_argument(
-        "--count-tries",
-        action="store_true",
-        help="count the commits each consume tried (A, C) with a profiler per request; it slows contended requests about twice, so the other columns change",
-    )
-    args = parser.parse_args(argv)
+    parser.parse_args(argv)
     began = time.perf_counter()
     try:
         with harness.running_emulator(PROJECT, name="contention") as emu:
-            results = run_all(emu, count_tries=args.count_tries)
-            print_report(results, time.perf_counter() - began, count_tries=args.count_tries)
+            results = run_all(emu)
+            print_report(results, time.perf_counter() - began)
             if any((r.invariants or r.count("error") or r.count("unfinished")) if r.fatal else r.invariants for r in results):
                 # Raised inside the block, so that the emulator's log is kept for the diagnosis.
                 raise harness.BenchmarkFailed("the optimistic-commit design broke an invariant or ended a request in an error (see above)")

@@ -20,7 +20,7 @@ from google.api_core import exceptions as gexc
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
-from shared import auth, errors
+from shared import auth, errors, store
 from shared.config import get_config
 from shared.endpoints import ENDPOINTS, Body, Caller, Endpoint
 from shared.models import ErrorBody, ErrorDetail
@@ -154,7 +154,7 @@ def _parse_seal(request: flask.Request, model: type[pydantic.BaseModel]) -> pyda
     return model.model_validate(fields)
 
 
-def _log_request(*, request: flask.Request, request_id: str, endpoint: str, principal: str | None, status: int, started: float) -> None:
+def _log_request(*, request: flask.Request, request_id: str, endpoint: str, principal: str | None, status: int, started: float, writes: list[str]) -> None:
     """One structured JSON line per request for Cloud Logging (no tokens, no bodies)."""
     severity = "ERROR" if status >= 500 else "WARNING" if status >= 400 else "INFO"
     entry: dict[str, Any] = {
@@ -166,6 +166,10 @@ def _log_request(*, request: flask.Request, request_id: str, endpoint: str, prin
         "status": status,
         "latency_ms": round((time.monotonic() - started) * 1000, 1),
     }
+    if writes:
+        # Commits tried and races lost: contention on a principal shows in Cloud Logging.
+        entry["commits"] = writes.count("commit")
+        entry["races_lost"] = writes.count("contended")
     _emit(entry, request)
 
 
@@ -190,6 +194,7 @@ def handle(request: flask.Request, endpoint: Endpoint) -> flask.Response:
     started = time.monotonic()
     request_id = uuid.uuid4().hex
     principal: str | None = None
+    writes: list[str] = []
     try:
         # HEAD is GET without a body (werkzeug drops the body of a HEAD response).
         if request.method != endpoint.method and not (request.method == "HEAD" and endpoint.method == "GET"):
@@ -213,7 +218,8 @@ def handle(request: flask.Request, endpoint: Endpoint) -> flask.Response:
             if key is not None and not 1 <= len(key) <= 255:
                 raise errors.InvalidRequest("Idempotency-Key must be 1 to 255 characters")
             kwargs["idempotency_key"] = key
-        result = endpoint.run(*args, **kwargs)
+        with store.recording_attempts() as writes:
+            result = endpoint.run(*args, **kwargs)
         # The trailing newline keeps a shell prompt off the end of `curl` output.
         response = flask.Response(result.model_dump_json() + "\n", status=200, mimetype="application/json")
         response.headers[REQUEST_ID_HEADER] = request_id
@@ -229,7 +235,7 @@ def handle(request: flask.Request, endpoint: Endpoint) -> flask.Response:
         # The traceback goes to the log (Error Reporting reads it from `message`), never to the caller.
         _emit({"severity": "ERROR", "message": traceback.format_exc(), "request_id": request_id, "endpoint": endpoint.name}, request)
         response = error_response(errors.ApiError(), request_id)
-    _log_request(request=request, request_id=request_id, endpoint=endpoint.name, principal=principal, status=response.status_code, started=started)
+    _log_request(request=request, request_id=request_id, endpoint=endpoint.name, principal=principal, status=response.status_code, started=started, writes=writes)
     return response
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -184,8 +186,31 @@ def read_run(principal: str, run_id: str) -> Run | None:
     return Run(record=RunRecord.model_validate(snap.to_dict() or {}), update_time=snap.update_time)
 
 
+# What the optimistic writes of the current request did, when someone records it: "commit" per commit
+# tried, "contended" per lost race, "uncertain" per lost reply. Each request (thread) has its own.
+_recorded: ContextVar[list[str] | None] = ContextVar("gbx_store_recorded", default=None)
+
+
+@contextlib.contextmanager
+def recording_attempts() -> Iterator[list[str]]:
+    """Record, in the list yielded, every commit tried and every race or reply lost within this context."""
+    record: list[str] = []
+    token = _recorded.set(record)
+    try:
+        yield record
+    finally:
+        _recorded.reset(token)
+
+
+def _note(event: str) -> None:
+    record = _recorded.get()
+    if record is not None:
+        record.append(event)
+
+
 def _commit(batch: firestore.WriteBatch) -> list[Any]:
     """Commit a batch; a lost race becomes Contended, a lost reply CommitUncertain."""
+    _note("commit")
     try:
         return batch.commit(**_commit_rpc())
     except (gexc.FailedPrecondition, gexc.Conflict, gexc.NotFound) as exc:
@@ -403,8 +428,9 @@ def optimistic(attempt: Callable[[], T], *, max_attempts: int = MAX_ATTEMPTS) ->
         try:
             return attempt()
         except Contended:
-            pass
+            _note("contended")
         except CommitUncertain:
+            _note("uncertain")
             uncertain += 1
             if uncertain > MAX_UNCERTAIN_COMMITS:
                 raise errors.Unavailable() from None

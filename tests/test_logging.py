@@ -48,3 +48,22 @@ def test_no_secret_reaches_a_log_line(api: Api, capfd: pytest.CaptureFixture[str
     # The signing path ran and was logged, and the seal's signature is not in the log either.
     assert ("run_complete", 200) in {(line["endpoint"], line["status"]) for line in _log_lines(captured.out)}
     assert bundle["signature"] not in output
+
+
+def test_log_lines_count_the_commits_each_request_tried(api: Api, capfd: pytest.CaptureFixture[str]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    api.issue(RUNNER, 5)
+    capfd.readouterr()
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        statuses = list(pool.map(lambda n: api.consume(f"job-{n}").status_code, range(10)))
+    assert sorted(statuses) == [200] * 5 + [402] * 5
+    lines = [line for line in _log_lines(capfd.readouterr().out) if line["endpoint"] == "consume"]
+    assert len(lines) == 10
+    # Every commit tried either charged its request's run or lost a race: nothing is counted twice or missed.
+    assert sum(line.get("commits", 0) for line in lines) == 5 + sum(line.get("races_lost", 0) for line in lines)
+    assert all(line["commits"] >= 1 for line in lines if line["status"] == 200)
+    # A request that wrote nothing (a check) says nothing about commits.
+    api.check("job-0")
+    (check,) = [line for line in _log_lines(capfd.readouterr().out) if line["endpoint"] == "check"]
+    assert "commits" not in check
