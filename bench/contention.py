@@ -551,23 +551,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.parse_args(argv)
     began = time.perf_counter()
-    try:
+
+    def body() -> None:
         with harness.running_emulator(PROJECT, name="contention") as emu:
             results = run_all(emu)
             print_report(results, time.perf_counter() - began)
             if any((r.invariants or r.count("error") or r.count("unfinished")) if r.fatal else r.invariants for r in results):
                 # Raised inside the block, so that the emulator's log is kept for the diagnosis.
                 raise harness.BenchmarkFailed("the optimistic-commit design broke an invariant or ended a request in an error (see above)")
-    except emulator.EmulatorMissing as exc:
-        print(exc, file=sys.stderr)
-        return harness.EXIT_NO_EMULATOR
-    except harness.Interrupted:
-        print("\ninterrupted", file=sys.stderr)
-        return harness.EXIT_INTERRUPTED
-    except harness.BenchmarkFailed as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return harness.EXIT_FAILED
-    return harness.EXIT_OK
+
+    return harness.exit_status(body)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -34,6 +34,22 @@ class Interrupted(KeyboardInterrupt):
 
 class BenchmarkFailed(Exception):
     """A benchmark's own checks failed; raised inside `running_emulator` so that the emulator's log is kept."""
+
+
+def exit_status(body: Callable[[], None]) -> int:
+    """Run a benchmark's body and turn its outcome into the exit status every benchmark documents."""
+    try:
+        body()
+    except emulator.EmulatorMissing as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_NO_EMULATOR
+    except Interrupted:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BenchmarkFailed as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def percentile(values: list[float], fraction: float) -> float:

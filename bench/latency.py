@@ -40,7 +40,7 @@ from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
 from bench import harness
-from shared import config, emulator, signing, store
+from shared import config, signing, store
 from shared.endpoints import ENDPOINTS
 from shared.local import LocalIssuer, create_app
 from shared.models import IssueRequest
@@ -723,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     began = time.perf_counter()
-    try:
+
+    def body() -> None:
         with (
             tempfile.TemporaryDirectory(prefix="gbx-bench-keys-") as folder,
             service_configured(Path(folder)) as issuer,
@@ -745,16 +746,8 @@ def main(argv: list[str] | None = None) -> int:
                     if args.import_profile:
                         profile = {case.name: import_profile(child_env, case) for case in cold}
             print_report(cases, cold, baseline, profile, time.perf_counter() - began)
-    except emulator.EmulatorMissing as exc:
-        print(exc, file=sys.stderr)
-        return harness.EXIT_NO_EMULATOR
-    except harness.Interrupted:
-        print("\ninterrupted", file=sys.stderr)
-        return harness.EXIT_INTERRUPTED
-    except harness.BenchmarkFailed as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return harness.EXIT_FAILED
-    return harness.EXIT_OK
+
+    return harness.exit_status(body)
 
 
 if __name__ == "__main__":
