@@ -356,27 +356,12 @@ def _consume_in_transaction(transaction: firestore.Transaction, *, principal: st
     schema); only the isolation differs: a transaction instead of an update-time precondition.
     """
     tries.add(run_id)
-    grant_ref = store._grant_ref(principal, grant_id)
-    grant = grant_ref.get(transaction=transaction, timeout=TRANSACTION_READ_TIMEOUT_SECONDS).to_dict() or {}
-    if grant["remaining"] < 1:
+    grant = store.grant_from_snapshot(store.grant_ref(principal, grant_id).get(transaction=transaction, timeout=TRANSACTION_READ_TIMEOUT_SECONDS))
+    if grant.remaining < 1:
         return None
-    transaction.update(grant_ref, {"remaining": grant["remaining"] - 1})
-    # The run record store.commit_consume writes (the store has no writer that takes a transaction).
-    transaction.create(
-        store._run_ref(principal, run_id),
-        {
-            "run_id": run_id,
-            "principal": principal,
-            "state": "consumed",
-            "grant_id": grant_id,
-            "shard": grant_id,
-            "plan_id": grant["plan_id"],
-            "charge_id": secrets.token_hex(12),
-            "consumed_at": dt.datetime.now(dt.UTC),
-        },
-    )
-    store._ledger(transaction, principal=principal, grant_id=grant_id, shard=grant_id, delta=-1, reason="consume", ref=run_id)
-    return int(grant["remaining"]) - 1
+    # The very writes of the design's consume (store.write_consume), without the precondition: the transaction isolates.
+    store.write_consume(transaction, principal, run_id, grant, charge_id=secrets.token_hex(12), consumed_at=dt.datetime.now(dt.UTC), precondition=False)
+    return grant.remaining - 1
 
 
 def transaction_consume_once(principal: str, grant_id: str, run_id: str, index: int, tries: TryCounter) -> Outcome:

@@ -156,26 +156,31 @@ def _run_ref(principal: str, run_id: str) -> firestore.DocumentReference:
     return _principal_ref(principal).collection(RUNS).document(run_doc_id(run_id))
 
 
+def grant_ref(principal: str, grant_id: str) -> firestore.DocumentReference:
+    """The document of one grant (or shard)."""
+    return _grant_ref(principal, grant_id)
+
+
+def grant_from_snapshot(snap: firestore.DocumentSnapshot) -> Grant:
+    """A grant document as read, with the update time its commits are preconditioned on."""
+    data = snap.to_dict() or {}
+    return Grant(
+        grant_id=snap.id,
+        group=data.get("group", snap.id),
+        principal=data["principal"],
+        plan_id=data["plan_id"],
+        runs_total=data["runs_total"],
+        remaining=data["remaining"],
+        expires_at=data.get("expires_at"),
+        created_at=data.get("created_at"),
+        update_time=snap.update_time,
+    )
+
+
 def read_grants_with_runs_left(principal: str) -> list[Grant]:
     """The principal's grants that still hold runs (expired ones included; callers filter by time)."""
     query = _principal_ref(principal).collection(GRANTS).where(filter=FieldFilter("remaining", ">", 0))
-    grants = []
-    for snap in query.get(**_rpc()):
-        data = snap.to_dict()
-        grants.append(
-            Grant(
-                grant_id=snap.id,
-                group=data.get("group", snap.id),
-                principal=data["principal"],
-                plan_id=data["plan_id"],
-                runs_total=data["runs_total"],
-                remaining=data["remaining"],
-                expires_at=data.get("expires_at"),
-                created_at=data.get("created_at"),
-                update_time=snap.update_time,
-            )
-        )
-    return grants
+    return [grant_from_snapshot(snap) for snap in query.get(**_rpc())]
 
 
 def read_run(principal: str, run_id: str) -> Run | None:
@@ -220,7 +225,7 @@ def _commit(batch: firestore.WriteBatch) -> list[Any]:
         raise CommitUncertain(type(exc).__name__) from exc
 
 
-def _ledger(batch: firestore.WriteBatch, *, principal: str, grant_id: str, shard: str, delta: int, reason: str, ref: str) -> None:
+def _ledger(batch: firestore.WriteBatch | firestore.Transaction, *, principal: str, grant_id: str, shard: str, delta: int, reason: str, ref: str) -> None:
     """Append the ledger entry of a balance change to the batch that makes the change."""
     doc = client().collection(LEDGER).document(_ledger_id(reason, principal, ref))
     batch.create(
@@ -280,15 +285,21 @@ def commit_issue(
     _commit(batch)
 
 
-def commit_consume(principal: str, run_id: str, grant: Grant, *, charge_id: str, consumed_at: dt.datetime) -> None:
-    """One commit: take a run from `grant` (unchanged since read), create the run record, append the ledger entry."""
-    batch = client().batch()
-    batch.update(
-        _grant_ref(principal, grant.grant_id),
-        {"remaining": firestore.Increment(-1)},
-        option=client().write_option(last_update_time=grant.update_time),
-    )
-    batch.create(
+def write_consume(
+    writer: firestore.WriteBatch | firestore.Transaction,
+    principal: str,
+    run_id: str,
+    grant: Grant,
+    *,
+    charge_id: str,
+    consumed_at: dt.datetime,
+    precondition: bool = True,
+) -> None:
+    """The writes of one consume: a run off `grant`, the run record, the ledger entry (a batch, or a transaction's)."""
+    # The update-time precondition is what makes a batch safe; a transaction's own reads lock instead.
+    option = client().write_option(last_update_time=grant.update_time) if precondition else None
+    writer.update(_grant_ref(principal, grant.grant_id), {"remaining": firestore.Increment(-1)}, option=option)
+    writer.create(
         _run_ref(principal, run_id),
         {
             "run_id": run_id,
@@ -301,7 +312,13 @@ def commit_consume(principal: str, run_id: str, grant: Grant, *, charge_id: str,
             "consumed_at": consumed_at,
         },
     )
-    _ledger(batch, principal=principal, grant_id=grant.group, shard=grant.grant_id, delta=-1, reason="consume", ref=run_id)
+    _ledger(writer, principal=principal, grant_id=grant.group, shard=grant.grant_id, delta=-1, reason="consume", ref=run_id)
+
+
+def commit_consume(principal: str, run_id: str, grant: Grant, *, charge_id: str, consumed_at: dt.datetime) -> None:
+    """One commit: take a run from `grant` (unchanged since read), create the run record, append the ledger entry."""
+    batch = client().batch()
+    write_consume(batch, principal, run_id, grant, charge_id=charge_id, consumed_at=consumed_at)
     _commit(batch)
 
 
