@@ -7,12 +7,12 @@ PIP := $(VENV)/bin/python -m pip install --quiet --disable-pip-version-check
 
 .PHONY: install browser run test lint openapi bench clean
 
+# The runner client (gbx) is installed editable: it holds the seal format the service shares; its dependencies are pinned in requirements.txt.
 $(STAMP): requirements.txt requirements-dev.txt client/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "GBX Entitlements needs Python 3.11 or newer (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) -r requirements-dev.txt
-	# The runner client (gbx) and the seal format the service shares with it; its dependencies are pinned above.
 	$(PIP) --no-deps -e ./client
 	@touch $@
 
