@@ -589,8 +589,9 @@ def test_verify_good_seal_offline(api: Api, sealed: Job) -> None:
     assert body["seal"] == sealed.seal_claims() and body["seal_id"] == body["seal"]["seal_id"]
 
     assert sealed.gbx("verify", svg, "--public-key", str(sealed.seal_dir / "public_key.pem")).code == 0
+    # Without a key source even a seal directory is a usage error: its own public_key.pem proves nothing.
     own_key = sealed.gbx("verify", seal_dir)
-    assert own_key.code == 0 and "proves the files are intact, not who signed them" in own_key.stderr
+    assert own_key.code == 2 and "no key to check against" in own_key.stderr
     online = sealed.gbx("verify", seal_dir, "--online", api.base_url, "--json")
     assert online.code == 0, online.stderr
     assert json.loads(online.stdout)["checks"]["online"] == "ok"
@@ -658,14 +659,16 @@ def test_verify_foreign_seals(api: Api, sealed: Job) -> None:
     # Signed by someone else's key version: not trusted.
     other = sealed.gbx("verify", str(foreign_seal("other.svg", "projects/evil/locations/global/keyRings/k/cryptoKeys/k/cryptoKeyVersions/1")), *keys, "--json")
     assert other.code == 1 and json.loads(other.stdout)["checks"]["key"].startswith("key version is not trusted")
-    # A foreign seal directory shipping its own public key verifies only against that key, with a warning.
+    # A forged seal directory shipping its own public key is never VERIFIED by default: without a key
+    # source it is a usage error, and against the service's keys it is INVALID.
     foreign_dir = sealed.root / "foreign"
     foreign_dir.mkdir()
     shutil.copy(sealed.root / "impostor.svg", foreign_dir / "seal.svg")
     (foreign_dir / "public_key.pem").write_bytes(
         foreign_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
-    assert "not who signed them" in sealed.gbx("verify", str(foreign_dir)).stderr
+    bare = sealed.gbx("verify", str(foreign_dir), "--json")
+    assert bare.code == 2 and "VERIFIED" not in bare.stdout
     assert sealed.gbx("verify", str(foreign_dir), *keys).code == 1
 
 

@@ -285,11 +285,9 @@ def _keys(args: argparse.Namespace, seal: verify.SealFiles, service: Service | N
     if service is not None:
         url = f"{service.base_url}/api/seal/public_keys"
         return _fetch_keys(service, url)
-    if seal.public_key_pem is not None:
-        _say(f"warning: checking against {seal.source}/public_key.pem, which came with the seal: this proves the files are intact, "
-             "not who signed them; add --keys URL/api/seal/public_keys to check the key is the service's")
-        return verify.single_key(seal.public_key_pem, f"{seal.source}/public_key.pem")
-    raise UsageError("no key to check against: give --keys FILE_OR_URL, --public-key PEM or --online URL")
+    # Never the seal directory's own public_key.pem by default: whoever made the directory chose that key,
+    # so a forgery would verify against it. Naming it with --public-key is a choice the caller makes knowingly.
+    raise UsageError("no key to check against: give --keys FILE_OR_URL (the service's /api/seal/public_keys), --public-key PEM or --online URL")
 
 
 def _fetch_keys(service: Service, url: str) -> verify.KeyRing:
