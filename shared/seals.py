@@ -239,7 +239,8 @@ def redeem_seal_once(caller: Identity, upload: RedeemUpload, *, idempotency_key:
         raise errors.Forbidden("the seal of a bonus rerun cannot be redeemed")
     # One grant id for every attempt: our own applied commit reads back as ours.
     grant_id = secrets.token_hex(16)
-    key_hash = store.redemption_key_id(principal, idempotency_key) if idempotency_key is not None else None
+    # The caller's key, not the seal owner's: an operator's keys and the customer's never collide.
+    key_hash = store.redemption_key_id(caller.principal, idempotency_key) if idempotency_key is not None else None
     tried: list[RedeemResponse] = []
 
     def attempt() -> RedeemResponse:

@@ -362,9 +362,9 @@ def grant_exists(principal: str, grant_id: str) -> bool:
     return _grant_ref(principal, grant_id).get(**_rpc()).exists
 
 
-def redemption_key_id(principal: str, idempotency_key: str) -> str:
-    """Document id of a redeem Idempotency-Key: keys are the caller's own, so namespaced by principal."""
-    return sha256_hex(f"{principal}|{idempotency_key}")
+def redemption_key_id(caller: str, idempotency_key: str) -> str:
+    """Document id of a redeem Idempotency-Key: keys are the caller's own (the ID token's principal), so namespaced by it."""
+    return sha256_hex(f"{caller}|{idempotency_key}")
 
 
 def read_redemption_key(key_id: str) -> dict[str, Any] | None:

@@ -496,3 +496,17 @@ def test_concurrent_redeems_with_one_key_grant_one_run_and_all_answer_200(api: A
     assert sorted(r.json()["replayed"] for r in responses) == [False] + [True] * 19
     assert len({r.json()["grant_id"] for r in responses}) == 1
     assert len([g for g in store.all_grants(RUNNER) if g["plan_id"] == "seal_rerun"]) == 1
+
+
+def test_redeem_keys_belong_to_the_caller_not_to_the_seal_owner(api: Api) -> None:
+    by_operator = api.sealed_run("job-1")["seal_svg"]
+    by_runner = api.sealed_run("job-2")["seal_svg"]
+    operator = api.redeem(by_operator, as_user=OPERATOR, headers={"Idempotency-Key": "job-43"})
+    assert operator.status_code == 200 and operator.json()["principal"] == RUNNER
+    # The runner never sent this key: its first request with it is its own, not a conflict with the operator's.
+    runner = api.redeem(by_runner, headers={"Idempotency-Key": "job-43"})
+    assert runner.status_code == 200 and runner.json()["replayed"] is False
+    assert runner.json()["grant_id"] != operator.json()["grant_id"]
+    # And each caller's replay is its own first answer.
+    assert api.redeem(by_operator, as_user=OPERATOR, headers={"Idempotency-Key": "job-43"}).json() == {**operator.json(), "replayed": True}
+    assert api.redeem(by_runner, headers={"Idempotency-Key": "job-43"}).json() == {**runner.json(), "replayed": True}
