@@ -261,3 +261,29 @@ def test_log_lines_stay_whole_under_concurrent_requests(api: Api, capfd: pytest.
     assert lines[-1] == ""  # ends with a newline, and no line is empty or merged
     entries = [json.loads(line) for line in lines[:-1]]
     assert sum(1 for e in entries if e["endpoint"] == "check" and e["status"] == 200) == 100
+
+
+def test_a_repeated_principal_query_parameter_is_400(api: Api) -> None:
+    from tests.conftest import OPERATOR
+
+    svg = api.sealed_run()["seal_svg"]
+    response = api.redeem(svg, as_user=OPERATOR, params=[("principal", RUNNER), ("principal", "someone@else.example")])
+    assert (response.status_code, error_code(response)) == (400, "invalid_request")
+    assert api.verify(svg).json()["redeemed"] is False
+
+
+def test_a_get_endpoint_allows_get_and_head(api: Api) -> None:
+    response = requests.post(api.base_url + "/api/seal/public_keys", timeout=30)
+    assert (response.status_code, error_code(response)) == (405, "method_not_allowed")
+    assert response.headers["Allow"] == "GET, HEAD"
+
+
+def test_a_stored_record_that_fails_its_model_is_a_500_not_the_callers_400(api: Api) -> None:
+    from shared import store
+
+    api.issue(RUNNER, 1)
+    api.consume("job-1")
+    # Damage the stored run (as a bad migration would): the caller's request is fine, so it is not a 400.
+    store.client().collection(store.PRINCIPALS).document(RUNNER).collection(store.RUNS).document(store.run_doc_id("job-1")).update({"state": "lost"})
+    response = api.check("job-1")
+    assert (response.status_code, error_code(response)) == (500, "internal")
