@@ -80,6 +80,8 @@ def run_job(job: Job, service: Service, say: Say) -> str:
     """Run one job end to end and return its seal id; nothing is charged twice, whatever step a previous attempt died in."""
     # Everything that can fail locally fails before the run is charged.
     sealdir.prepare(job.seal_dir)
+    # One seal directory holds one pending seal: another run's is never overwritten or removed (its outputs hash would be lost).
+    sealdir.refuse_foreign_preseal(job.seal_dir, job.run_id)
     inputs = hashing.scan(job.inputs)
     manifest = hashing.scan(job.manifest) if job.manifest is not None else None
     if manifest is not None and manifest.is_dir:
@@ -149,7 +151,7 @@ def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: 
         if not result.verified:
             raise ProtocolViolation(f"the service's seal does not verify offline ({result.first_failure()}); nothing written")
 
-    sealdir.write(seal_dir, bundle, base_url=service.base_url, self_check=self_check)
+    sealdir.write(seal_dir, bundle, run_id=run_id, base_url=service.base_url, self_check=self_check)
     say(f"wrote {seal_dir}/ ({', '.join(verify.SEAL_FILES)}); verified offline")
     return bundle.seal_id
 

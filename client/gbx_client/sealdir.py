@@ -67,8 +67,8 @@ def prepare(seal_dir: Path) -> None:
         raise CantCreate(f"cannot write the seal directory {seal_dir}: {exc.strerror or exc}") from exc
 
 
-def write(seal_dir: Path, bundle: Bundle, *, base_url: str, self_check: Callable[[Path], None]) -> None:
-    """Write the seal files into a scratch directory, self-check them there, then move them in; the preseal goes last."""
+def write(seal_dir: Path, bundle: Bundle, *, run_id: str, base_url: str, self_check: Callable[[Path], None]) -> None:
+    """Write the seal files into a scratch directory, self-check them there, then move them in; run_id's preseal goes last."""
     prepare(seal_dir)
     scratch = Path(tempfile.mkdtemp(dir=seal_dir, prefix=".gbx-seal-"))
     try:
@@ -89,7 +89,7 @@ def write(seal_dir: Path, bundle: Bundle, *, base_url: str, self_check: Callable
         raise CantCreate(f"cannot write the seal directory {seal_dir}: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    remove_preseal(seal_dir)
+    remove_preseal(seal_dir, run_id)
 
 
 def verify_md(bundle: Bundle, base_url: str) -> str:
@@ -140,8 +140,9 @@ The service also checks that it issued this very seal (its record), and says whe
 
 
 def write_preseal(seal_dir: Path, record: dict[str, Any]) -> Path:
-    """Write preseal.json (state "pending") atomically; return its path."""
+    """Write preseal.json (state "pending") atomically; return its path. Another run's pending seal is never replaced."""
     path = seal_dir / PRESEAL
+    refuse_foreign_preseal(seal_dir, str(record["run_id"]))
     document = {"state": "pending", **record, "at": _now()}
     try:
         seal_dir.mkdir(parents=True, exist_ok=True)
@@ -170,10 +171,33 @@ def read_preseal(seal_dir: Path, *, required: bool) -> dict[str, Any] | None:
     return document
 
 
-def remove_preseal(seal_dir: Path) -> None:
-    """Remove preseal.json once the seal is written."""
-    with contextlib.suppress(FileNotFoundError):
-        (seal_dir / PRESEAL).unlink()
+def remove_preseal(seal_dir: Path, run_id: str) -> None:
+    """Remove preseal.json once run_id's seal is written; a preseal of any other run (or one unreadable) stays."""
+    if _preseal_run_id(seal_dir) == run_id:
+        with contextlib.suppress(FileNotFoundError):
+            (seal_dir / PRESEAL).unlink()
+
+
+def refuse_foreign_preseal(seal_dir: Path, run_id: str) -> None:
+    """CantCreate when seal_dir holds the pending seal of another run: that run's outputs hash must not be lost."""
+    other = _preseal_run_id(seal_dir)
+    if other is not None and other != run_id:
+        raise CantCreate(
+            f"{seal_dir / PRESEAL} holds the pending seal of run {other}, not {run_id}: finish it with "
+            f"`gbx complete {seal_dir}` or use another --seal-dir"
+        )
+
+
+def _preseal_run_id(seal_dir: Path) -> str | None:
+    """The run_id a preseal.json names; None when there is none, or it names none."""
+    try:
+        document = json.loads((seal_dir / PRESEAL).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None
+    run_id = document.get("run_id") if isinstance(document, dict) else None
+    return run_id if isinstance(run_id, str) else None
 
 
 def _now() -> str:

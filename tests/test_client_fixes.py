@@ -1,0 +1,81 @@
+"""Review fixes of the runner client: one seal directory per pending run, the write-ahead preseal, refusals that keep it,
+overlapping trees, names that cannot break gbx's last line, and the runner's token kept from CMD."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from gbx_client import sealdir
+from tests.conftest import RUNNER, Api
+from tests.test_client import FAST, GBX, UNAVAILABLE, FaultProxy, Job, _handler, balance, run_state
+
+
+@pytest.fixture
+def job(api: Api, tmp_path: Path) -> Job:
+    """A job workspace for the runner, against the service (as in test_client)."""
+    assert GBX is not None, "gbx is not installed in this virtualenv (pip install -e ./client)"
+    return Job(root=tmp_path, url=api.base_url, token=api.token(RUNNER))
+
+
+@pytest.fixture
+def proxy(server_url: str) -> Iterator[FaultProxy]:
+    """test_client's fault-injecting proxy in front of the service."""
+    instance = FaultProxy(upstream=server_url)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(instance))
+    server.daemon_threads = False
+    server.block_on_close = True
+    instance.url = f"http://127.0.0.1:{server.server_port}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield instance
+    server.shutdown()
+    server.server_close()
+
+
+def _pending(job: Job, proxy: FaultProxy, run_id: str = "job-1") -> dict[str, object]:
+    """Leave run_id with a pending seal in job.seal_dir (run_complete unreachable); return its preseal."""
+    proxy.always["run_complete"] = UNAVAILABLE
+    proxy.retry_after = "0"
+    result = job.gbx(*job.args(url=proxy.url, run_id=run_id), "--retry-timeout", "1", *job.writes_outputs())
+    assert result.code == 75, result.stderr
+    del proxy.always["run_complete"]
+    return json.loads((job.seal_dir / "preseal.json").read_text())
+
+
+# 1. A seal directory holding another run's pending seal ------------------------------------------------
+
+
+def test_another_runs_pending_seal_is_refused_before_any_charge(api: Api, job: Job, proxy: FaultProxy) -> None:
+    api.issue(RUNNER, 2)
+    preseal = _pending(job, proxy)
+    assert balance(api) == 1
+
+    other = job.gbx(*job.args(url=proxy.url, run_id="job-2"), *FAST, *job.writes_outputs())
+    assert other.code == 73, other.stderr
+    assert other.last_line.startswith("gbx: exit 73 (cant-create): ")
+    assert "job-1" in other.last_line and f"gbx complete {job.seal_dir}" in other.last_line and "--seal-dir" in other.last_line
+    # Nothing charged, CMD never ran, the pending seal is untouched.
+    assert balance(api) == 1 and run_state(api, "job-2") == "new" and job.cmd_runs() == 1
+    assert json.loads((job.seal_dir / "preseal.json").read_text()) == preseal
+
+    done = job.gbx("complete", str(job.seal_dir), *FAST)
+    assert done.code == 0, done.stderr
+    assert job.seal_claims()["run_id"] == "job-1" and not (job.seal_dir / "preseal.json").exists()
+
+
+def test_only_the_matching_preseal_is_ever_removed_or_replaced(tmp_path: Path) -> None:
+    record = {"run_id": "job-1", "url": "http://x", "outputs_sha256": "0" * 64, "start": {}}
+    sealdir.write_preseal(tmp_path, record)
+    sealdir.remove_preseal(tmp_path, "job-2")
+    assert (tmp_path / "preseal.json").exists()
+    with pytest.raises(sealdir.CantCreate, match="job-1"):
+        sealdir.write_preseal(tmp_path, {**record, "run_id": "job-2"})
+    assert json.loads((tmp_path / "preseal.json").read_text())["run_id"] == "job-1"
+    sealdir.remove_preseal(tmp_path, "job-1")
+    assert not (tmp_path / "preseal.json").exists()
