@@ -4,7 +4,11 @@ overlapping trees, names that cannot break gbx's last line, and the runner's tok
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -13,7 +17,7 @@ import pytest
 
 from gbx_client import sealdir
 from tests.conftest import RUNNER, Api
-from tests.test_client import FAST, GBX, UNAVAILABLE, FaultProxy, Job, _handler, balance, run_state
+from tests.test_client import DROP, FAST, GBX, SEAL_FILES, UNAVAILABLE, FaultProxy, Job, _handler, balance, coreutils_hash, run_state
 
 
 @pytest.fixture
@@ -79,3 +83,57 @@ def test_only_the_matching_preseal_is_ever_removed_or_replaced(tmp_path: Path) -
     assert json.loads((tmp_path / "preseal.json").read_text())["run_id"] == "job-1"
     sealdir.remove_preseal(tmp_path, "job-1")
     assert not (tmp_path / "preseal.json").exists()
+
+
+# 2. The write-ahead preseal, and signals after CMD ------------------------------------------------------
+
+
+def _start_stuck_in_run_complete(job: Job, proxy: FaultProxy) -> subprocess.Popen[str]:
+    """gbx run whose run_complete is unreachable (retried for a minute); returned once CMD ran and a preseal is on disk."""
+    proxy.always["run_complete"] = DROP
+    process = subprocess.Popen(
+        [GBX, *job.args(url=proxy.url), "--retry-timeout", "60", *job.writes_outputs()],
+        env=job.env(), cwd=job.root, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not (proxy.received["run_complete"] and (job.seal_dir / "preseal.json").exists()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            _, stderr = process.communicate(timeout=10)
+            pytest.fail(f"no preseal.json while run_complete is being retried:\n{stderr}")
+        time.sleep(0.05)
+    return process
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_run_complete_retries_exits_seal_pending(api: Api, job: Job, proxy: FaultProxy, signum: int) -> None:
+    api.issue(RUNNER, 1)
+    process = _start_stuck_in_run_complete(job, proxy)
+    preseal = json.loads((job.seal_dir / "preseal.json").read_text())
+    assert preseal["run_id"] == "job-1" and preseal["outputs_sha256"] == coreutils_hash(job.outputs)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 75, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("gbx: exit 75 (seal-pending): ") and f"gbx complete {job.seal_dir}" in last
+    assert (job.seal_dir / "preseal.json").exists() and run_state(api, "job-1") == "started"
+
+    del proxy.always["run_complete"]
+    again = job.gbx(*job.args(url=proxy.url), *FAST, *job.writes_outputs())
+    assert again.code == 0, again.stderr
+    assert job.cmd_runs() == 1 and not (job.seal_dir / "preseal.json").exists()
+    assert balance(api) == 0 and run_state(api, "job-1") == "completed"
+
+
+def test_kill_9_during_run_complete_leaves_the_preseal_and_cmd_never_runs_again(api: Api, job: Job, proxy: FaultProxy) -> None:
+    api.issue(RUNNER, 1)
+    process = _start_stuck_in_run_complete(job, proxy)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate(timeout=10)
+    assert (job.seal_dir / "preseal.json").exists()
+
+    del proxy.always["run_complete"]
+    done = job.gbx("complete", str(job.seal_dir), *FAST)
+    assert done.code == 0, done.stderr
+    assert job.cmd_runs() == 1 and job.seal_claims()["outputs_sha256"] == coreutils_hash(job.outputs)
+    assert set(os.listdir(job.seal_dir)) == SEAL_FILES and balance(api) == 0

@@ -97,6 +97,16 @@ class CommandFailed(GbxError):
         self.exit_code = status
 
 
+class Interrupted(GbxError):
+    """gbx was stopped by signal N (exit 128+N) where no pending seal could be kept: the run stays as it was."""
+
+    name = "interrupted"
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.exit_code = status
+
+
 # gbx run's own exit codes, in the order `gbx run --help` lists them.
 RUN_EXIT_CODES: tuple[tuple[int, str], ...] = (
     (0, "sealed: the seal directory is written and verified offline"),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from gbx_client import hashing, process, sealdir, verify
 from gbx_client.errors import (
     CommandFailed,
     GbxError,
+    Interrupted,
     NotEntitled,
     ProtocolViolation,
     Refused,
@@ -100,14 +102,17 @@ def run_job(job: Job, service: Service, say: Say) -> str:
         pending = sealdir.read_preseal(job.seal_dir, required=False)
         if pending is not None and pending["run_id"] == job.run_id and pending["url"] == service.base_url and pending["start"] == start.record():
             say(f"{job.seal_dir}/{sealdir.PRESEAL}: CMD already succeeded for this run, finishing its pending seal instead of running CMD again")
-            return complete_run(service, job.seal_dir, job.run_id, pending["outputs_sha256"], start, say)
+            with signals_to_pending(job.seal_dir, say) as guard:
+                return complete_run(service, job.seal_dir, job.run_id, pending["outputs_sha256"], start, say, guard=guard)
     if state == "completed":
         say(f"run {job.run_id} is already completed: CMD is not run again; sealing the outputs found in {job.outputs}")
     else:
         _run_start(service, job.run_id, start, say)
         _run_command(job, say)
-    outputs = _hash(say, "outputs", hashing.scan(job.outputs), job.workers)
-    return complete_run(service, job.seal_dir, job.run_id, outputs, start, say)
+    # From here on a SIGTERM or SIGINT must not lose what CMD produced: it ends gbx as a pending seal (75).
+    with signals_to_pending(job.seal_dir, say) as guard:
+        outputs = _hash(say, "outputs", hashing.scan(job.outputs), job.workers)
+        return complete_run(service, job.seal_dir, job.run_id, outputs, start, say, guard=guard)
 
 
 def complete_pending(seal_dir: Path, service_for: Callable[[str], Service], say: Say) -> str:
@@ -116,12 +121,81 @@ def complete_pending(seal_dir: Path, service_for: Callable[[str], Service], say:
     assert pending is not None
     service = service_for(str(pending["url"]))
     say(f"completing run {pending['run_id']} (pending since {pending.get('at', '?')}) at {service.base_url}")
-    return complete_run(service, seal_dir, str(pending["run_id"]), str(pending["outputs_sha256"]), Start.from_record(pending["start"]), say)
+    with signals_to_pending(seal_dir, say) as guard:
+        return complete_run(
+            service, seal_dir, str(pending["run_id"]), str(pending["outputs_sha256"]), Start.from_record(pending["start"]), say, guard=guard
+        )
 
 
-def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: str, start: Start, say: Say) -> str:
-    """run_complete, then the seal directory, self-checked offline; a preseal when the service cannot be reached."""
+class _Signalled(BaseException):
+    """A SIGTERM/SIGINT after CMD, raised by the handler; a BaseException so no library's `except Exception` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class SealGuard:
+    """After CMD: a SIGTERM/SIGINT ends gbx with the pending seal (75) once preseal.json is on disk.
+
+    One arriving before that (while the outputs are hashed) waits until the preseal is written; a second one
+    ends gbx at once, as interrupted, and the run stays started.
+    """
+
+    def __init__(self) -> None:
+        self.preseal: Path | None = None
+        self.deferred: int | None = None
+        self.sealed = False
+
+    def handle(self, signum: int, _frame: object) -> None:
+        """The signal handler (runs in the main thread, between bytecodes)."""
+        if self.sealed:
+            return  # the seal is written and the preseal gone: gbx is about to exit 0
+        if self.preseal is not None or self.deferred is not None:
+            raise _Signalled(signum)
+        self.deferred = signum
+
+    def pending(self, path: Path) -> None:
+        """preseal.json is on disk: a signal from now on (or one held back) means seal pending."""
+        self.preseal = path
+        if self.deferred is not None:
+            raise _Signalled(self.deferred)
+
+
+@contextlib.contextmanager
+def signals_to_pending(seal_dir: Path, say: Say) -> Iterator[SealGuard]:
+    """Install the SealGuard's handlers for SIGTERM and SIGINT; turn the signal into SealPending or Interrupted."""
+    guard = SealGuard()
+    previous = {signum: signal.signal(signum, guard.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield guard
+    except _Signalled as stop:
+        name = _signal_name(stop.signum) or f"signal {stop.signum}"
+        if guard.preseal is None:
+            raise Interrupted(
+                f"{name} received twice before the outputs were hashed: no seal is pending and the run stays started "
+                "(gbx run with the same run_id runs CMD again without a new charge)",
+                128 + stop.signum,
+            ) from None
+        raise SealPending(
+            f"{name} received after CMD succeeded; the seal is pending in {guard.preseal}: finish it with "
+            f"`gbx complete {seal_dir}` (or gbx run with the same run_id, which does not run CMD again)"
+        ) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: str, start: Start, say: Say, *, guard: SealGuard | None = None) -> str:
+    """run_complete, then the seal directory, self-checked offline.
+
+    preseal.json is written first (write-ahead): whatever ends gbx from here on (an outage, a refusal, a
+    signal, kill -9), the outputs hash stays on disk for `gbx complete`; only the written, verified seal removes it.
+    """
     preseal = {"run_id": run_id, "url": service.base_url, "outputs_sha256": outputs_sha256, "start": start.record()}
+    path = sealdir.write_preseal(seal_dir, {**preseal, "error": "run_complete not answered yet"})
+    if guard is not None:
+        guard.pending(path)
     try:
         reply = service.post_json(RUN_COMPLETE, {"run_id": run_id, "outputs_sha256": outputs_sha256}, step="run_complete")
         if reply.status >= 500:
@@ -129,7 +203,7 @@ def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: 
         if reply.status != 200 and isinstance(error := refusal("run_complete", reply, run_id), Unreachable):
             raise error  # a 429: CMD has run, so its outputs hash is kept for later like any outage
     except Unreachable as exc:
-        path = sealdir.write_preseal(seal_dir, {**preseal, "error": str(exc)})
+        sealdir.write_preseal(seal_dir, {**preseal, "error": str(exc)})
         raise SealPending(f"{exc}; the seal is pending in {path}: finish it with `gbx complete {seal_dir}`") from exc
     if reply.status != 200:
         raise refusal("run_complete", reply, run_id)
@@ -152,6 +226,8 @@ def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: 
             raise ProtocolViolation(f"the service's seal does not verify offline ({result.first_failure()}); nothing written")
 
     sealdir.write(seal_dir, bundle, run_id=run_id, base_url=service.base_url, self_check=self_check)
+    if guard is not None:
+        guard.sealed = True
     say(f"wrote {seal_dir}/ ({', '.join(verify.SEAL_FILES)}); verified offline")
     return bundle.seal_id
 
