@@ -10,8 +10,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,11 +29,34 @@ def job(api: Api, tmp_path: Path) -> Job:
     return Job(root=tmp_path, url=api.base_url, token=api.token(RUNNER))
 
 
+@dataclass
+class RefusingProxy(FaultProxy):
+    """test_client's fault proxy, which can also answer an endpoint with a final 4xx of its own."""
+
+    refuse: dict[str, int] = field(default_factory=dict)
+
+
+def _refusing_handler(instance: RefusingProxy) -> type[BaseHTTPRequestHandler]:
+    base: Any = _handler(instance)
+
+    class Handler(base):  # type: ignore[misc,valid-type]
+        def relay(self) -> None:
+            status = instance.refuse.get(self.path.rsplit("/", 1)[-1])
+            if status is None:
+                super().relay()
+                return
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            payload = json.dumps({"error": {"code": "forbidden", "message": "the proxy refuses this identity", "status": status}}).encode()
+            self.reply(status, {"Content-Type": "application/json"}, payload)
+
+    return Handler
+
+
 @pytest.fixture
-def proxy(server_url: str) -> Iterator[FaultProxy]:
+def proxy(server_url: str) -> Iterator[RefusingProxy]:
     """test_client's fault-injecting proxy in front of the service."""
-    instance = FaultProxy(upstream=server_url)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(instance))
+    instance = RefusingProxy(upstream=server_url)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _refusing_handler(instance))
     server.daemon_threads = False
     server.block_on_close = True
     instance.url = f"http://127.0.0.1:{server.server_port}"
@@ -137,3 +162,48 @@ def test_kill_9_during_run_complete_leaves_the_preseal_and_cmd_never_runs_again(
     assert done.code == 0, done.stderr
     assert job.cmd_runs() == 1 and job.seal_claims()["outputs_sha256"] == coreutils_hash(job.outputs)
     assert set(os.listdir(job.seal_dir)) == SEAL_FILES and balance(api) == 0
+
+
+# 3. A refusal at run_complete keeps the write-ahead preseal --------------------------------------------
+
+
+@pytest.mark.parametrize("status", [401, 403, 422])
+def test_a_refused_run_complete_keeps_the_preseal_for_gbx_complete(api: Api, job: Job, proxy: RefusingProxy, status: int) -> None:
+    api.issue(RUNNER, 1)
+    proxy.refuse["run_complete"] = status
+    refused = job.gbx(*job.args(url=proxy.url), *FAST, *job.writes_outputs())
+    assert refused.code == 77, refused.stderr
+    assert refused.last_line.startswith(f"gbx: exit 77 (refused): run_complete: HTTP {status}")
+    assert f"gbx complete {job.seal_dir}" in refused.last_line
+    if status in (401, 403):
+        assert "fresh identity" in refused.last_line
+    preseal = json.loads((job.seal_dir / "preseal.json").read_text())
+    assert preseal["run_id"] == "job-1" and preseal["outputs_sha256"] == coreutils_hash(job.outputs)
+    assert run_state(api, "job-1") == "started"
+
+    del proxy.refuse["run_complete"]
+    done = job.gbx("complete", str(job.seal_dir), *FAST)
+    assert done.code == 0, done.stderr
+    assert job.cmd_runs() == 1 and not (job.seal_dir / "preseal.json").exists() and balance(api) == 0
+
+
+def test_run_complete_with_other_outputs_is_refused_and_keeps_the_preseal(api: Api, job: Job) -> None:
+    api.issue(RUNNER, 1)
+    started, go = job.root / "cmd-started", job.root / "go"
+    script = f'touch "{started}"; while [ ! -e "{go}" ]; do sleep 0.05; done; mkdir -p "{job.outputs}"; printf mine > "{job.outputs}/r.txt"'
+    process = subprocess.Popen([GBX, *job.args(), "--", "sh", "-c", script], env=job.env(), cwd=job.root, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    # A twin with the same run_id completes it with other outputs while this CMD still runs.
+    assert api.run_complete("job-1", "0" * 64).status_code == 200
+    go.touch()
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 77, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("gbx: exit 77 (refused): run_complete: HTTP 409 run_state_conflict")
+    assert "preseal.json is kept" in last
+    preseal = json.loads((job.seal_dir / "preseal.json").read_text())
+    assert preseal["run_id"] == "job-1" and preseal["outputs_sha256"] == coreutils_hash(job.outputs)
+    assert not (job.seal_dir / "seal.json").exists() and balance(api) == 0

@@ -206,7 +206,12 @@ def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: 
         sealdir.write_preseal(seal_dir, {**preseal, "error": str(exc)})
         raise SealPending(f"{exc}; the seal is pending in {path}: finish it with `gbx complete {seal_dir}`") from exc
     if reply.status != 200:
-        raise refusal("run_complete", reply, run_id)
+        error = refusal("run_complete", reply, run_id)
+        if reply.status == 409 and reply.error_code == "run_state_conflict":
+            # Completed (by a twin with this run_id) with other outputs: refused, but these outputs are still what this run produced.
+            raise type(error)(f"{error}; no seal written, and {path} is kept: its outputs_sha256 is still what this run's CMD produced") from None
+        identity = " with a fresh identity (an ID token for this service's audience)" if reply.status in (401, 403) else " once that is fixed"
+        raise type(error)(f"{error}; the seal is pending in {path}: finish it with `gbx complete {seal_dir}`{identity}") from None
     try:
         bundle = sealdir.Bundle.from_reply(reply.json_object("run_complete"))
         claims = json.loads(bundle.seal_json)
@@ -217,7 +222,7 @@ def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: 
     differing = sorted(name for name, value in expected.items() if claims.get(name) != value) if isinstance(claims, dict) else ["claims"]
     if differing:
         # Only a completed run sealed earlier (by another gbx with this run_id) can differ.
-        raise Refused(f"run {run_id} was sealed with other {', '.join(differing)}; no seal written for these")
+        raise Refused(f"run {run_id} was sealed with other {', '.join(differing)}; no seal written for these, {path} is kept")
     say(f"run_complete: seal {bundle.seal_id}")
 
     def self_check(directory: Path) -> None:
