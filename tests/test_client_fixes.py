@@ -207,3 +207,26 @@ def test_run_complete_with_other_outputs_is_refused_and_keeps_the_preseal(api: A
     preseal = json.loads((job.seal_dir / "preseal.json").read_text())
     assert preseal["run_id"] == "job-1" and preseal["outputs_sha256"] == coreutils_hash(job.outputs)
     assert not (job.seal_dir / "seal.json").exists() and balance(api) == 0
+
+
+# 4. --outputs and --inputs must not overlap --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outputs", ["in/out", "in", "."])
+def test_overlapping_inputs_and_outputs_are_refused_before_any_charge(api: Api, job: Job, outputs: str) -> None:
+    api.issue(RUNNER, 1)
+    args = job.args("--outputs", str(job.root / outputs), "--seal-dir", str(job.root.parent / f"{job.root.name}-seal"))
+    result = job.gbx(*args, *job.writes_outputs())
+    assert result.code == 64, result.stderr
+    assert result.last_line.startswith("gbx: exit 64 (usage): ") and "--outputs" in result.last_line and "--inputs" in result.last_line
+    assert job.cmd_runs() == 0 and balance(api) == 1 and run_state(api, "job-1") == "new"
+
+
+# 5. gbx verify --help names the key sources it requires ----------------------------------------------
+
+
+def test_verify_help_says_a_key_source_is_required() -> None:
+    assert GBX is not None
+    shown = " ".join(subprocess.run([GBX, "verify", "--help"], capture_output=True, text=True, check=True).stdout.split())
+    assert "else the seal directory's public_key.pem" not in shown
+    assert "one of --keys, --public-key or --online is required" in shown.lower()

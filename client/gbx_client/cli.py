@@ -151,8 +151,9 @@ def build_parser() -> Parser:
     keys.add_argument("--public-key", metavar="PEM", help="trust this public key (SPKI PEM file) whatever key version the seal names")
     keys.add_argument(
         "--keys", metavar="FILE_OR_URL", default=_env("GBX_KEYS"),
-        help="the service's GET /api/seal/public_keys document, saved or by URL: the seal's key version must be listed. "
-        "(env GBX_KEYS). Default: --online's keys, else the seal directory's public_key.pem (integrity only, not who signed)",
+        help="the service's GET /api/seal/public_keys document, saved or by URL: the seal's key version must be listed "
+        "(env GBX_KEYS). One of --keys, --public-key or --online is required (with --online alone, the service's published keys "
+        "are used); a seal directory's own public_key.pem is never used by default",
     )
     verify_parser.add_argument("--outputs", metavar="DIR", help="check that DIR (or a file) holds exactly the sealed outputs")
     verify_parser.add_argument("--online", metavar="URL", help="also ask the service at this base URL (POST /api/seal/verify)")
@@ -223,6 +224,10 @@ def _run(args: argparse.Namespace, command: list[str]) -> int:
         if seal_dir.is_relative_to(Path(tree).resolve()):
             # The seal files (and a preseal) would change the very hashes they seal, and a resumed run's hashes with them.
             raise UsageError(f"--seal-dir {args.seal_dir} is inside {option} {tree}; put it elsewhere")
+    inputs, outputs = Path(args.inputs).resolve(), Path(args.outputs).resolve()
+    if outputs.is_relative_to(inputs) or inputs.is_relative_to(outputs):
+        # CMD's outputs would change the inputs hash (or the other way round): a retried run would no longer match its run_start.
+        raise UsageError(f"--outputs {args.outputs} and --inputs {args.inputs} overlap (one is inside the other); keep them apart")
     service = _service(args, args.url)
     project = args.project or _metadata_project()
     if not PROJECT_ID.fullmatch(project):
