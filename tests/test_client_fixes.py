@@ -230,3 +230,29 @@ def test_verify_help_says_a_key_source_is_required() -> None:
     shown = " ".join(subprocess.run([GBX, "verify", "--help"], capture_output=True, text=True, check=True).stdout.split())
     assert "else the seal directory's public_key.pem" not in shown
     assert "one of --keys, --public-key or --online is required" in shown.lower()
+
+
+# 6. Names with a newline or CR cannot break gbx's last line -------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["x\ny", "x\ry"])
+def test_gbx_hash_escapes_names_in_its_messages(tmp_path: Path, name: str) -> None:
+    assert GBX is not None
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / name).write_text("data")
+    done = subprocess.run([GBX, "hash", str(tree)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 65, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    escaped = name.replace("\n", "\\n").replace("\r", "\\r")
+    assert last.startswith("gbx: exit 65 (data): ") and f"tree/{escaped}: a name with a newline" in last
+    for missing_name in (f"no{name}such", "no\u2028such", "no\x85such"):
+        missing = subprocess.run([GBX, "hash", str(tmp_path / missing_name)], capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 66 and missing.stderr.strip().splitlines()[-1].startswith("gbx: exit 66 (no-input): "), missing.stderr
+
+
+def test_gbx_run_escapes_an_output_name_after_cmd(api: Api, job: Job) -> None:
+    api.issue(RUNNER, 1)
+    result = job.gbx(*job.args(), "--", "sh", "-c", f'mkdir -p "{job.outputs}" && touch "{job.outputs}/bad\nname"')
+    assert result.code == 65, result.stderr
+    assert result.last_line.startswith("gbx: exit 65 (data): ") and "bad\\nname" in result.last_line

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from gbx_client.errors import RUN_EXIT_CODES, GbxError, UsageError
+from gbx_client.errors import RUN_EXIT_CODES, GbxError, UsageError, printable
 
 # Each command imports what it needs when it runs: `gbx hash` never loads requests or
 # cryptography, and every gbx process starts faster (start-up is most of gbx's own overhead).
@@ -45,7 +45,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """Print the usage and the problem, then exit with this command's usage code."""
         self.print_usage(sys.stderr)
-        self.exit(self.usage_exit, f"gbx: exit {self.usage_exit} (usage): {message}\n")
+        self.exit(self.usage_exit, f"gbx: exit {self.usage_exit} (usage): {printable(message)}\n")
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -380,8 +380,8 @@ def _metadata_project() -> str:
 
 
 def _say(text: str) -> None:
-    """One line of progress or diagnosis on stderr."""
-    print(f"gbx: {text}", file=sys.stderr, flush=True)
+    """One line of progress or diagnosis on stderr: names (and whatever a service said) cannot break it into two."""
+    print(f"gbx: {printable(text)}", file=sys.stderr, flush=True)
 
 
 class _VersionAction(argparse.Action):

@@ -2,6 +2,32 @@
 
 from __future__ import annotations
 
+import os
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(value: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    """A name or message made safe for one stderr line: newlines, CRs and every other control or line-separator
+    character escaped (\\n, \\r, \\xNN, \\uNNNN), undecodable bytes of a file name shown as \\xNN."""
+    text = os.fsdecode(value) if isinstance(value, bytes | os.PathLike) else value
+    if text.isprintable():
+        return text
+    out: list[str] = []
+    for char in text:
+        code = ord(char)
+        if char.isprintable():
+            out.append(char)
+        elif char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte os.fsdecode could not decode (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
 
 class GbxError(Exception):
     """A failure gbx reports in one line and exits with; subclasses name the exit code."""

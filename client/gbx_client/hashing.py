@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gbx_client.errors import DataError, IOFailure, NoInput
+from gbx_client.errors import DataError, IOFailure, NoInput, printable
 
 # sha256sum escapes names holding these (coreutils 9.1+ also "\r"), so the listing would not be
 # the plain path: refuse them rather than depend on a coreutils version.
@@ -64,13 +64,13 @@ def scan(path: Path) -> Listing:
     try:
         mode = os.stat(path).st_mode  # the top-level path is followed, as `cd DIR` and `sha256sum FILE` do
     except FileNotFoundError as exc:
-        raise NoInput(f"{path}: no such file or directory") from exc
+        raise NoInput(f"{printable(path)}: no such file or directory") from exc
     except OSError as exc:
-        raise NoInput(f"{path}: {exc.strerror}") from exc
+        raise NoInput(f"{printable(path)}: {exc.strerror}") from exc
     if stat.S_ISREG(mode):
         return Listing(path=path, is_dir=False, files=())
     if not stat.S_ISDIR(mode):
-        raise DataError(f"{path}: not a regular file or directory")
+        raise DataError(f"{printable(path)}: not a regular file or directory")
     return Listing(path=path, is_dir=True, files=tuple(sorted(_walk(os.fsencode(path)))))
 
 
@@ -165,13 +165,13 @@ def _hash_file(path: bytes, buffer: bytearray) -> tuple[bytes, int]:
     size = 0
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise DataError(f"{os.fsdecode(path)}: changed into a non-regular file while hashing")
+            raise DataError(f"{printable(path)}: changed into a non-regular file while hashing")
         with open(fd, "rb", buffering=0, closefd=False) as stream:
             while count := stream.readinto(buffer):
                 digest.update(view[:count])
                 size += count
     except OSError as exc:
-        raise IOFailure(f"{os.fsdecode(path)}: {exc.strerror}") from exc
+        raise IOFailure(f"{printable(path)}: {exc.strerror}") from exc
     finally:
         os.close(fd)
     return digest.digest(), size
@@ -179,7 +179,7 @@ def _hash_file(path: bytes, buffer: bytearray) -> tuple[bytes, int]:
 
 def _read_error(path: bytes, exc: OSError) -> Exception:
     """The gbx error for a file that cannot be opened."""
-    shown = os.fsdecode(path)
+    shown = printable(path)
     if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink that replaced the file after the scan
         return DataError(f"{shown}: became a symlink while hashing")
     if isinstance(exc, FileNotFoundError):
@@ -188,8 +188,8 @@ def _read_error(path: bytes, exc: OSError) -> Exception:
 
 
 def _show(root: bytes, relative: bytes) -> str:
-    """A path for a message: root joined with the relative path, undecodable bytes escaped."""
-    return os.fsdecode(os.path.normpath(os.path.join(root, relative)))
+    """A path for a message: root joined with the relative path; control characters and undecodable bytes escaped."""
+    return printable(os.path.normpath(os.path.join(root, relative)))
 
 
 def format_size(count: float) -> str:

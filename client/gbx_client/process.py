@@ -9,6 +9,8 @@ import subprocess
 import sys
 from types import FrameType
 
+from gbx_client.errors import printable
+
 # What a job runner sends to stop or poke a job; gbx passes each on to CMD. SIGKILL and SIGSTOP
 # cannot be caught: they stop gbx, and the run stays started until gbx runs again.
 FORWARDED = tuple(
@@ -41,10 +43,10 @@ def run_command(argv: list[str]) -> int:
         try:
             child.append(subprocess.Popen(argv))
         except FileNotFoundError:
-            print(f"gbx: {argv[0]}: command not found", file=sys.stderr)
+            print(f"gbx: {printable(argv[0])}: command not found", file=sys.stderr)
             return 127
         except PermissionError:
-            print(f"gbx: {argv[0]}: permission denied", file=sys.stderr)
+            print(f"gbx: {printable(argv[0])}: permission denied", file=sys.stderr)
             return 126
         for signum in pending:
             _send(child[0], signum)
