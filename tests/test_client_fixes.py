@@ -256,3 +256,14 @@ def test_gbx_run_escapes_an_output_name_after_cmd(api: Api, job: Job) -> None:
     result = job.gbx(*job.args(), "--", "sh", "-c", f'mkdir -p "{job.outputs}" && touch "{job.outputs}/bad\nname"')
     assert result.code == 65, result.stderr
     assert result.last_line.startswith("gbx: exit 65 (data): ") and "bad\\nname" in result.last_line
+
+
+# (a) The runner's bearer token is not handed to CMD ----------------------------------------------------
+
+
+def test_cmd_does_not_receive_gbx_id_token(api: Api, job: Job) -> None:
+    api.issue(RUNNER, 1)
+    seen = job.root / "seen"
+    result = job.gbx(*job.args(), "--", "sh", "-c", f'mkdir -p "{job.outputs}"; echo "${{GBX_ID_TOKEN-unset}}" > "{seen}"')
+    assert result.code == 0, result.stderr
+    assert seen.read_text() == "unset\n"

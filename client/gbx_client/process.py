@@ -23,6 +23,10 @@ FORWARDED = tuple(
 TERMINAL_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGINT", "SIGQUIT") if hasattr(signal, name))
 
 
+# The runner's bearer token is gbx's, not the job's: CMD never sees it.
+WITHHELD_FROM_CMD = ("GBX_ID_TOKEN",)
+
+
 def run_command(argv: list[str]) -> int:
     """Run CMD to its end and return its exit status: its own code, 128+N when signal N ended it, 126/127 when it could not start."""
     child: list[subprocess.Popen[bytes]] = []
@@ -41,7 +45,8 @@ def run_command(argv: list[str]) -> int:
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
     try:
         try:
-            child.append(subprocess.Popen(argv))
+            env = {name: value for name, value in os.environ.items() if name not in WITHHELD_FROM_CMD}
+            child.append(subprocess.Popen(argv, env=env))
         except FileNotFoundError:
             print(f"gbx: {printable(argv[0])}: command not found", file=sys.stderr)
             return 127
