@@ -3,6 +3,7 @@ overlapping trees, names that cannot break gbx's last line, and the runner's tok
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -34,6 +35,7 @@ class RefusingProxy(FaultProxy):
     """test_client's fault proxy, which can also answer an endpoint with a final 4xx of its own."""
 
     refuse: dict[str, int] = field(default_factory=dict)
+    tamper: set[str] = field(default_factory=set)  # forward, then flip the last byte of the reply's signature
 
 
 def _refusing_handler(instance: RefusingProxy) -> type[BaseHTTPRequestHandler]:
@@ -41,7 +43,17 @@ def _refusing_handler(instance: RefusingProxy) -> type[BaseHTTPRequestHandler]:
 
     class Handler(base):  # type: ignore[misc,valid-type]
         def relay(self) -> None:
-            status = instance.refuse.get(self.path.rsplit("/", 1)[-1])
+            endpoint = self.path.rsplit("/", 1)[-1]
+            if endpoint in instance.tamper:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                response = instance.forward(self.command, self.path, dict(self.headers), body)
+                bundle = response.json()
+                signature = bytearray(base64.b64decode(bundle["signature"]))
+                signature[-1] ^= 0x01
+                bundle["signature"] = base64.b64encode(bytes(signature)).decode()
+                self.reply(response.status_code, {"Content-Type": "application/json"}, json.dumps(bundle).encode())
+                return
+            status = instance.refuse.get(endpoint)
             if status is None:
                 super().relay()
                 return
@@ -267,3 +279,22 @@ def test_cmd_does_not_receive_gbx_id_token(api: Api, job: Job) -> None:
     result = job.gbx(*job.args(), "--", "sh", "-c", f'mkdir -p "{job.outputs}"; echo "${{GBX_ID_TOKEN-unset}}" > "{seen}"')
     assert result.code == 0, result.stderr
     assert seen.read_text() == "unset\n"
+
+
+# (b) A seal that does not verify offline keeps the preseal -------------------------------------------
+
+
+def test_a_seal_that_does_not_verify_offline_keeps_the_preseal(api: Api, job: Job, proxy: RefusingProxy) -> None:
+    api.issue(RUNNER, 1)
+    proxy.tamper.add("run_complete")
+    bad = job.gbx(*job.args(url=proxy.url), *FAST, *job.writes_outputs())
+    assert bad.code == 76, bad.stderr
+    assert bad.last_line.startswith("gbx: exit 76 (protocol): the service's seal does not verify offline") and "preseal.json" in bad.last_line
+    preseal = json.loads((job.seal_dir / "preseal.json").read_text())
+    assert preseal["outputs_sha256"] == coreutils_hash(job.outputs) and "does not verify offline" in preseal["error"]
+    assert not (job.seal_dir / "seal.json").exists()
+
+    proxy.tamper.clear()
+    done = job.gbx("complete", str(job.seal_dir), *FAST)
+    assert done.code == 0, done.stderr
+    assert job.cmd_runs() == 1 and not (job.seal_dir / "preseal.json").exists()

@@ -228,9 +228,14 @@ def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: 
     def self_check(directory: Path) -> None:
         result = verify.verify_seal(verify.load_seal(directory), verify.single_key(bundle.public_key_pem, "the seal bundle"), expected=expected)
         if not result.verified:
-            raise ProtocolViolation(f"the service's seal does not verify offline ({result.first_failure()}); nothing written")
+            raise ProtocolViolation(f"the service's seal does not verify offline ({result.first_failure()}); no seal file written")
 
-    sealdir.write(seal_dir, bundle, run_id=run_id, base_url=service.base_url, self_check=self_check)
+    try:
+        sealdir.write(seal_dir, bundle, run_id=run_id, base_url=service.base_url, self_check=self_check)
+    except ProtocolViolation as exc:
+        # Like an unusable bundle: the outputs hash stays pending, for a `gbx complete` once the service answers a good seal.
+        sealdir.write_preseal(seal_dir, {**preseal, "error": str(exc)})
+        raise ProtocolViolation(f"{exc}; {path} is kept: finish it with `gbx complete {seal_dir}`") from exc
     if guard is not None:
         guard.sealed = True
     say(f"wrote {seal_dir}/ ({', '.join(verify.SEAL_FILES)}); verified offline")
