@@ -136,14 +136,14 @@ class Interrupted(GbxError):
 # gbx run's own exit codes, in the order `gbx run --help` lists them.
 RUN_EXIT_CODES: tuple[tuple[int, str], ...] = (
     (0, "sealed: the seal directory is written and verified offline"),
-    (UsageError.exit_code, "usage: a wrong option, a missing value, a malformed run_id, image or project"),
+    (UsageError.exit_code, "usage: a wrong option, a missing value, a malformed run_id, image or project, overlapping --inputs/--outputs/--seal-dir"),
     (DataError.exit_code, "data: inputs or outputs cannot be hashed (symlink, special file, newline/CR/backslash in a name)"),
     (NoInput.exit_code, "no input: --inputs, --manifest or --outputs (after CMD) is missing or unreadable"),
     (NotEntitled.exit_code, "not entitled: 402, no runs left; CMD never ran"),
     (Unreachable.exit_code, "service unreachable before CMD ran (after --retry-timeout); CMD never ran"),
-    (CantCreate.exit_code, "cannot write the seal directory"),
+    (CantCreate.exit_code, "cannot write the seal directory, or it holds another run_id's pending seal (checked before any charge)"),
     (IOFailure.exit_code, "I/O error while hashing"),
-    (SealPending.exit_code, "seal pending: CMD succeeded, run_complete stayed unreachable; SEAL_DIR/preseal.json written, run `gbx complete SEAL_DIR`"),
+    (SealPending.exit_code, "seal pending: CMD succeeded, then run_complete stayed unreachable or gbx got SIGTERM/SIGINT; SEAL_DIR/preseal.json holds it, run `gbx complete SEAL_DIR`"),
     (ProtocolViolation.exit_code, "protocol: the service answered outside the contract (500, bad body, a seal that does not verify)"),
     (Refused.exit_code, "refused by the service (401/403/409/422): a bad identity, or the run_id holds a run with other inputs, image or outputs"),
     (ConfigError.exit_code, "config: no identity (no Google credentials, --token-command failed)"),
