@@ -208,8 +208,10 @@ def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: 
     if reply.status != 200:
         error = refusal("run_complete", reply, run_id)
         if reply.status == 409 and reply.error_code == "run_state_conflict":
-            # Completed (by a twin with this run_id) with other outputs: refused, but these outputs are still what this run produced.
-            raise type(error)(f"{error}; no seal written, and {path} is kept: its outputs_sha256 is still what this run's CMD produced") from None
+            # Sealed already (by a twin with this run_id) with other outputs: no run_complete can ever seal these, so a
+            # kept preseal would only make every later run or `gbx complete` fail the same way; the hash goes in the message.
+            sealdir.remove_preseal(seal_dir, run_id)
+            raise type(error)(f"{error}; no seal written for these outputs (outputs_sha256 {outputs_sha256}); the run is sealed with other outputs") from None
         identity = " with a fresh identity (an ID token for this service's audience)" if reply.status in (401, 403) else " once that is fixed"
         raise type(error)(f"{error}; the seal is pending in {path}: finish it with `gbx complete {seal_dir}`{identity}") from None
     try:
@@ -222,7 +224,8 @@ def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: 
     differing = sorted(name for name, value in expected.items() if claims.get(name) != value) if isinstance(claims, dict) else ["claims"]
     if differing:
         # Only a completed run sealed earlier (by another gbx with this run_id) can differ.
-        raise Refused(f"run {run_id} was sealed with other {', '.join(differing)}; no seal written for these, {path} is kept")
+        sealdir.remove_preseal(seal_dir, run_id)  # as for the 409 above: these can never be sealed under this run_id
+        raise Refused(f"run {run_id} was sealed with other {', '.join(differing)}; no seal written for these (outputs_sha256 {outputs_sha256})")
     say(f"run_complete: seal {bundle.seal_id}")
 
     def self_check(directory: Path) -> None:
