@@ -8,6 +8,7 @@ that stays unreachable. Balances are asserted exactly after each scenario: nothi
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -241,20 +242,29 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def proxy(server_url: str) -> Iterator[FaultProxy]:
-    """A fault-injecting proxy in front of the service."""
-    instance = FaultProxy(upstream=server_url)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(instance))
+@contextlib.contextmanager
+def serving(instance: FaultProxy, handler: type[BaseHTTPRequestHandler]) -> Iterator[None]:
+    """Serve a proxy on a free local port (its `url`) until the block ends."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     # server_close() waits for requests still in flight (a SLOW one forwards late): none may reach the next test's database.
     server.daemon_threads = False
     server.block_on_close = True
     instance.url = f"http://127.0.0.1:{server.server_port}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield instance
-    server.shutdown()
-    server.server_close()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def proxy(server_url: str) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the service."""
+    instance = FaultProxy(upstream=server_url)
+    with serving(instance, _handler(instance)):
+        yield instance
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,11 +8,10 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 
 from gbx_client import sealdir
 from tests.conftest import RUNNER, Api
-from tests.test_client import DROP, FAST, GBX, SEAL_FILES, UNAVAILABLE, FaultProxy, Job, _handler, balance, coreutils_hash, run_state
+from tests.test_client import DROP, FAST, GBX, SEAL_FILES, UNAVAILABLE, FaultProxy, Job, _handler, balance, coreutils_hash, run_state, serving
 
 
 @pytest.fixture
@@ -68,15 +67,8 @@ def _refusing_handler(instance: RefusingProxy) -> type[BaseHTTPRequestHandler]:
 def proxy(server_url: str) -> Iterator[RefusingProxy]:
     """test_client's fault-injecting proxy in front of the service."""
     instance = RefusingProxy(upstream=server_url)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _refusing_handler(instance))
-    server.daemon_threads = False
-    server.block_on_close = True
-    instance.url = f"http://127.0.0.1:{server.server_port}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield instance
-    server.shutdown()
-    server.server_close()
+    with serving(instance, _refusing_handler(instance)):
+        yield instance
 
 
 def _pending(job: Job, proxy: FaultProxy, run_id: str = "job-1") -> dict[str, object]:
