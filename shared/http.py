@@ -1,4 +1,7 @@
-"""The one HTTP wrapper: method, size, media type, parsing, auth, errors → status, and a log line per request.\n\nEverything HTTP stays here: services get plain, validated values and raise ApiErrors.\n"""
+"""The one HTTP wrapper: method, size, media type, parsing, auth, errors → status, and a log line per request.
+
+Everything HTTP stays here: services get plain, validated values and raise ApiErrors.
+"""
 
 from __future__ import annotations
 
@@ -45,14 +48,20 @@ UNAVAILABLE_ERRORS = (
 )
 
 
-def error_response(exc: errors.ApiError, request_id: str) -> flask.Response:
-    """The contract's error body for an ApiError, with its status, its own headers and the request id: every error is rendered here."""
-    detail = ErrorDetail(code=exc.code, message=exc.message, status=exc.status, **exc.details)
-    body = ErrorBody(error=detail).model_dump_json(exclude_none=True)
-    response = flask.Response(body + "\n", status=exc.status, mimetype="application/json")
-    response.headers.update(exc.headers())
+def _json_response(body: str, status: int, request_id: str) -> flask.Response:
+    """Every answer of the API: a JSON body, its request id, never cached."""
+    # The trailing newline keeps a shell prompt off the end of `curl` output.
+    response = flask.Response(body + "\n", status=status, mimetype="application/json")
     response.headers[REQUEST_ID_HEADER] = request_id
     response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def error_response(exc: errors.ApiError, request_id: str | None = None) -> flask.Response:
+    """The contract's error body for an ApiError, with its status and its own headers: every error is rendered here."""
+    detail = ErrorDetail(code=exc.code, message=exc.message, status=exc.status, **exc.details)
+    response = _json_response(ErrorBody(error=detail).model_dump_json(exclude_none=True), exc.status, request_id or uuid.uuid4().hex)
+    response.headers.update(exc.headers())
     return response
 
 
@@ -227,10 +236,7 @@ def handle(request: flask.Request, endpoint: Endpoint) -> flask.Response:
             kwargs["idempotency_key"] = key
         with store.recording_attempts() as writes:
             result = endpoint.run(*args, **kwargs)
-        # The trailing newline keeps a shell prompt off the end of `curl` output.
-        response = flask.Response(result.model_dump_json() + "\n", status=200, mimetype="application/json")
-        response.headers[REQUEST_ID_HEADER] = request_id
-        response.headers["Cache-Control"] = "no-store"
+        response = _json_response(result.model_dump_json(), 200, request_id)
     except errors.ApiError as exc:
         response = error_response(exc, request_id)
     except UNAVAILABLE_ERRORS as exc:

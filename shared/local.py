@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import fnmatch
+import functools
 import hashlib
 import importlib.util
 import json
@@ -18,7 +19,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -125,14 +125,20 @@ def _load_function(entry: str) -> Callable[[flask.Request], Any] | None:
     return getattr(module, entry)
 
 
+@functools.cache
+def _hosting_header_rules() -> list[dict[str, Any]]:
+    """firebase.json's Hosting header rules, read once per process (none when the file has none)."""
+    try:
+        rules: list[dict[str, Any]] = json.loads(FIREBASE_JSON.read_text()).get("hosting", {}).get("headers", [])
+    except (OSError, ValueError):
+        return []
+    return rules
+
+
 def _hosting_headers(path: str) -> dict[str, str]:
     """The headers firebase.json's Hosting section gives `path` in production, so the portal is served the same way."""
-    try:
-        hosting = json.loads(FIREBASE_JSON.read_text()).get("hosting", {})
-    except (OSError, ValueError):
-        return {}
     headers: dict[str, str] = {}
-    for rule in hosting.get("headers", []):
+    for rule in _hosting_header_rules():
         # Hosting matches a rule by glob (`source`) or by RE2 regular expression (`regex`).
         matched = fnmatch.fnmatchcase(path, rule["source"]) if "source" in rule else re.fullmatch(rule.get("regex", "(?!)"), path)
         if matched:
@@ -144,7 +150,7 @@ def _portal(path: str = "index.html") -> flask.Response:
     """A static file of the portal (portal/), with the production Hosting headers; the API's 404 for anything else."""
     target = (PORTAL_DIR / path).resolve()
     if not target.is_file() or not target.is_relative_to(PORTAL_DIR.resolve()):
-        return error_response(errors.NotFound(), uuid.uuid4().hex)
+        return error_response(errors.NotFound())
     response = flask.send_file(target, max_age=0)
     response.headers.update(_hosting_headers("/" + path))
     return response
@@ -178,11 +184,11 @@ def create_app() -> flask.Flask:
 
     @app.errorhandler(404)
     def not_found(_: Exception) -> flask.Response:
-        return error_response(errors.NotFound(), uuid.uuid4().hex)
+        return error_response(errors.NotFound())
 
     @app.errorhandler(405)
     def not_allowed(_: Exception) -> flask.Response:
-        return error_response(errors.MethodNotAllowed("GET, HEAD"), uuid.uuid4().hex)
+        return error_response(errors.MethodNotAllowed("GET, HEAD"))
 
     return app
 

@@ -148,17 +148,13 @@ def _principal_ref(principal: str) -> firestore.DocumentReference:
     return client().collection(PRINCIPALS).document(principal)
 
 
-def _grant_ref(principal: str, grant_id: str) -> firestore.DocumentReference:
+def grant_ref(principal: str, grant_id: str) -> firestore.DocumentReference:
+    """The document of one grant (or shard)."""
     return _principal_ref(principal).collection(GRANTS).document(grant_id)
 
 
 def _run_ref(principal: str, run_id: str) -> firestore.DocumentReference:
     return _principal_ref(principal).collection(RUNS).document(run_doc_id(run_id))
-
-
-def grant_ref(principal: str, grant_id: str) -> firestore.DocumentReference:
-    """The document of one grant (or shard)."""
-    return _grant_ref(principal, grant_id)
 
 
 def grant_from_snapshot(snap: firestore.DocumentSnapshot) -> Grant:
@@ -275,7 +271,7 @@ def commit_issue(
     batch.set(_principal_ref(principal), {"principal": principal, "last_issued_at": firestore.SERVER_TIMESTAMP}, merge=True)
     for doc_id, runs in grant_doc_ids(grant_id, runs_total, max_shards=max_shards):
         fields = _grant_fields(group=grant_id, principal=principal, plan_id=plan_id, runs_total=runs, expires_at=expires_at, source="issue", ref=idempotency_key_hash, issued_by=issued_by)
-        batch.create(_grant_ref(principal, doc_id), fields)
+        batch.create(grant_ref(principal, doc_id), fields)
         _ledger(batch, principal=principal, grant_id=grant_id, shard=doc_id, delta=runs, reason="issue", ref=doc_id)
     if idempotency_key_hash is not None:
         batch.create(
@@ -298,7 +294,7 @@ def write_consume(
     """The writes of one consume: a run off `grant`, the run record, the ledger entry (a batch, or a transaction's)."""
     # The update-time precondition is what makes a batch safe; a transaction's own reads lock instead.
     option = client().write_option(last_update_time=grant.update_time) if precondition else None
-    writer.update(_grant_ref(principal, grant.grant_id), {"remaining": firestore.Increment(-1)}, option=option)
+    writer.update(grant_ref(principal, grant.grant_id), {"remaining": firestore.Increment(-1)}, option=option)
     writer.create(
         _run_ref(principal, run_id),
         {
@@ -359,7 +355,7 @@ def read_redemption(principal: str, seal_id: str) -> dict[str, Any] | None:
 
 def grant_exists(principal: str, grant_id: str) -> bool:
     """Whether the grant was written (to recognise an applied commit whose reply was lost)."""
-    return _grant_ref(principal, grant_id).get(**_rpc()).exists
+    return grant_ref(principal, grant_id).get(**_rpc()).exists
 
 
 def redemption_key_id(caller: str, idempotency_key: str) -> str:
@@ -388,7 +384,7 @@ def commit_redeem(principal: str, seal_id: str, grant_id: str, *, key_hash: str 
     )
     batch.set(_principal_ref(principal), {"principal": principal}, merge=True)
     batch.create(
-        _grant_ref(principal, grant_id),
+        grant_ref(principal, grant_id),
         _grant_fields(group=grant_id, principal=principal, plan_id=SEAL_RERUN_PLAN, runs_total=1, expires_at=None, source=SEAL_RERUN_PLAN, ref=seal_id, issued_by=None),
     )
     _ledger(batch, principal=principal, grant_id=grant_id, shard=grant_id, delta=1, reason=SEAL_RERUN_PLAN, ref=seal_id)
