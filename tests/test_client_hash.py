@@ -97,3 +97,14 @@ def test_what_the_listing_cannot_spell_is_an_error(tree: Path, make: object, mes
 def test_missing_path_is_no_input(tmp_path: Path) -> None:
     done = gbx_hash(str(tmp_path / "absent"))
     assert done.returncode == 66 and "no such file or directory" in done.stderr
+
+
+def test_a_reader_that_goes_away_is_not_a_crash(tree: Path) -> None:
+    """`gbx … | head` closes stdout early: gbx ends like a tool killed by SIGPIPE, without a traceback."""
+    paths = [str(tree)] * 2000  # more output than a pipe buffers, so gbx writes after the reader is gone
+    script = f'"{GBX}" hash "$@" | true; echo "status=${{PIPESTATUS[0]}}" >&2'
+    result = subprocess.run(["bash", "-c", script, "bash", *paths], capture_output=True, text=True, timeout=120, check=False)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "status=141"
+    assert lines[-2] == "gbx: exit 141 (broken-pipe): the reader of stdout went away"

@@ -28,6 +28,8 @@ METADATA_PROJECT = "/computeMetadata/v1/project/project-id"
 # gbx verify keeps the contract's codes: 0 verified, 1 invalid, 2 usage.
 VERIFY_INVALID = 1
 VERIFY_USAGE = 2
+# 128 + SIGPIPE, as a shell tool killed by a closed pipe ends.
+EXIT_BROKEN_PIPE = 141
 
 RUN_EPILOG = "exit codes (sysexits; a CMD exiting with one of these is told apart only by gbx's last stderr line, 'gbx: exit N (NAME): ...'):\n" + "\n".join(
     f"  {code:>3}  {meaning}" for code, meaning in RUN_EXIT_CODES
@@ -200,6 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("exit 130 (interrupted)")
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`gbx verify … | head`): not a bug. Point stdout at /dev/null so that
+        # the interpreter's own flush at exit does not fail again, and end as a killed-by-SIGPIPE tool would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _say(f"exit {EXIT_BROKEN_PIPE} (broken-pipe): the reader of stdout went away")
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # a bug: its traceback, then the same last line as every other outcome
         traceback.print_exc()
         _say(f"exit {GbxError.exit_code} ({GbxError.name}): unexpected {type(exc).__name__}: {exc}")
