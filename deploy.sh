@@ -231,8 +231,10 @@ for key in ("rules", "indexes"):
     source = Path(config["firestore"][key])
     shutil.copyfile(source, build / source.name)
     config["firestore"][key] = source.name
+# The tracked rewrites (the portal's own paths, such as /v of the verification links) first, then the registry's.
 config["hosting"] = {
-    "site": site, **config["hosting"], "public": staged_public.name, "rewrites": json.loads(rewrites.getvalue()),
+    "site": site, **config["hosting"], "public": staged_public.name,
+    "rewrites": config["hosting"].get("rewrites", []) + json.loads(rewrites.getvalue()),
 }
 (build / "firebase.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 endpoints.main(["list"])
