@@ -495,7 +495,8 @@ DEPLOY_AUDIENCES=$(audiences)
 # Concurrency: see CPU and MEMORY above. THREADS is the functions framework's thread count (its
 # default, 4 per CPU, would leave most of the concurrency waiting in a queue). --min-instances is
 # always given, so the environment decides it and a redeploy without GBX_MIN_INSTANCES goes back to 0.
-env_vars="^;^GOOGLE_CLOUD_PROJECT=$PROJECT;GBX_ISSUER=$PROJECT"
+# GBX_PUBLIC_URL: the base URL that seals' verification links (BASE/v#P.S, the badge's QR code) point at.
+env_vars="^;^GOOGLE_CLOUD_PROJECT=$PROJECT;GBX_ISSUER=$PROJECT;GBX_PUBLIC_URL=$BASE_URL"
 env_vars+=";GBX_KMS_KEY_VERSION=$SIGNING_VERSION;GBX_TRUSTED_KEY_VERSIONS=$TRUSTED_VERSIONS"
 if [[ -n $OPERATORS ]]; then env_vars+=";GBX_OPERATORS=$OPERATORS"; fi
 env_vars+=";THREADS=$CONCURRENCY"
