@@ -1001,7 +1001,8 @@ async function readQrCodes(file) {
 
 /** On /v, the address bar's fragment is a seal: check it (it never leaves the browser). */
 function checkAddressBar() {
-  if (!location.pathname.endsWith(VERIFY_PATH) || location.hash.length <= 1) return;
+  // href, not hash: an empty fragment ("/v#") is a link too, and an unusable one.
+  if (!location.pathname.endsWith(VERIFY_PATH) || !location.href.includes("#")) return;
   checkLink(location.href, "The verification link in the address bar");
 }
 
