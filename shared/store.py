@@ -91,20 +91,32 @@ def _ledger_id(reason: str, principal: str, ref: str) -> str:
     return sha256_hex(f"{reason}|{principal}|{ref}")
 
 
-# A large grant is written as several shard documents, so that concurrent consumers of one principal
-# spread over several documents instead of queueing on one (a document takes about one write per
-# second in production). Every shard carries `group` (the issued grant id); ledger entries and run
-# records name the issued grant (`grant`) and the shard document they touched (`shard`).
-SHARD_MIN_RUNS = 32
-MAX_SHARDS = 8
+# A large grant is written as several shard documents, so that hundreds of concurrent consumers of one
+# principal (the tasks of one job starting at once) spread over as many documents instead of queueing on
+# a few (a document takes about one write per second in production; on the emulator a lost race costs a
+# re-read and a commit). A consumer reads one shard, chosen at random, not all of them. Every shard
+# carries `group` (the issued grant id), `shards` (how many the group has: ids `{group}` and
+# `{group}-1` … `{group}-{shards-1}`), `open` (runs left) and `spend_key` (its expiry, or FAR_FUTURE):
+# the spending order is one indexed query. Ledger entries and run records name the issued grant
+# (`grant`) and the shard document they touched (`shard`).
+SHARD_MIN_RUNS = 4
+# 2 writes per shard (the document and its ledger entry) + the principal + the issuance record stay
+# within a commit's 500 writes.
+MAX_SHARDS = 240
+# The spend key of a grant that never expires: it sorts after every real expiry.
+FAR_FUTURE = dt.datetime(9999, 12, 31, tzinfo=dt.UTC)
 
 
 def grant_doc_ids(grant_id: str, runs_total: int, *, max_shards: int = MAX_SHARDS) -> list[tuple[str, int]]:
-    """The documents (id, runs) an issued grant is written as: itself, or up to `max_shards` shards."""
+    """The documents (id, runs) an issued grant is written as: itself, or up to `max_shards` shards of at least SHARD_MIN_RUNS."""
     count = max(1, min(max_shards, runs_total // SHARD_MIN_RUNS))
     base, extra = divmod(runs_total, count)
-    # The first shard is the grant's own document, so `grants/{grant_id}` always exists.
-    return [(grant_id if k == 0 else f"{grant_id}-{k}", base + (1 if k < extra else 0)) for k in range(count)]
+    return [(shard_doc_id(grant_id, k), base + (1 if k < extra else 0)) for k in range(count)]
+
+
+def shard_doc_id(grant_id: str, k: int) -> str:
+    """Document id of shard k of a grant: the first shard is the grant's own document, so `grants/{grant_id}` always exists."""
+    return grant_id if k == 0 else f"{grant_id}-{k}"
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,7 @@ class Grant:
     remaining: int
     expires_at: dt.datetime | None
     created_at: dt.datetime | None
+    shards: int
     update_time: Any = field(repr=False, compare=False)
 
     def usable(self, now: dt.datetime) -> bool:
@@ -169,14 +182,61 @@ def grant_from_snapshot(snap: firestore.DocumentSnapshot) -> Grant:
         remaining=data["remaining"],
         expires_at=data.get("expires_at"),
         created_at=data.get("created_at"),
+        shards=data.get("shards", 1),
         update_time=snap.update_time,
     )
 
 
-def read_grants_with_runs_left(principal: str) -> list[Grant]:
-    """The principal's grants that still hold runs (expired ones included; callers filter by time)."""
-    query = _principal_ref(principal).collection(GRANTS).where(filter=FieldFilter("remaining", ">", 0))
+def _grants(principal: str) -> firestore.CollectionReference:
+    return _principal_ref(principal).collection(GRANTS)
+
+
+def _unexpired(principal: str, now: dt.datetime) -> firestore.Query:
+    return _grants(principal).where(filter=FieldFilter("spend_key", ">", now))
+
+
+def read_first_to_spend(principal: str, now: dt.datetime) -> Grant | None:
+    """One open, unexpired shard of the grant to spend first (earliest expiry, then oldest), or None: one indexed query.
+
+    Composite index: open ASC, spend_key ASC, created_at ASC, group ASC (firestore.indexes.json).
+    """
+    query = (
+        _unexpired(principal, now)
+        .where(filter=FieldFilter("open", "==", True))
+        .order_by("spend_key")
+        .order_by("created_at")
+        .order_by("group")
+        .limit(1)
+    )
+    snaps = query.get(**_rpc())
+    return grant_from_snapshot(snaps[0]) if snaps else None
+
+
+def read_open_shards(principal: str, group: str, limit: int) -> list[Grant]:
+    """Up to `limit` shards of one grant that still hold runs (two equality filters: no composite index)."""
+    query = (
+        _grants(principal)
+        .where(filter=FieldFilter("group", "==", group))
+        .where(filter=FieldFilter("open", "==", True))
+        .limit(limit)
+    )
     return [grant_from_snapshot(snap) for snap in query.get(**_rpc())]
+
+
+def read_balance(principal: str, now: dt.datetime) -> int:
+    """The unused runs of the principal's unexpired grants: one `sum` aggregation, not a read of every shard."""
+    result = _unexpired(principal, now).sum("remaining", alias="balance").get(**_rpc())
+    return int(result[0][0].value) if result and result[0] else 0
+
+
+def read_grant(principal: str, grant_id: str) -> Grant | None:
+    """One grant document (or shard), or None.
+
+    Read on its own, never batched with the run record: the emulator's multi-document read can deadlock
+    with a commit that writes the same two documents (a consume), which production never does.
+    """
+    snap = grant_ref(principal, grant_id).get(**_rpc())
+    return grant_from_snapshot(snap) if snap.exists else None
 
 
 def read_run(principal: str, run_id: str) -> Run | None:
@@ -231,10 +291,22 @@ def _ledger(batch: firestore.WriteBatch | firestore.Transaction, *, principal: s
 
 
 def _grant_fields(
-    *, group: str, principal: str, plan_id: str, runs_total: int, expires_at: dt.datetime | None, source: str, ref: str | None, issued_by: str | None
+    *,
+    group: str,
+    shards: int,
+    principal: str,
+    plan_id: str,
+    runs_total: int,
+    expires_at: dt.datetime | None,
+    source: str,
+    ref: str | None,
+    issued_by: str | None,
 ) -> dict[str, Any]:
     return {
         "group": group,
+        "shards": shards,
+        "open": runs_total > 0,
+        "spend_key": expires_at or FAR_FUTURE,
         "principal": principal,
         "plan_id": plan_id,
         "runs_total": runs_total,
@@ -269,8 +341,9 @@ def commit_issue(
     """One commit: the grant (or its shards), their ledger entries and (with a key) the issuance record that makes replays exact."""
     batch = client().batch()
     batch.set(_principal_ref(principal), {"principal": principal, "last_issued_at": firestore.SERVER_TIMESTAMP}, merge=True)
-    for doc_id, runs in grant_doc_ids(grant_id, runs_total, max_shards=max_shards):
-        fields = _grant_fields(group=grant_id, principal=principal, plan_id=plan_id, runs_total=runs, expires_at=expires_at, source="issue", ref=idempotency_key_hash, issued_by=issued_by)
+    docs = grant_doc_ids(grant_id, runs_total, max_shards=max_shards)
+    for doc_id, runs in docs:
+        fields = _grant_fields(group=grant_id, shards=len(docs), principal=principal, plan_id=plan_id, runs_total=runs, expires_at=expires_at, source="issue", ref=idempotency_key_hash, issued_by=issued_by)
         batch.create(grant_ref(principal, doc_id), fields)
         _ledger(batch, principal=principal, grant_id=grant_id, shard=doc_id, delta=runs, reason="issue", ref=doc_id)
     if idempotency_key_hash is not None:
@@ -294,7 +367,11 @@ def write_consume(
     """The writes of one consume: a run off `grant`, the run record, the ledger entry (a batch, or a transaction's)."""
     # The update-time precondition is what makes a batch safe; a transaction's own reads lock instead.
     option = client().write_option(last_update_time=grant.update_time) if precondition else None
-    writer.update(grant_ref(principal, grant.grant_id), {"remaining": firestore.Increment(-1)}, option=option)
+    # The precondition makes `remaining` as read exact: the last run closes the shard for the spend query.
+    change: dict[str, Any] = {"remaining": firestore.Increment(-1)}
+    if grant.remaining <= 1:
+        change["open"] = False
+    writer.update(grant_ref(principal, grant.grant_id), change, option=option)
     writer.create(
         _run_ref(principal, run_id),
         {
@@ -385,7 +462,7 @@ def commit_redeem(principal: str, seal_id: str, grant_id: str, *, key_hash: str 
     batch.set(_principal_ref(principal), {"principal": principal}, merge=True)
     batch.create(
         grant_ref(principal, grant_id),
-        _grant_fields(group=grant_id, principal=principal, plan_id=SEAL_RERUN_PLAN, runs_total=1, expires_at=None, source=SEAL_RERUN_PLAN, ref=seal_id, issued_by=None),
+        _grant_fields(group=grant_id, shards=1, principal=principal, plan_id=SEAL_RERUN_PLAN, runs_total=1, expires_at=None, source=SEAL_RERUN_PLAN, ref=seal_id, issued_by=None),
     )
     _ledger(batch, principal=principal, grant_id=grant_id, shard=grant_id, delta=1, reason=SEAL_RERUN_PLAN, ref=seal_id)
     _commit(batch)
