@@ -22,10 +22,10 @@ from typing import Any
 
 import requests
 from google.cloud.firestore_v1.base_query import FieldFilter
-from gbx_client.identity import StaticToken
-from gbx_client.service import RetryPolicy, Service
 
 from bench import harness
+from gbx_client.identity import StaticToken
+from gbx_client.service import RetryPolicy, Service
 from shared import config, emulator, store
 from shared.endpoints import ENDPOINTS
 from shared.local import LocalIssuer

@@ -225,8 +225,9 @@ def read_open_shards(principal: str, group: str, limit: int) -> list[Grant]:
 
 def read_balance(principal: str, now: dt.datetime) -> int:
     """The unused runs of the principal's unexpired grants: one `sum` aggregation, not a read of every shard."""
-    result = _unexpired(principal, now).sum("remaining", alias="balance").get(**_rpc())
-    return int(result[0][0].value) if result and result[0] else 0
+    results: Any = _unexpired(principal, now).sum("remaining", alias="balance").get(**_rpc())
+    # One row of one aggregation (the library's annotation says a flat list; it answers a list of rows).
+    return sum(int(aggregate.value) for row in results for aggregate in row)
 
 
 def read_grant(principal: str, grant_id: str) -> Grant | None:
