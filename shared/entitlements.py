@@ -78,6 +78,10 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
             return ConsumeResponse(run_id=req.run_id, principal=principal, balance=current_balance(principal), state="consumed", replayed=replayed)
         if first is None:
             raise errors.EntitlementExhausted()
+        if not first.usable(now):
+            # Marked open with no runs left (written by a version that did not keep `open`): close it, read again.
+            store.commit_close_shard(principal, first)
+            raise store.Contended("closed a spent shard still marked open")
         grant = first
         if first.shards > 1:
             drawn = store.read_grant(principal, shard_to_draw(first))
@@ -85,7 +89,7 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
                 grant = drawn
             else:
                 # The drawn shard ran dry while others still hold runs: draw among those that do.
-                grant = random.choice(store.read_open_shards(principal, first.group, OPEN_SHARDS_READ) or [first])
+                grant = random.choice([g for g in store.read_open_shards(principal, first.group, OPEN_SHARDS_READ) if g.usable(now)] or [first])
         # Read after the charged shard, whose precondition holds at the commit: it counts this run, so ≥ 1.
         balance = store.read_balance(principal, now)
         store.commit_consume(principal, req.run_id, grant, charge_id=charge_id, consumed_at=now)

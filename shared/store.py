@@ -396,6 +396,13 @@ def commit_consume(principal: str, run_id: str, grant: Grant, *, charge_id: str,
     _commit(batch)
 
 
+def commit_close_shard(principal: str, grant: Grant) -> None:
+    """Mark a shard (unchanged since read) that holds no runs as closed, so the spending query passes it by."""
+    batch = client().batch()
+    batch.update(grant_ref(principal, grant.grant_id), {"open": False}, option=client().write_option(last_update_time=grant.update_time))
+    _commit(batch)
+
+
 def commit_run_start(principal: str, run: Run, metadata: dict[str, Any], *, started_at: dt.datetime) -> None:
     """Mark a consumed run (unchanged since read) started, with its metadata."""
     batch = client().batch()

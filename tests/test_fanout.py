@@ -163,3 +163,41 @@ def test_a_lost_reply_on_a_sharded_grant_is_recognised_while_others_drain_its_sh
     assert sum(g["remaining"] for g in store.all_grants(RUNNER)) == 33
     assert api.consume("job-1").json()["replayed"] is True
     _assert_ledger_exact(RUNNER)
+
+
+def test_a_spent_shard_still_marked_open_is_closed_and_passed_by(api: Api) -> None:
+    spent = api.issue(RUNNER, 1, expires_at=_future(1)).json()["grant_id"]
+    assert api.consume("job-1").status_code == 200
+    # As an instance of an earlier version would leave it during a rollout: no runs, still marked open.
+    store.grant_ref(RUNNER, spent).update({"open": True})
+    later = api.issue(RUNNER, 2).json()["grant_id"]
+    response = api.consume("job-2")
+    assert response.status_code == 200 and response.json()["balance"] == 1
+    assert store.read_run(RUNNER, "job-2").record.grant_id == later
+    assert store.grant_ref(RUNNER, spent).get().get("open") is False
+    _assert_ledger_exact(RUNNER)
+
+
+def test_grants_written_before_the_fan_out_design_are_backfilled_then_spent_in_order(api: Api) -> None:
+    from shared import backfill
+
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    old = {"principal": RUNNER, "plan_id": "standard", "created_at": dt.datetime.now(dt.UTC), "source": "issue", "ref": None, "issued_by": None}
+    # An earlier version's sharded grant (two documents of 32) and a small one expiring sooner, with their ledger.
+    for doc_id, group, runs, expiry in (("big", "big", 32, None), ("big-1", "big", 32, None), ("soon", "soon", 3, expires)):
+        store.grant_ref(RUNNER, doc_id).set({**old, "group": group, "runs_total": runs, "remaining": runs, "expires_at": expiry})
+        store.client().collection("ledger").document(f"issue-{doc_id}").set(
+            {"principal": RUNNER, "grant": group, "shard": doc_id, "delta": runs, "reason": "issue", "ref": doc_id, "at": dt.datetime.now(dt.UTC)}
+        )
+    assert api.check("job-0").status_code == 402  # invisible to the spending query until backfilled
+    assert backfill.backfill(page_size=2) == 3  # paged: a page of 2, then the rest
+    assert backfill.backfill(page_size=2) == 0  # idempotent
+    fields = {g["grant_id"]: (g["open"], g["shards"], g["spend_key"]) for g in store.all_grants(RUNNER)}
+    assert fields == {"big": (True, 2, store.FAR_FUTURE), "big-1": (True, 2, store.FAR_FUTURE), "soon": (True, 1, expires)}
+    assert api.check("job-0").json()["balance"] == 67
+    groups = []
+    for n in range(5):
+        assert api.consume(f"job-{n}").status_code == 200
+        groups.append(store.read_run(RUNNER, f"job-{n}").record.grant_id)
+    assert groups[:3] == ["soon"] * 3 and set(groups[3:]) == {"big"}
+    _assert_ledger_exact(RUNNER)
