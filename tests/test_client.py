@@ -43,7 +43,7 @@ FAST = ["--retry-timeout", "4", "--attempt-timeout", "10"]
 
 
 def coreutils_hash(path: Path) -> str:
-    """The canonical hash as coreutils computes it (the README's pipeline)."""
+    """The canonical hash as coreutils computes it (the pipeline of docs/runner.md)."""
     if path.is_file():
         return subprocess.run(["sha256sum", str(path)], capture_output=True, check=True, text=True).stdout.split()[0]
     pipeline = '(cd "$1" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum) | sha256sum'
