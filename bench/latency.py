@@ -404,7 +404,7 @@ class Case:
 def request_cases(api: Api, bare: Bare) -> list[Case]:
     """Every endpoint (and the test client's floor), each with the state its request needs."""
     check_principal = "check@bench.example"
-    api.issue(check_principal, 50)  # one document (under 64 runs)
+    api.issue(check_principal, 50)  # 12 documents of 4 or 5 runs, as issue writes it
     consume_principal = "consume@bench.example"
     api.issue_one_document(consume_principal, 1_000_000)
     sharded_principal = "consume-sharded@bench.example"
