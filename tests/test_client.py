@@ -518,11 +518,11 @@ def test_run_complete_unreachable_writes_a_preseal_that_gbx_complete_finishes(ap
     assert not (job.seal_dir / "seal.json").exists()
     assert run_state(api, "job-1") == "started" and balance(api) == 0
 
-    still = job.gbx("complete", str(job.seal_dir), "--retry-timeout", "0.5")
+    still = job.gbx("complete", str(job.seal_dir), "--url", proxy.url, "--retry-timeout", "0.5")
     assert still.code == 75 and (job.seal_dir / "preseal.json").exists()
 
     del proxy.always["run_complete"]
-    done = job.gbx("complete", str(job.seal_dir), *FAST)
+    done = job.gbx("complete", str(job.seal_dir), "--url", proxy.url, *FAST)
     assert done.code == 0, done.stderr
     assert set(os.listdir(job.seal_dir)) == SEAL_FILES  # the preseal is gone
     assert job.seal_claims()["outputs_sha256"] == preseal["outputs_sha256"]
