@@ -540,3 +540,69 @@ def optimistic(attempt: Callable[[], T], *, max_attempts: int = MAX_ATTEMPTS) ->
                 raise errors.Unavailable() from None
         time.sleep(next(delays))
     raise errors.Unavailable("too much contention: the optimistic commit did not succeed")
+
+
+# ---------------------------------------------------------------- ledger audit and usage (read-only, but the audit's cursor)
+# The audit's cursor and pass totals: one document, written once per audit call.
+AUDITS = "audits"
+LEDGER_AUDIT = "ledger"
+
+
+def read_grant_page(after: str | None, limit: int) -> list[firestore.DocumentSnapshot]:
+    """Up to `limit` grant documents of every principal, in path order, after the document path `after` (one query: one read time)."""
+    query = client().collection_group(GRANTS).order_by("__name__").limit(limit)
+    if after is not None:
+        query = query.start_after({"__name__": client().document(after)})
+    return list(query.get(**_rpc()))
+
+
+def read_principal_grant_docs(principal: str) -> list[firestore.DocumentSnapshot]:
+    """Every grant document of one principal, spent and expired ones too (one query: one read time)."""
+    return list(_grants(principal).get(**_rpc()))
+
+
+def ledger_sum_for_shard(principal: str, shard: str, read_time: dt.datetime | None = None) -> int:
+    """The sum of the deltas of the principal's ledger entries on one grant document, as of `read_time`: one `sum`
+    aggregation (composite index: principal ASC, shard ASC, delta ASC)."""
+    query = (
+        client()
+        .collection(LEDGER)
+        .where(filter=FieldFilter("principal", "==", principal))
+        .where(filter=FieldFilter("shard", "==", shard))
+    )
+    results: Any = query.sum("delta", alias="total").get(read_time=read_time, **_rpc())
+    return sum(int(aggregate.value) for row in results for aggregate in row)
+
+
+def count_ledger_entries(principal: str, reason: str, start: dt.datetime | None, end: dt.datetime | None) -> int:
+    """How many of the principal's ledger entries have this reason, with `at` in [start, end): one `count` aggregation
+    (composite index: principal ASC, reason ASC, at ASC)."""
+    query = (
+        client()
+        .collection(LEDGER)
+        .where(filter=FieldFilter("principal", "==", principal))
+        .where(filter=FieldFilter("reason", "==", reason))
+    )
+    if start is not None:
+        query = query.where(filter=FieldFilter("at", ">=", start))
+    if end is not None:
+        query = query.where(filter=FieldFilter("at", "<", end))
+    results: Any = query.count(alias="entries").get(**_rpc())
+    return sum(int(aggregate.value) for row in results for aggregate in row)
+
+
+def read_audit_state() -> tuple[dict[str, Any], Any]:
+    """The ledger audit's cursor and pass totals (empty before the first audit), with the update time to precondition on."""
+    snap = client().collection(AUDITS).document(LEDGER_AUDIT).get(**_rpc())
+    return (snap.to_dict() or {}, snap.update_time) if snap.exists else ({}, None)
+
+
+def commit_audit_state(state: dict[str, Any], update_time: Any) -> None:
+    """Save the audit's cursor and totals, unless another audit call saved them since they were read (then Contended)."""
+    batch = client().batch()
+    ref = client().collection(AUDITS).document(LEDGER_AUDIT)
+    if update_time is None:
+        batch.create(ref, state)
+    else:
+        batch.update(ref, state, option=client().write_option(last_update_time=update_time))
+    _commit(batch)
