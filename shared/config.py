@@ -24,6 +24,9 @@ ENV_LOCAL_DIR = "GBX_LOCAL_DIR"
 ENV_LOCAL_MODE = "GBX_LOCAL_MODE"
 ENV_FIRESTORE_TIMEOUT = "GBX_FIRESTORE_TIMEOUT_SECONDS"
 ENV_FIRESTORE_RETRY = "GBX_FIRESTORE_RETRY_SECONDS"
+ENV_AUDITORS = "GBX_AUDITORS"
+ENV_AUDIT_PAGE_SIZE = "GBX_AUDIT_PAGE_SIZE"
+ENV_AUDIT_BUDGET = "GBX_AUDIT_BUDGET_SECONDS"
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 GOOGLE_ISSUERS = ("accounts.google.com", "https://accounts.google.com")
@@ -61,6 +64,9 @@ class Config(BaseModel):
     local_mode: bool = Field(description="True when served by `python -m shared.local`.")
     firestore_timeout_seconds: float = Field(gt=0, description="Timeout of one Firestore call.")
     firestore_retry_seconds: float = Field(gt=0, description="Budget of a Firestore read's retries on transient errors.")
+    auditors: frozenset[str] = Field(description="Identities that may call the ledger audit besides the operators (the scheduler's service account).")
+    audit_page_size: int = Field(ge=1, le=1000, description="Grant documents the ledger audit reads per page.")
+    audit_budget_seconds: float = Field(gt=0, description="How long one ledger audit call checks pages before it saves its cursor and answers.")
 
 
 def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
@@ -93,6 +99,10 @@ def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
         # 5 s per call, retried within 10 s: an outage ends in our 503 well inside a function's 60 s timeout.
         firestore_timeout_seconds=float(env.get(ENV_FIRESTORE_TIMEOUT) or 5.0),
         firestore_retry_seconds=float(env.get(ENV_FIRESTORE_RETRY) or 10.0),
+        auditors=frozenset(a.lower() for a in _split(env.get(ENV_AUDITORS, ""))),
+        audit_page_size=int(env.get(ENV_AUDIT_PAGE_SIZE) or 300),
+        # deploy.sh gives the audit function a 30-minute timeout; a call stops checking well before it.
+        audit_budget_seconds=float(env.get(ENV_AUDIT_BUDGET) or 1500.0),
     )
 
 

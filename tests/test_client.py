@@ -43,7 +43,7 @@ FAST = ["--retry-timeout", "4", "--attempt-timeout", "10"]
 
 
 def coreutils_hash(path: Path) -> str:
-    """The canonical hash as coreutils computes it (the README's pipeline)."""
+    """The canonical hash as coreutils computes it (the pipeline of docs/runner.md)."""
     if path.is_file():
         return subprocess.run(["sha256sum", str(path)], capture_output=True, check=True, text=True).stdout.split()[0]
     pipeline = '(cd "$1" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum) | sha256sum'
@@ -154,7 +154,7 @@ DROP = "drop"  # close the connection without forwarding or answering
 LOSE = "lose"  # forward (the service acts), then close without answering: the reply is lost
 CUT = "cut"  # forward, then send the headers and half the body and close
 SLOW = "slow"  # wait longer than the client's attempt timeout, then forward
-TOO_MANY = "429"  # answer 429 + Retry-After without forwarding: a 4xx, never retried
+TOO_MANY = "429"  # answer 429 + Retry-After without forwarding: a burst limit, retried like a 503
 
 
 @dataclass
@@ -467,13 +467,27 @@ def test_a_long_outage_is_retried_in_bounded_chains_and_4xx_never(api: Api, job:
     with pytest.raises(Unreachable, match="still answers HTTP 503 after 1 s"):
         service.post_json("/api/entitlement/check", {"run_id": "job-1"}, step="check")
     assert proxy.received["check"] > 3 * 6 and sum("after 5 retries" in line for line in reports) >= 3
-    # A 429 with Retry-After is an answer, not an outage: asked once, CMD never runs.
+    # A 429 that never ends is an outage like a 503: retried until --retry-timeout, then 69; CMD never runs.
     proxy.always["check"] = TOO_MANY
     asked_before = proxy.received["check"]
     limited = job.gbx(*job.args(url=proxy.url), *FAST, *job.writes_outputs())
-    assert limited.code == 69 and "HTTP 429" in limited.last_line
-    assert proxy.received["check"] == asked_before + 1
+    assert limited.code == 69 and "still answers HTTP 429 after 4 s" in limited.last_line
+    assert proxy.received["check"] > asked_before + 1
     assert job.cmd_runs() == 0 and balance(api) == 1
+
+
+def test_a_burst_answered_429_is_retried_honouring_retry_after(api: Api, job: Job, proxy: FaultProxy) -> None:
+    # Cloud Run and Hosting answer 429 when hundreds of tasks start at once: gbx waits as asked and goes on.
+    api.issue(RUNNER, 1)
+    proxy.retry_after = "1"
+    proxy.fail("consume", TOO_MANY, TOO_MANY)
+    started = time.monotonic()
+    result = job.gbx(*job.args(url=proxy.url), "--retry-timeout", "20", *job.writes_outputs())
+    assert result.code == 0, result.stderr
+    assert time.monotonic() - started >= 2.0  # two Retry-After: 1 waits
+    assert result.stderr.count("consume: HTTP 429; retrying in") == 2
+    assert proxy.received["consume"] == 3 and proxy.forwarded["consume"] == 1
+    assert job.cmd_runs() == 1 and balance(api) == 0
 
 
 def test_attempt_timeouts_are_retried(api: Api, job: Job, proxy: FaultProxy) -> None:
@@ -508,11 +522,11 @@ def test_run_complete_unreachable_writes_a_preseal_that_gbx_complete_finishes(ap
     assert not (job.seal_dir / "seal.json").exists()
     assert run_state(api, "job-1") == "started" and balance(api) == 0
 
-    still = job.gbx("complete", str(job.seal_dir), "--retry-timeout", "0.5")
+    still = job.gbx("complete", str(job.seal_dir), "--url", proxy.url, "--retry-timeout", "0.5")
     assert still.code == 75 and (job.seal_dir / "preseal.json").exists()
 
     del proxy.always["run_complete"]
-    done = job.gbx("complete", str(job.seal_dir), *FAST)
+    done = job.gbx("complete", str(job.seal_dir), "--url", proxy.url, *FAST)
     assert done.code == 0, done.stderr
     assert set(os.listdir(job.seal_dir)) == SEAL_FILES  # the preseal is gone
     assert job.seal_claims()["outputs_sha256"] == preseal["outputs_sha256"]

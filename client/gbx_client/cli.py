@@ -8,7 +8,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -43,6 +43,7 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
         self.usage_exit = usage_exit
+        self.commands: Mapping[str, argparse.ArgumentParser] = {}  # gbx's own parser: each command's parser by name
 
     def error(self, message: str) -> NoReturn:
         """Print the usage and the problem, then exit with this command's usage code."""
@@ -99,6 +100,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="gbx", description="GBX Entitlements runner client: run a licensed job and seal it; verify seals.")
     parser.add_argument("--version", action=_VersionAction, help="print gbx's version and exit")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+    parser.commands = commands.choices
 
     run_parser = commands.add_parser(
         "run", help="check, consume, run CMD and seal it",
@@ -138,7 +140,11 @@ def build_parser() -> Parser:
         epilog=RUN_EPILOG,
     )
     complete_parser.add_argument("seal_dir", metavar="SEAL_DIR", help="the seal directory holding preseal.json")
-    complete_parser.add_argument("--url", metavar="URL", default=None, help="base URL to use instead of the one preseal.json names")
+    complete_parser.add_argument(
+        "--url", metavar="URL", default=_env("GBX_URL"),
+        help="base URL of the service (env GBX_URL); required, and it must be the one preseal.json names: "
+        "the runner's token never goes where a preseal alone says",
+    )
     _add_service_options(complete_parser)
 
     verify_parser = commands.add_parser(
@@ -189,7 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         split = args_list.index("--")
         args_list, command = args_list[:split], args_list[split + 1 :]
     parser = build_parser()
-    args = parser.parse_args(args_list)
+    args, unknown = parser.parse_known_args(args_list)
+    if unknown:
+        # Reported by the command's own parser, so that it exits with that command's usage code (2 for verify).
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     usage_exit = VERIFY_USAGE if args.command == "verify" else UsageError.exit_code
     try:
         if args.command == "run":
@@ -257,10 +266,20 @@ def _complete(args: argparse.Namespace) -> int:
     """gbx complete."""
     from gbx_client import run
 
+    if not args.url:
+        raise UsageError("missing --url (or GBX_URL): the base URL the run was started at")
     seal_dir = Path(args.seal_dir)
-    seal_id = run.complete_pending(seal_dir, lambda url: _service(args, args.url or url), _say)
+    seal_id = run.complete_pending(seal_dir, lambda url: _service(args, _same_url(args.url, url)), _say)
     _say(f"exit 0 (sealed): seal {seal_id} in {seal_dir}")
     return 0
+
+
+def _same_url(given: str, preseal_url: str) -> str:
+    """The base URL gbx complete may send the token to: --url, and only when preseal.json names the same one."""
+    if given.rstrip("/") != preseal_url.rstrip("/"):
+        # A preseal.json is a file anyone with write access to the seal directory could edit.
+        raise UsageError(f"preseal.json names {preseal_url}, not --url {given}: refusing to send the runner's token there")
+    return given
 
 
 def _verify(args: argparse.Namespace) -> int:
