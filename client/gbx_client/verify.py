@@ -17,8 +17,8 @@ from gbx_client.errors import GbxError, UsageError
 from gbx_client.seal_format import (
     SEAL_ALG,
     SealDocumentInvalid,
-    SealPayloadInvalid,
     SealElement,
+    SealPayloadInvalid,
     SealTooLarge,
     b64url_decode,
     decode_payload,
