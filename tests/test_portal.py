@@ -502,7 +502,7 @@ def test_a_doctype_is_refused(api: Api, portal: Portal, tmp_path: Path, prolog: 
 @pytest.mark.parametrize(
     ("name", "document", "reason"),
     [
-        ("seal.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01", "the document is not well-formed XML"),
+        ("seal.bin", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01", "the document is not well-formed XML"),
         ("seal.txt", b"this is not a seal\n", "the document is not well-formed XML"),
         ("seal.html", b'<html xmlns="http://www.w3.org/1999/xhtml"><body>hi</body></html>', "the document is not an SVG image"),
         ("empty.svg", b"", "the document is not well-formed XML"),
@@ -1045,6 +1045,13 @@ def test_a_picture_of_the_badge_is_read_and_verified(api: Api, portal: Portal, t
     asked = set(portal.server.take_requests())
     assert asked <= {("GET", "/api/seal/public_keys")} | {("GET", path) for path in PORTAL_FILES}, "the picture stayed in the browser"
     assert severe_console_messages(portal) == []
+
+
+def test_a_broken_picture_is_not_a_seal(portal: Portal, tmp_path: Path) -> None:
+    """A .png is read as a picture (for its QR code), so a broken one says the picture cannot be read."""
+    shown = check_in_browser(portal, b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01", tmp_path, name="seal.png")
+    assert shown.verdict == "INVALID" and shown.checks["document"].startswith("the picture could not be read")
+    assert "This is not a usable seal" in shown.detail
 
 
 def test_a_picture_without_a_qr_code_is_not_a_seal(portal: Portal, tmp_path: Path) -> None:
