@@ -952,7 +952,6 @@ async function checkPicture(file) {
   try {
     texts = await readQrCodes(file);
   } catch (error) {
-    texts = null;
     if (run === state.sealRun) {
       showResult({ ...emptyResult(), checks: { document: `the picture could not be read (${error.message})`, key: NOT_CHECKED, signature: NOT_CHECKED }, refused: true, source: "picture" });
     }
