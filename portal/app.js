@@ -875,6 +875,11 @@ function showResult(result) {
 function showVerifiedBy(result) {
   const here = `${location.protocol}//${location.host}`;
   const box = $("verified-by");
+  // Nothing to say when neither a key was looked up nor a link named a site (a file that is not a seal).
+  if (result.checks.key === NOT_CHECKED && result.site === null) {
+    box.hidden = true;
+    return;
+  }
   const lines = [`Checked by ${here}, with the keys this site publishes.`];
   if (result.site !== null) {
     lines.push(result.site === here
