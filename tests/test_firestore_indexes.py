@@ -14,6 +14,9 @@ OTHER = "other@acme-prod.iam.gserviceaccount.com"
 QUERIES = {
     ("ledger", (("principal", "ASCENDING"), ("at", "DESCENDING"))): "ledger_for_principal",
     ("ledger", (("grant", "ASCENDING"), ("at", "ASCENDING"))): "ledger_for_grant",
+    # sum(delta) reads the summed field from the index too.
+    ("ledger", (("principal", "ASCENDING"), ("shard", "ASCENDING"), ("delta", "ASCENDING"))): "ledger_sum_for_shard",
+    ("ledger", (("principal", "ASCENDING"), ("reason", "ASCENDING"), ("at", "ASCENDING"))): "count_ledger_entries",
 }
 
 
