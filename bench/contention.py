@@ -281,7 +281,7 @@ def scenario_design(emu: emulator.Emulator, consumers: int, runs: int, *, max_sh
 
 
 def scenario_sequential(emu: emulator.Emulator, count: int) -> ScenarioResult:
-    """C: `count` consumes one after another on one grant: the uncontended cost (two reads and one commit)."""
+    """C: `count` consumes one after another on one grant: the uncontended cost (four reads and one commit)."""
     emu.clear()
     principal = "bench-sequential@example.com"
     # One document: the uncontended cost of one consume without a shard to draw.

@@ -33,6 +33,9 @@ from shared.local import LocalIssuer
 PROJECT = "gbx-bench-fanout"
 # (concurrent runners, consumes in all): every runner consumes its share one after another, as tasks of a job would.
 LEVELS: tuple[tuple[int, int], ...] = ((1, 50), (50, 500), (200, 1000), (500, 1000))
+# Many small grants that expire together (a partner issuing per order): runners, consumes, grants.
+SMALL_GRANTS_LEVEL = (200, 1000)
+SMALL_GRANTS = 100
 # The race for the last runs: this many runners, one consume each, for this many runs.
 LAST_RUNS_RACE = (100, 20)
 THROUGHPUT_GOAL = 0.8  # 200 runners ÷ 50 runners
@@ -51,6 +54,7 @@ class Level:
     name: str
     runners: int
     consumes: int
+    label: str = ""
     wall_seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)  # final answers
@@ -155,10 +159,11 @@ def issue(server: LocalServer, principal: str, runs: int) -> None:
         raise harness.BenchmarkFailed(f"issue answered {response.status_code}: {response.text[:200]}")
 
 
-def run_level(server: LocalServer, issuer: LocalIssuer, level: Level, *, runs: int) -> None:
-    """`level.runners` threads consume `level.consumes` run_ids of one principal with `runs` runs, released at once."""
+def run_level(server: LocalServer, issuer: LocalIssuer, level: Level, *, runs: int, grants: int = 1) -> None:
+    """`level.runners` threads consume `level.consumes` run_ids of one principal with `runs` runs in `grants` grants, released at once."""
     principal = f"fanout-{level.name}@bench.example"
-    issue(server, principal, runs)
+    for _ in range(grants):
+        issue(server, principal, runs // grants)
     token = issuer.token(principal)
     lock = threading.Lock()
     shares = [level.consumes // level.runners + (1 if i < level.consumes % level.runners else 0) for i in range(level.runners)]
@@ -241,13 +246,13 @@ def report(levels: list[Level], race: Level) -> list[str]:
         retried = ", ".join(f"{reason} × {n}" for reason, n in level.retried.most_common()) or "none"
         p50 = harness.percentile(level.latencies, 0.5) if level.latencies else 0.0
         p99 = harness.percentile(level.latencies, 0.99) if level.latencies else 0.0
-        label = f"{level.runners} (race for {race_runs(level)})" if level is race else str(level.runners)
+        label = level.label or str(level.runners)
         print(
             f"| {label} | {level.consumes} | {level.wall_seconds:.1f} | {level.throughput:.1f} | {p50:.2f} | {p99:.2f} "
             f"| {fmt_status(level.statuses)} | {retried} | {level.commits_per_consume:.2f} |"
         )
     print()
-    by_runners = {level.runners: level for level in levels}
+    by_runners = {level.runners: level for level in levels if not level.label}
     problems = [f"{level.runners} runners: {problem}" for level in [*levels, race] for problem in level.problems]
     if 50 in by_runners and 200 in by_runners and by_runners[50].throughput:
         ratio = by_runners[200].throughput / by_runners[50].throughput
@@ -262,11 +267,6 @@ def report(levels: list[Level], race: Level) -> list[str]:
             problems.append(f"{level.runners} runners: clients were answered {', '.join(seen)}")
     print(harness.machine_line())
     return problems
-
-
-def race_runs(level: Level) -> int:
-    """Runs on sale in the race for the last runs."""
-    return min(level.consumes, LAST_RUNS_RACE[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,9 +291,14 @@ def main(argv: list[str] | None = None) -> int:
                 # Exactly the runs they consume: the last runs are spent while hundreds still draw shards.
                 run_level(server, issuer, level, runs=consumes)
                 levels.append(level)
+            runners, consumes = SMALL_GRANTS_LEVEL
+            print(f"{runners} runners, {consumes} consumes of {SMALL_GRANTS} grants of {consumes // SMALL_GRANTS} runs…", file=sys.stderr, flush=True)
+            small = Level(name="small", runners=runners, consumes=consumes, label=f"{runners} ({SMALL_GRANTS} grants of {consumes // SMALL_GRANTS})")
+            run_level(server, issuer, small, runs=consumes, grants=SMALL_GRANTS)
+            levels.append(small)
             runners, runs = LAST_RUNS_RACE
             print(f"{runners} runners race for the last {runs} runs…", file=sys.stderr, flush=True)
-            race = Level(name="race", runners=runners, consumes=runners)
+            race = Level(name="race", runners=runners, consumes=runners, label=f"{runners} (race for the last {runs})")
             run_level(server, issuer, race, runs=runs)
             problems = report(levels, race)
             if problems:

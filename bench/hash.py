@@ -4,7 +4,7 @@ Run it from the repository root: `python -m bench.hash` (or `make bench`, which 
 `python -m bench.hash --size-mib 64 --files 500 --reps 3 --run-reps 4` is a quick smoke run.
 
 1. Hashing: a tree of SIZE MiB in FILES files (varied sizes, random bytes) is hashed by the installed
-   `gbx hash DIR`, by `gbx hash --workers 1 DIR`, and by the README's pipeline
+   `gbx hash DIR`, by `gbx hash --workers 1 DIR`, and by the pipeline of docs/runner.md
    `(cd DIR && find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum) | sha256sum`, each as a
    fresh process, alternating their order every repetition after one untimed warm-up of each (the page
    cache is warm for all alike). All must print the same digest. Goal: gbx at least as fast.

@@ -1,6 +1,6 @@
 """Operator tool: give grants written before the fan-out design the fields consume's spending query reads.
 
-Grants issued by earlier versions lack `open`, `spend_key` and `shards`, so the indexed query that finds the
+Grants issued by earlier versions lack `open`, `spend_key` and `slot`, so the indexed query that finds the
 grant to spend first does not see them: their runs would not count. Run this once after deploying the
 functions of this version (it is idempotent; run it again if an older instance issued grants meanwhile).
 """
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
-from collections import Counter
-from typing import Any
 
 import google.auth.exceptions
 from google.api_core import exceptions as gexc
@@ -26,9 +25,7 @@ PAGE_SIZE = 500
 def backfill(*, page_size: int = PAGE_SIZE) -> int:
     """Add the missing fields to every grant document that lacks them; return how many were updated."""
     grants = store.client().collection_group(store.GRANTS)
-    # Shards per group, counted over every grant (a group's shards are its documents).
-    shards: Counter[tuple[str, str]] = Counter()
-    missing: list[Any] = []
+    updated = 0
     cursor = None
     while True:
         query = grants.order_by("__name__").limit(page_size)
@@ -37,28 +34,23 @@ def backfill(*, page_size: int = PAGE_SIZE) -> int:
         page = query.get(**store._rpc())
         for snap in page:
             data = snap.to_dict() or {}
-            shards[(data["principal"], data.get("group", snap.id))] += 1
-            if "spend_key" not in data or "open" not in data or "shards" not in data:
-                missing.append(snap)
+            if {"open", "spend_key", "slot"} <= data.keys():
+                continue
+            fields = {
+                "group": data.get("group", snap.id),
+                "open": data["remaining"] > 0,
+                "spend_key": data.get("expires_at") or store.FAR_FUTURE,
+                "slot": random.random(),
+            }
+            try:
+                # Preconditioned on the document as read: one that a consume changed meanwhile is left for the next run.
+                snap.reference.update(fields, option=store.client().write_option(last_update_time=snap.update_time))
+                updated += 1
+            except gexc.FailedPrecondition:
+                print(f"backfill: {snap.reference.path} changed while being read; run the tool again", file=sys.stderr)
         if len(page) < page_size:
-            break
+            return updated
         cursor = page[-1]
-    updated = 0
-    for snap in missing:
-        data = snap.to_dict() or {}
-        fields = {
-            "group": data.get("group", snap.id),
-            "open": data["remaining"] > 0,
-            "spend_key": data.get("expires_at") or store.FAR_FUTURE,
-            "shards": shards[(data["principal"], data.get("group", snap.id))],
-        }
-        try:
-            # Preconditioned on the document as read: a consume that changed it meanwhile is read again next run.
-            snap.reference.update(fields, option=store.client().write_option(last_update_time=snap.update_time))
-            updated += 1
-        except gexc.FailedPrecondition:
-            print(f"backfill: {snap.reference.path} changed while being read; run the tool again", file=sys.stderr)
-    return updated
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # Environment variable names, in one place.
 ENV_PROJECT = "GOOGLE_CLOUD_PROJECT"
 ENV_ISSUER = "GBX_ISSUER"
+ENV_PUBLIC_URL = "GBX_PUBLIC_URL"
 ENV_AUDIENCES = "GBX_AUDIENCES"
 ENV_CERTS_URL = "GBX_CERTS_URL"
 ENV_ADMIN_TOKEN = "GBX_ADMIN_TOKEN"
@@ -34,6 +35,7 @@ LOCAL_AUDIENCE = "gbx-local"
 LOCAL_PROJECT = "gbx-local"
 LOCAL_ADMIN_TOKEN = "local-admin-token"
 LOCAL_OPERATORS = "operator@gbx.local"
+LOCAL_PUBLIC_URL = "http://127.0.0.1:8080"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,6 +51,7 @@ class Config(BaseModel):
 
     project: str = Field(description="Google Cloud project that holds Firestore.")
     issuer: str = Field(description="Deployment name written into every seal's `issuer` claim.")
+    public_url: str = Field(description="The deployment's public base URL (Hosting's), where seals' verification links point.")
     audiences: tuple[str, ...] = Field(description="ID-token audiences accepted (the service URLs).")
     certs_url: str = Field(description="Where the ID-token signing certificates are read (https URL or file path).")
     token_issuers: tuple[str, ...] = Field(description="Accepted `iss` claims.")
@@ -82,6 +85,8 @@ def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
     return Config(
         project=project,
         issuer=env.get(ENV_ISSUER) or ("local" if local_mode else project),
+        # Hosting's default site is the project's (deploy.sh --site); local mode's server sets its own URL.
+        public_url=(env.get(ENV_PUBLIC_URL) or (LOCAL_PUBLIC_URL if local_mode else f"https://{project}.web.app")).rstrip("/"),
         audiences=_split(env.get(ENV_AUDIENCES, "")) or ((LOCAL_AUDIENCE,) if local_mode else ()),
         certs_url=env.get(ENV_CERTS_URL) or (str(local_dir / "certs.json") if local_mode else GOOGLE_CERTS_URL),
         token_issuers=GOOGLE_ISSUERS,

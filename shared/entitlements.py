@@ -24,10 +24,6 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-# When the shard drawn at random has run dry, how many of the grant's open shards one query reads to pick another.
-OPEN_SHARDS_READ = 32
-
-
 def current_balance(principal: str) -> int:
     """Sum of unused runs of the principal's unexpired grants (one aggregation)."""
     return store.read_balance(principal, _now())
@@ -48,18 +44,14 @@ def check(caller: Identity, req: CheckRequest) -> CheckResponse:
     )
 
 
-def shard_to_draw(first: store.Grant) -> str:
-    """A shard of the grant to spend first, drawn at random: concurrent consumers spread over all its shards."""
-    return store.shard_doc_id(first.group, random.randrange(first.shards))
-
-
 def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
     """Charge one run for run_id, exactly once however often and however concurrently it is asked.
 
-    Each attempt reads one shard of the grant that expires first (an indexed query of one document), the
-    run record, one shard of that grant drawn at random, the balance (one aggregation), and commits on the
-    drawn shard, preconditioned on its update time. A lost race draws again: hundreds of consumers of one
-    principal spread over the grant's shards instead of re-reading them all.
+    Each attempt reads the first open shard in spending order (one indexed query of one document), the run
+    record, one open shard drawn at random among all those that expire with it (another), the balance (one
+    aggregation), and commits on the drawn shard, preconditioned on its update time. A lost race draws
+    again: hundreds of consumers of one principal spread over the shards instead of re-reading them all.
+    Grants that expire at the same moment are spent in any order.
     """
     principal = caller.principal
     # Marks this request's charge, so that its own commit, applied but unanswered, reads back as not replayed.
@@ -82,14 +74,10 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
             # Marked open with no runs left (written by a version that did not keep `open`): close it, read again.
             store.commit_close_shard(principal, first)
             raise store.Contended("closed a spent shard still marked open")
-        grant = first
-        if first.shards > 1:
-            drawn = store.read_grant(principal, shard_to_draw(first))
-            if drawn is not None and drawn.usable(now):
-                grant = drawn
-            else:
-                # The drawn shard ran dry while others still hold runs: draw among those that do.
-                grant = random.choice([g for g in store.read_open_shards(principal, first.group, OPEN_SHARDS_READ) if g.usable(now)] or [first])
+        # Half upwards, half downwards from a random slot: a closed shard's share goes to both its neighbours.
+        drawn = store.read_open_shard_at(principal, first.spend_key, random.random(), upwards=random.random() < 0.5)
+        # Past the last slot (or a shard that ran dry since the query's index read it): the first one, as read.
+        grant = drawn if drawn is not None and drawn.usable(now) else first
         # Read after the charged shard, whose precondition holds at the commit: it counts this run, so ≥ 1.
         balance = store.read_balance(principal, now)
         store.commit_consume(principal, req.run_id, grant, charge_id=charge_id, consumed_at=now)

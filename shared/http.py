@@ -124,8 +124,21 @@ def _reject_duplicate_keys(raw: bytes) -> None:
         json.loads(raw, object_pairs_hook=_no_duplicates)
 
 
+def _uri_list_link(raw: bytes) -> str:
+    """The one URI of a text/uri-list body (RFC 2483: CRLF lines, `#` comment lines); 400 invalid_seal otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.InvalidSeal("the text/uri-list body is not UTF-8") from exc
+    uris = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if len(uris) != 1:
+        raise errors.InvalidSeal("send exactly one verification link (BASE/v#P.S) as text/uri-list")
+    return uris[0]
+
+
 def _parse_seal(request: flask.Request, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
-    """A seal.svg sent raw (image/svg+xml) or as the multipart field `seal`, with the principal an operator names."""
+    """A seal.svg sent raw (image/svg+xml) or as the multipart field `seal`, or a verification link (text/uri-list),
+    with the principal an operator names."""
     # Imported on first use: only the seal endpoints load the format (and defusedxml) at all.
     from gbx_client.seal_format import MAX_SEAL_BYTES
 
@@ -133,8 +146,12 @@ def _parse_seal(request: flask.Request, model: type[pydantic.BaseModel]) -> pyda
     if len(request.args.getlist("principal")) > 1:
         raise errors.InvalidRequest("the query repeats `principal`")
     principal = request.args.get("principal")
+    link: str | None = None
+    svg = b""
     if request.mimetype == "image/svg+xml":
         svg = _read_body(request, MAX_SEAL_BYTES)
+    elif request.mimetype == "text/uri-list":
+        link = _uri_list_link(_read_body(request, MAX_SEAL_BYTES))
     elif request.mimetype == "multipart/form-data":
         raw = _read_body(request, MAX_SEAL_BYTES + MULTIPART_OVERHEAD_BYTES)
         parser = FormDataParser(max_form_memory_size=MAX_SEAL_BYTES + MULTIPART_OVERHEAD_BYTES, max_form_parts=8, silent=False)
@@ -158,8 +175,8 @@ def _parse_seal(request: flask.Request, model: type[pydantic.BaseModel]) -> pyda
         if "principal" in form or "principal" in files:
             principal = form.get("principal", "")
     else:
-        raise errors.UnsupportedMediaType("send the seal as image/svg+xml or multipart/form-data field `seal`")
-    fields: dict[str, Any] = {"svg": svg}
+        raise errors.UnsupportedMediaType("send the seal as image/svg+xml, multipart/form-data field `seal`, or its link as text/uri-list")
+    fields: dict[str, Any] = {"svg": svg, "link": link}
     if "principal" in model.model_fields and principal is not None:
         fields["principal"] = principal.strip()
     return model.model_validate(fields)

@@ -185,9 +185,10 @@ class ErrorBody(Model):
 
 
 class SealUpload(Model):
-    """A seal.svg upload (verify): the document as sent, raw (image/svg+xml) or as the multipart field `seal`."""
+    """A seal upload (verify): a seal.svg raw (image/svg+xml) or as the multipart field `seal`, or a verification link (text/uri-list)."""
 
-    svg: bytes = Field(description="The seal.svg bytes.")
+    svg: bytes = Field(default=b"", description="The seal.svg bytes (empty when a link was sent).")
+    link: str | None = Field(default=None, description="The verification link BASE/v#P.S, when sent as text/uri-list.")
 
 
 class RedeemUpload(SealUpload):
@@ -205,7 +206,11 @@ class SealBundle(Model):
     alg: Literal["ES256"]
     key: str = Field(description="CryptoKeyVersion resource name that signed the seal.")
     public_key_pem: str | None = Field(description="SPKI PEM of `key` (null only once that version is no longer trusted).")
-    seal_svg: str = Field(description="The seal.svg badge carrying the signed payload in its metadata.")
+    seal_svg: str = Field(description="The seal.svg badge carrying the signed payload in its metadata, and the verification link as a QR code.")
+    verify_link: str = Field(
+        description="BASE/v#P.S: P is base64url (no padding) of the raw DEFLATE of seal_json's bytes, S of the DER signature. "
+        "Opening it in a browser verifies the seal there; POST /api/seal/verify takes it as text/uri-list."
+    )
 
 
 class VerifyChecks(Model):

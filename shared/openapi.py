@@ -14,7 +14,7 @@ REF = "#/components/schemas/{model}"
 
 
 def _seal_body(endpoint: Endpoint) -> dict[str, Any]:
-    """The request body of seal uploads: raw SVG, or multipart with `seal` (and an operator's `principal`)."""
+    """The request body of seal uploads: raw SVG, multipart with `seal` (and an operator's `principal`), or the seal's verification link."""
     assert endpoint.request is not None
     properties: dict[str, Any] = {"seal": {"type": "string", "format": "binary", "description": "The seal.svg."}}
     if "principal" in endpoint.request.model_fields:
@@ -23,6 +23,13 @@ def _seal_body(endpoint: Endpoint) -> dict[str, Any]:
         "required": True,
         "content": {
             "image/svg+xml": {"schema": {"type": "string", "format": "binary", "maxLength": 256 * 1024}},
+            "text/uri-list": {
+                "schema": {
+                    "type": "string",
+                    "maxLength": 256 * 1024,
+                    "description": "One verification link BASE/v#P.S (run_complete's `verify_link`, or the badge's QR code): the same checks.",
+                }
+            },
             "multipart/form-data": {
                 "schema": {
                     "type": "object",

@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import functools
 import hashlib
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -95,11 +96,11 @@ def _ledger_id(reason: str, principal: str, ref: str) -> str:
 # A large grant is written as several shard documents, so that hundreds of concurrent consumers of one
 # principal (the tasks of one job starting at once) spread over as many documents instead of queueing on
 # a few (a document takes about one write per second in production; on the emulator a lost race costs a
-# re-read and a commit). A consumer reads one shard, chosen at random, not all of them. Every shard
-# carries `group` (the issued grant id), `shards` (how many the group has: ids `{group}` and
-# `{group}-1` … `{group}-{shards-1}`), `open` (runs left) and `spend_key` (its expiry, or FAR_FUTURE):
-# the spending order is one indexed query. Ledger entries and run records name the issued grant
-# (`grant`) and the shard document they touched (`shard`).
+# re-read and a commit). A consumer reads one shard drawn at random, not all of them. Every shard
+# carries `group` (the issued grant id), `open` (runs left), `spend_key` (its expiry, or FAR_FUTURE) and
+# `slot` (a random number): the grant to spend first and a random open shard among all those that expire
+# with it are each one indexed query of one document. Ledger entries and run records name the issued
+# grant (`grant`) and the shard document they touched (`shard`).
 SHARD_MIN_RUNS = 4
 # 2 writes per shard (the document and its ledger entry) + the principal + the issuance record stay
 # within a commit's 500 writes.
@@ -113,6 +114,12 @@ def grant_doc_ids(grant_id: str, runs_total: int, *, max_shards: int = MAX_SHARD
     count = max(1, min(max_shards, runs_total // SHARD_MIN_RUNS))
     base, extra = divmod(runs_total, count)
     return [(shard_doc_id(grant_id, k), base + (1 if k < extra else 0)) for k in range(count)]
+
+
+def spread_slots(count: int) -> list[float]:
+    """Slots for a grant's shards, evenly spaced from a random offset: a random draw hits each shard alike."""
+    offset = random.random()
+    return [(offset + k / count) % 1.0 for k in range(count)]
 
 
 def shard_doc_id(grant_id: str, k: int) -> str:
@@ -132,7 +139,8 @@ class Grant:
     remaining: int
     expires_at: dt.datetime | None
     created_at: dt.datetime | None
-    shards: int
+    spend_key: dt.datetime
+    slot: float
     update_time: Any = field(repr=False, compare=False)
 
     def usable(self, now: dt.datetime) -> bool:
@@ -183,7 +191,8 @@ def grant_from_snapshot(snap: firestore.DocumentSnapshot) -> Grant:
         remaining=data["remaining"],
         expires_at=data.get("expires_at"),
         created_at=data.get("created_at"),
-        shards=data.get("shards", 1),
+        spend_key=data.get("spend_key") or FAR_FUTURE,
+        slot=data.get("slot", 0.0),
         update_time=snap.update_time,
     )
 
@@ -197,7 +206,7 @@ def _unexpired(principal: str, now: dt.datetime) -> firestore.Query:
 
 
 def read_first_to_spend(principal: str, now: dt.datetime) -> Grant | None:
-    """One open, unexpired shard of the grant to spend first (earliest expiry, then oldest), or None: one indexed query.
+    """The first open, unexpired shard in spending order (earliest expiry, then oldest), or None: one indexed query.
 
     Composite index: open ASC, spend_key ASC, created_at ASC, group ASC (firestore.indexes.json).
     """
@@ -213,15 +222,22 @@ def read_first_to_spend(principal: str, now: dt.datetime) -> Grant | None:
     return grant_from_snapshot(snaps[0]) if snaps else None
 
 
-def read_open_shards(principal: str, group: str, limit: int) -> list[Grant]:
-    """Up to `limit` shards of one grant that still hold runs (two equality filters: no composite index)."""
+def read_open_shard_at(principal: str, spend_key: dt.datetime, slot: float, *, upwards: bool) -> Grant | None:
+    """The open shard expiring at `spend_key` whose `slot` is next to `slot` (above it, or below), or None: a random
+    draw among every shard of every grant that expires then, in one indexed query of one document.
+
+    Composite indexes: open ASC, spend_key ASC, slot ASC and slot DESC (firestore.indexes.json).
+    """
     query = (
         _grants(principal)
-        .where(filter=FieldFilter("group", "==", group))
         .where(filter=FieldFilter("open", "==", True))
-        .limit(limit)
+        .where(filter=FieldFilter("spend_key", "==", spend_key))
+        .where(filter=FieldFilter("slot", ">=" if upwards else "<", slot))
+        .order_by("slot", direction=firestore.Query.ASCENDING if upwards else firestore.Query.DESCENDING)
+        .limit(1)
     )
-    return [grant_from_snapshot(snap) for snap in query.get(**_rpc())]
+    snaps = query.get(**_rpc())
+    return grant_from_snapshot(snaps[0]) if snaps else None
 
 
 def read_balance(principal: str, now: dt.datetime) -> int:
@@ -229,16 +245,6 @@ def read_balance(principal: str, now: dt.datetime) -> int:
     results: Any = _unexpired(principal, now).sum("remaining", alias="balance").get(**_rpc())
     # One row of one aggregation (the library's annotation says a flat list; it answers a list of rows).
     return sum(int(aggregate.value) for row in results for aggregate in row)
-
-
-def read_grant(principal: str, grant_id: str) -> Grant | None:
-    """One grant document (or shard), or None.
-
-    Read on its own, never batched with the run record: the emulator's multi-document read can deadlock
-    with a commit that writes the same two documents (a consume), which production never does.
-    """
-    snap = grant_ref(principal, grant_id).get(**_rpc())
-    return grant_from_snapshot(snap) if snap.exists else None
 
 
 def read_run(principal: str, run_id: str) -> Run | None:
@@ -295,7 +301,7 @@ def _ledger(batch: firestore.WriteBatch | firestore.Transaction, *, principal: s
 def _grant_fields(
     *,
     group: str,
-    shards: int,
+    slot: float,
     principal: str,
     plan_id: str,
     runs_total: int,
@@ -306,9 +312,9 @@ def _grant_fields(
 ) -> dict[str, Any]:
     return {
         "group": group,
-        "shards": shards,
         "open": runs_total > 0,
         "spend_key": expires_at or FAR_FUTURE,
+        "slot": slot,
         "principal": principal,
         "plan_id": plan_id,
         "runs_total": runs_total,
@@ -344,8 +350,8 @@ def commit_issue(
     batch = client().batch()
     batch.set(_principal_ref(principal), {"principal": principal, "last_issued_at": firestore.SERVER_TIMESTAMP}, merge=True)
     docs = grant_doc_ids(grant_id, runs_total, max_shards=max_shards)
-    for doc_id, runs in docs:
-        fields = _grant_fields(group=grant_id, shards=len(docs), principal=principal, plan_id=plan_id, runs_total=runs, expires_at=expires_at, source="issue", ref=idempotency_key_hash, issued_by=issued_by)
+    for (doc_id, runs), slot in zip(docs, spread_slots(len(docs)), strict=True):
+        fields = _grant_fields(group=grant_id, slot=slot, principal=principal, plan_id=plan_id, runs_total=runs, expires_at=expires_at, source="issue", ref=idempotency_key_hash, issued_by=issued_by)
         batch.create(grant_ref(principal, doc_id), fields)
         _ledger(batch, principal=principal, grant_id=grant_id, shard=doc_id, delta=runs, reason="issue", ref=doc_id)
     if idempotency_key_hash is not None:
@@ -471,7 +477,7 @@ def commit_redeem(principal: str, seal_id: str, grant_id: str, *, key_hash: str 
     batch.set(_principal_ref(principal), {"principal": principal}, merge=True)
     batch.create(
         grant_ref(principal, grant_id),
-        _grant_fields(group=grant_id, shards=1, principal=principal, plan_id=SEAL_RERUN_PLAN, runs_total=1, expires_at=None, source=SEAL_RERUN_PLAN, ref=seal_id, issued_by=None),
+        _grant_fields(group=grant_id, slot=random.random(), principal=principal, plan_id=SEAL_RERUN_PLAN, runs_total=1, expires_at=None, source=SEAL_RERUN_PLAN, ref=seal_id, issued_by=None),
     )
     _ledger(batch, principal=principal, grant_id=grant_id, shard=grant_id, delta=1, reason=SEAL_RERUN_PLAN, ref=seal_id)
     _commit(batch)

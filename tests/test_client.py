@@ -31,19 +31,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gbx_client.errors import Unreachable
 from gbx_client.identity import StaticToken
-from gbx_client.seal_format import b64url_decode, b64url_encode, canonical_json, decode_payload, parse_seal_svg, render_seal_svg
+from gbx_client.seal_format import b64url_decode, b64url_encode, canonical_json, decode_payload, parse_seal_svg, render_seal_svg, verify_link
 from gbx_client.service import RetryPolicy, Service
-from tests.conftest import IMAGE, RUNNER, Api, error_code
+from tests.conftest import AUDIENCE, IMAGE, RUNNER, Api, error_code
 
 PROJECT = "acme-prod"
 GBX = shutil.which("gbx", path=os.path.dirname(sys.executable))
-SEAL_FILES = {"seal.json", "seal.sig", "seal.svg", "public_key.pem", "VERIFY.md"}
+SEAL_FILES = {"seal.json", "seal.sig", "seal.svg", "public_key.pem", "verify_link.txt", "VERIFY.md"}
 # Small bounds keep fault scenarios fast; the defaults (120 s, 65 s) are for production.
 FAST = ["--retry-timeout", "4", "--attempt-timeout", "10"]
 
 
 def coreutils_hash(path: Path) -> str:
-    """The canonical hash as coreutils computes it (the README's pipeline)."""
+    """The canonical hash as coreutils computes it (the pipeline of docs/runner.md)."""
     if path.is_file():
         return subprocess.run(["sha256sum", str(path)], capture_output=True, check=True, text=True).stdout.split()[0]
     pipeline = '(cd "$1" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum) | sha256sum'
@@ -303,6 +303,10 @@ def test_full_run_seals_and_openssl_verifies(api: Api, job: Job) -> None:
     assert openssl.returncode == 0 and openssl.stdout.strip() == "Verified OK"
     verify_md = (job.seal_dir / "VERIFY.md").read_text()
     assert "openssl dgst -sha256 -verify public_key.pem -signature seal.sig seal.json" in verify_md and f"{api.base_url}/api/seal/public_keys" in verify_md
+    # The verification link: the bundle's, named in VERIFY.md, carrying exactly seal.json and seal.sig.
+    link = (job.seal_dir / "verify_link.txt").read_text().strip()
+    assert link == verify_link(AUDIENCE, payload=(job.seal_dir / "seal.json").read_bytes(), signature=(job.seal_dir / "seal.sig").read_bytes())
+    assert "verify_link.txt" in verify_md and 'gbx verify "$(cat verify_link.txt)"' in verify_md
     # The service agrees.
     online = api.verify((job.seal_dir / "seal.svg").read_bytes())
     assert online.json()["status"] == "VERIFIED"
@@ -518,11 +522,11 @@ def test_run_complete_unreachable_writes_a_preseal_that_gbx_complete_finishes(ap
     assert not (job.seal_dir / "seal.json").exists()
     assert run_state(api, "job-1") == "started" and balance(api) == 0
 
-    still = job.gbx("complete", str(job.seal_dir), "--retry-timeout", "0.5")
+    still = job.gbx("complete", str(job.seal_dir), "--url", proxy.url, "--retry-timeout", "0.5")
     assert still.code == 75 and (job.seal_dir / "preseal.json").exists()
 
     del proxy.always["run_complete"]
-    done = job.gbx("complete", str(job.seal_dir), *FAST)
+    done = job.gbx("complete", str(job.seal_dir), "--url", proxy.url, *FAST)
     assert done.code == 0, done.stderr
     assert set(os.listdir(job.seal_dir)) == SEAL_FILES  # the preseal is gone
     assert job.seal_claims()["outputs_sha256"] == preseal["outputs_sha256"]

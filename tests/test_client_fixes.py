@@ -97,7 +97,7 @@ def test_another_runs_pending_seal_is_refused_before_any_charge(api: Api, job: J
     assert balance(api) == 1 and run_state(api, "job-2") == "new" and job.cmd_runs() == 1
     assert json.loads((job.seal_dir / "preseal.json").read_text()) == preseal
 
-    done = job.gbx("complete", str(job.seal_dir), *FAST)
+    done = job.gbx("complete", str(job.seal_dir), "--url", proxy.url, *FAST)
     assert done.code == 0, done.stderr
     assert job.seal_claims()["run_id"] == "job-1" and not (job.seal_dir / "preseal.json").exists()
 
@@ -162,7 +162,7 @@ def test_kill_9_during_run_complete_leaves_the_preseal_and_cmd_never_runs_again(
     assert (job.seal_dir / "preseal.json").exists()
 
     del proxy.always["run_complete"]
-    done = job.gbx("complete", str(job.seal_dir), *FAST)
+    done = job.gbx("complete", str(job.seal_dir), "--url", proxy.url, *FAST)
     assert done.code == 0, done.stderr
     assert job.cmd_runs() == 1 and job.seal_claims()["outputs_sha256"] == coreutils_hash(job.outputs)
     assert set(os.listdir(job.seal_dir)) == SEAL_FILES and balance(api) == 0
@@ -186,7 +186,7 @@ def test_a_refused_run_complete_keeps_the_preseal_for_gbx_complete(api: Api, job
     assert run_state(api, "job-1") == "started"
 
     del proxy.refuse["run_complete"]
-    done = job.gbx("complete", str(job.seal_dir), *FAST)
+    done = job.gbx("complete", str(job.seal_dir), "--url", proxy.url, *FAST)
     assert done.code == 0, done.stderr
     assert job.cmd_runs() == 1 and not (job.seal_dir / "preseal.json").exists() and balance(api) == 0
 
@@ -288,6 +288,6 @@ def test_a_seal_that_does_not_verify_offline_keeps_the_preseal(api: Api, job: Jo
     assert not (job.seal_dir / "seal.json").exists()
 
     proxy.tamper.clear()
-    done = job.gbx("complete", str(job.seal_dir), *FAST)
+    done = job.gbx("complete", str(job.seal_dir), "--url", proxy.url, *FAST)
     assert done.code == 0, done.stderr
     assert job.cmd_runs() == 1 and not (job.seal_dir / "preseal.json").exists()

@@ -8,7 +8,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -43,6 +43,7 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
         self.usage_exit = usage_exit
+        self.commands: Mapping[str, argparse.ArgumentParser] = {}  # gbx's own parser: each command's parser by name
 
     def error(self, message: str) -> NoReturn:
         """Print the usage and the problem, then exit with this command's usage code."""
@@ -99,6 +100,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="gbx", description="GBX Entitlements runner client: run a licensed job and seal it; verify seals.")
     parser.add_argument("--version", action=_VersionAction, help="print gbx's version and exit")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+    parser.commands = commands.choices
 
     run_parser = commands.add_parser(
         "run", help="check, consume, run CMD and seal it",
@@ -138,7 +140,11 @@ def build_parser() -> Parser:
         epilog=RUN_EPILOG,
     )
     complete_parser.add_argument("seal_dir", metavar="SEAL_DIR", help="the seal directory holding preseal.json")
-    complete_parser.add_argument("--url", metavar="URL", default=None, help="base URL to use instead of the one preseal.json names")
+    complete_parser.add_argument(
+        "--url", metavar="URL", default=_env("GBX_URL"),
+        help="base URL of the service (env GBX_URL); required, and it must be the one preseal.json names: "
+        "the runner's token never goes where a preseal alone says",
+    )
     _add_service_options(complete_parser)
 
     verify_parser = commands.add_parser(
@@ -148,7 +154,11 @@ def build_parser() -> Parser:
         epilog="exit codes: 0 verified (every check asked for), 1 INVALID, 2 usage (bad options, unreadable SEAL or key file), "
         "69 could not check (the keys URL or --online service unreachable), 77/78 the online service refused our identity / none",
     )
-    verify_parser.add_argument("seal", metavar="SEAL", help="a seal.svg, or a seal directory (seal.svg, seal.json, seal.sig, public_key.pem)")
+    verify_parser.add_argument(
+        "seal", metavar="SEAL",
+        help="a seal.svg, a seal directory (seal.svg, seal.json, seal.sig, public_key.pem, verify_link.txt), "
+        "or a verification link BASE/v#P.S (the badge's QR code, run_complete's verify_link)",
+    )
     keys = verify_parser.add_mutually_exclusive_group()
     keys.add_argument("--public-key", metavar="PEM", help="trust this public key (SPKI PEM file) whatever key version the seal names")
     keys.add_argument(
@@ -185,7 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         split = args_list.index("--")
         args_list, command = args_list[:split], args_list[split + 1 :]
     parser = build_parser()
-    args = parser.parse_args(args_list)
+    args, unknown = parser.parse_known_args(args_list)
+    if unknown:
+        # Reported by the command's own parser, so that it exits with that command's usage code (2 for verify).
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     usage_exit = VERIFY_USAGE if args.command == "verify" else UsageError.exit_code
     try:
         if args.command == "run":
@@ -253,23 +266,36 @@ def _complete(args: argparse.Namespace) -> int:
     """gbx complete."""
     from gbx_client import run
 
+    if not args.url:
+        raise UsageError("missing --url (or GBX_URL): the base URL the run was started at")
     seal_dir = Path(args.seal_dir)
-    seal_id = run.complete_pending(seal_dir, lambda url: _service(args, args.url or url), _say)
+    seal_id = run.complete_pending(seal_dir, lambda url: _service(args, _same_url(args.url, url)), _say)
     _say(f"exit 0 (sealed): seal {seal_id} in {seal_dir}")
     return 0
+
+
+def _same_url(given: str, preseal_url: str) -> str:
+    """The base URL gbx complete may send the token to: --url, and only when preseal.json names the same one."""
+    if given.rstrip("/") != preseal_url.rstrip("/"):
+        # A preseal.json is a file anyone with write access to the seal directory could edit.
+        raise UsageError(f"preseal.json names {preseal_url}, not --url {given}: refusing to send the runner's token there")
+    return given
 
 
 def _verify(args: argparse.Namespace) -> int:
     """gbx verify: print the claims and each check; 0 only when everything asked for verifies."""
     from gbx_client import verify
 
-    seal = verify.load_seal(Path(args.seal))
+    seal = verify.link_seal(args.seal) if verify.is_link(args.seal) else verify.load_seal(Path(args.seal))
+    if seal.link is not None and not seal.svg:
+        # A QR code can point anywhere: say which site the link names; the keys decide what verifies.
+        _say(f"the link points at {_link_site(seal.link)}; checking it against the keys from the options")
     service = _service(args, args.online) if args.online else None
     keys = _keys(args, seal, service)
     outputs = Path(args.outputs) if args.outputs else None
     if outputs is not None and not outputs.exists():
         raise UsageError(f"--outputs {outputs}: no such file or directory")
-    online = (lambda svg: _online_check(service, svg)) if service is not None else None
+    online = (lambda given: _online_check(service, given)) if service is not None else None
     result = verify.verify_seal(seal, keys, outputs=outputs, online=online)
     if args.json:
         print(json.dumps({**result.as_json(), "keys": keys.source}, indent=2, sort_keys=True))
@@ -313,12 +339,26 @@ def _fetch_keys(service: Service, url: str) -> verify.KeyRing:
     return verify.keys_document(reply.body, url)
 
 
-def _online_check(service: Service | None, svg: bytes) -> str:
-    """Ask the service to verify the seal: "ok", or the first check it failed."""
+def _link_site(link: str) -> str:
+    """The site a verification link names, or the text itself when it is not one."""
+    from gbx_client.seal_format import SealDocumentInvalid, parse_verify_link
+
+    try:
+        return parse_verify_link(link).site
+    except SealDocumentInvalid:
+        return "no site (not a verification link)"
+
+
+def _online_check(service: Service | None, seal: verify.SealFiles) -> str:
+    """Ask the service to verify the seal (its svg, or the link it was given as): "ok", or the first check it failed."""
     from gbx_client import run, verify
 
     assert service is not None
-    reply = service.post_svg("/api/seal/verify", svg, step="verify")
+    if seal.svg:
+        reply = service.post_svg("/api/seal/verify", seal.svg, step="verify")
+    else:
+        assert seal.link is not None
+        reply = service.send("POST", service.base_url + "/api/seal/verify", step="verify", data=(seal.link + "\r\n").encode("utf-8"), content_type="text/uri-list")
     if reply.status == 200:
         body = reply.json_object("verify")
         if body.get("status") == "VERIFIED":

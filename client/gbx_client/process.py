@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from types import FrameType
 
 from gbx_client.errors import printable
@@ -22,6 +23,9 @@ FORWARDED = tuple(
 # foreground process group: forwarding them as well would deliver them twice.
 TERMINAL_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGINT", "SIGQUIT") if hasattr(signal, name))
 
+
+# linux/prctl.h: the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
 
 # The runner's bearer token is gbx's, not the job's: CMD never sees it.
 WITHHELD_FROM_CMD = ("GBX_ID_TOKEN",)
@@ -46,7 +50,7 @@ def run_command(argv: list[str]) -> int:
     try:
         try:
             env = {name: value for name, value in os.environ.items() if name not in WITHHELD_FROM_CMD}
-            child.append(subprocess.Popen(argv, env=env))
+            child.append(subprocess.Popen(argv, env=env, preexec_fn=_dies_with(os.getpid()) if sys.platform == "linux" else None))
         except FileNotFoundError:
             print(f"gbx: {printable(argv[0])}: command not found", file=sys.stderr)
             return 127
@@ -61,6 +65,25 @@ def run_command(argv: list[str]) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 128 - status if status < 0 else status
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    """A preexec_fn (Linux): CMD gets SIGKILL when gbx dies, even by SIGKILL, so no orphan outlives a killed gbx.
+
+    The kernel sends the parent-death signal when the thread that forked CMD ends; that is gbx's main thread,
+    which lives until gbx exits. CMD's own children are not covered: they are CMD's to look after.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        # Runs in the child between fork and exec: only a system call and a pid check.
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(137)  # gbx died before prctl took effect: exec nothing
+
+    return preexec
 
 
 def _send(process: subprocess.Popen[bytes], signum: int) -> None:
