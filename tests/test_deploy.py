@@ -1608,3 +1608,25 @@ def test_the_real_gcloud_parses_every_command(sandbox: dict[str, Path], first: F
                for command, result in results if result.returncode != 1 or NO_ACCOUNT not in result.stderr]
     assert refused == [], refused
     assert len(results) >= 35
+
+
+def test_the_restore_drill_s_gcloud_commands_parse_with_the_real_gcloud(tmp_path: Path) -> None:
+    """docs/operations.md's restore drill is exact commands: each gcloud line of it parses, its variables filled in."""
+    text = (REPO / "docs" / "operations.md").read_text()
+    drill = text.split("## The restore drill", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    values = {"$PROJECT": PROJECT, "$REGION": REGION, "$NEW": "restored-202612040500"}
+    commands = []
+    for line in drill.replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if line.startswith("gcloud "):
+            for name, value in values.items():
+                line = line.replace(name, value)
+            commands.append(shlex.split(line.split(" # ")[0]))
+    assert {tuple(cmd[1:4]) for cmd in commands} >= {("firestore", "databases", "restore"), ("firestore", "export", f"gs://{PROJECT}-gbx-restore/restored-202612040500"),
+                                                   ("firestore", "import", f"gs://{PROJECT}-gbx-restore/restored-202612040500"), ("scheduler", "jobs", "run")}
+    home = tmp_path / "home"
+    home.mkdir()
+    refused = [(shlex.join(cmd), result.returncode, result.stderr.strip()[:300])
+               for cmd in commands for result in [real_gcloud(cmd, home, home)]
+               if result.returncode != 1 or NO_ACCOUNT not in result.stderr]
+    assert refused == [], refused
