@@ -18,7 +18,7 @@ $(STAMP): requirements.txt requirements-dev.txt client/pyproject.toml
 
 install: $(STAMP)
 
-# The browser tests drive Debian's chromium through chromedriver (installed with apt-get when missing).
+# The browser tests drive Debian's chromium through chromedriver, and the QR code tests render with rsvg-convert (installed with apt-get when missing).
 browser:
 	@bash tools/ensure-browser.sh
 

@@ -249,8 +249,10 @@ for key in ("rules", "indexes"):
     source = Path(config["firestore"][key])
     shutil.copyfile(source, build / source.name)
     config["firestore"][key] = source.name
+# The tracked rewrites (the portal's own paths, such as /v of the verification links) first, then the registry's.
 config["hosting"] = {
-    "site": site, **config["hosting"], "public": staged_public.name, "rewrites": json.loads(rewrites.getvalue()),
+    "site": site, **config["hosting"], "public": staged_public.name,
+    "rewrites": config["hosting"].get("rewrites", []) + json.loads(rewrites.getvalue()),
 }
 (build / "firebase.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 endpoints.main(["list"])
@@ -511,7 +513,8 @@ DEPLOY_AUDIENCES=$(audiences)
 # Concurrency: see CPU and MEMORY above. THREADS is the functions framework's thread count (its
 # default, 4 per CPU, would leave most of the concurrency waiting in a queue). --min-instances is
 # always given, so the environment decides it and a redeploy without GBX_MIN_INSTANCES goes back to 0.
-env_vars="^;^GOOGLE_CLOUD_PROJECT=$PROJECT;GBX_ISSUER=$PROJECT"
+# GBX_PUBLIC_URL: the base URL that seals' verification links (BASE/v#P.S, the badge's QR code) point at.
+env_vars="^;^GOOGLE_CLOUD_PROJECT=$PROJECT;GBX_ISSUER=$PROJECT;GBX_PUBLIC_URL=$BASE_URL"
 env_vars+=";GBX_KMS_KEY_VERSION=$SIGNING_VERSION;GBX_TRUSTED_KEY_VERSIONS=$TRUSTED_VERSIONS"
 if [[ -n $OPERATORS ]]; then env_vars+=";GBX_OPERATORS=$OPERATORS"; fi
 env_vars+=";THREADS=$CONCURRENCY"

@@ -281,10 +281,10 @@ def scenario_design(emu: emulator.Emulator, consumers: int, runs: int, *, max_sh
 
 
 def scenario_sequential(emu: emulator.Emulator, count: int) -> ScenarioResult:
-    """C: `count` consumes one after another on one grant: the uncontended cost (two reads and one commit)."""
+    """C: `count` consumes one after another on one grant: the uncontended cost (four reads and one commit)."""
     emu.clear()
     principal = "bench-sequential@example.com"
-    # At most 63 runs stay one document; more would be sharded, and consume then reads the balance again.
+    # One document: the uncontended cost of one consume without a shard to draw.
     grant_id = issue_grant(principal, count, max_shards=1)
     outcomes: list[Outcome] = []
     tries = CommitTries()
@@ -401,7 +401,7 @@ def scenario_transaction(emu: emulator.Emulator, consumers: int, runs: int) -> S
     """B: the same race, each consumer running a read-then-write transaction on the one grant document."""
     emu.clear()
     principal = "bench-transaction@example.com"
-    grant_id = issue_grant(principal, runs)  # a small grant: one document, as issue writes it
+    grant_id = issue_grant(principal, runs, max_shards=1)  # the transaction takes its runs from one document
     tries = TryCounter()
     outcomes, wall = run_together(
         consumers,

@@ -202,9 +202,24 @@ class Bare:
     def _run(self, principal: str, run_id: str) -> firestore.DocumentReference:
         return self._principal(principal).collection(store.RUNS).document(f"r:{run_id}")
 
-    def _grants(self, principal: str) -> list[firestore.DocumentSnapshot]:
-        query = self._principal(principal).collection(store.GRANTS).where(filter=FieldFilter("remaining", ">", 0))
-        return list(query.get(timeout=FIRESTORE_TIMEOUT_SECONDS))
+    def _grants(self, principal: str) -> firestore.CollectionReference:
+        return self._principal(principal).collection(store.GRANTS)
+
+    def _balance(self, principal: str) -> int:
+        """The sum aggregation of the unexpired grants' remaining runs."""
+        query = self._grants(principal).where(filter=FieldFilter("spend_key", ">", dt.datetime.now(dt.UTC)))
+        rows: Any = query.sum("remaining").get(timeout=FIRESTORE_TIMEOUT_SECONDS)
+        return sum(int(aggregate.value) for row in rows for aggregate in row)
+
+    def _first_to_spend(self, principal: str) -> firestore.DocumentSnapshot:
+        """The one-document indexed query for the grant to spend first."""
+        query = (
+            self._grants(principal)
+            .where(filter=FieldFilter("spend_key", ">", dt.datetime.now(dt.UTC)))
+            .where(filter=FieldFilter("open", "==", True))
+            .order_by("spend_key").order_by("created_at").order_by("group").limit(1)
+        )
+        return query.get(timeout=FIRESTORE_TIMEOUT_SECONDS)[0]
 
     def _ledger(self, batch: firestore.WriteBatch, *, principal: str, grant_id: str, shard: str, delta: int, reason: str, ref: str) -> None:
         entry_id = hashlib.sha256(f"{reason}|{principal}|{ref}".encode()).hexdigest()
@@ -218,21 +233,33 @@ class Bare:
         batch.create(
             self._principal(principal).collection(store.GRANTS).document(grant_id),
             {
-                "group": grant_id, "principal": principal, "plan_id": "standard", "runs_total": runs, "remaining": runs, "expires_at": None,
+                "group": grant_id, "open": True, "spend_key": store.FAR_FUTURE, "slot": random.random(), "principal": principal, "plan_id": "standard", "runs_total": runs, "remaining": runs, "expires_at": None,
                 "created_at": firestore.SERVER_TIMESTAMP, "source": source, "ref": ref, "issued_by": None,
             },
         )
 
     def check(self, principal: str, run_id: str) -> None:
-        """The grants with runs left, then the run."""
-        self._grants(principal)
+        """The balance, then the run."""
+        self._balance(principal)
         self._run(principal, run_id).get(timeout=FIRESTORE_TIMEOUT_SECONDS)
 
-    def consume(self, principal: str, run_id: str, *, sharded: bool = False) -> None:
-        """The grants, the run, one commit (grant − 1 preconditioned, run record, ledger entry); a sharded grant's balance again."""
-        grants = self._grants(principal)
+    def consume(self, principal: str, run_id: str) -> None:
+        """The grants read (the first to spend; a random draw among the open shards expiring with it; the balance),
+        the run, one commit (shard − 1 preconditioned, run record, ledger entry): the bare minimum of one consume."""
+        first = self._first_to_spend(principal)
         self._run(principal, run_id).get(timeout=FIRESTORE_TIMEOUT_SECONDS)
-        grant = random.choice(grants)
+        upwards = random.random() < 0.5
+        draw = (
+            self._grants(principal)
+            .where(filter=FieldFilter("open", "==", True))
+            .where(filter=FieldFilter("spend_key", "==", first.get("spend_key")))
+            .where(filter=FieldFilter("slot", ">=" if upwards else "<", random.random()))
+            .order_by("slot", direction=firestore.Query.ASCENDING if upwards else firestore.Query.DESCENDING)
+            .limit(1)
+            .get(timeout=FIRESTORE_TIMEOUT_SECONDS)
+        )
+        grant = draw[0] if draw else first
+        self._balance(principal)
         batch = self.db.batch()
         batch.update(grant.reference, {"remaining": firestore.Increment(-1)}, option=self.db.write_option(last_update_time=grant.update_time))
         group = grant.get("group")
@@ -245,14 +272,12 @@ class Bare:
         )
         self._ledger(batch, principal=principal, grant_id=group, shard=grant.id, delta=-1, reason="consume", ref=run_id)
         batch.commit(timeout=FIRESTORE_TIMEOUT_SECONDS)
-        if sharded:
-            self._grants(principal)
 
     def issue(self, principal: str, runs: int, key: str) -> None:
         """The key's issuance record, the grants (for the balance), one commit (principal, grant, ledger entry, issuance record)."""
         key_hash = hashlib.sha256(key.encode()).hexdigest()
         self.db.collection(store.ISSUANCES).document(key_hash).get(timeout=FIRESTORE_TIMEOUT_SECONDS)
-        balance = sum(int(g.get("remaining")) for g in self._grants(principal))
+        balance = self._balance(principal)
         grant_id = os.urandom(16).hex()
         batch = self.db.batch()
         self._new_grant(batch, principal, grant_id, runs=runs, source="issue", ref=key_hash)
@@ -326,7 +351,7 @@ class Bare:
         self.db.collection(store.SEALS).document(seal_id).get(timeout=FIRESTORE_TIMEOUT_SECONDS)
         redemption_id = hashlib.sha256(f"{principal}|{seal_id}".encode()).hexdigest()
         self.db.collection(store.REDEMPTIONS).document(redemption_id).get(timeout=FIRESTORE_TIMEOUT_SECONDS)
-        self._grants(principal)
+        self._balance(principal)
         grant_id = os.urandom(16).hex()
         batch = self.db.batch()
         batch.create(
@@ -379,11 +404,11 @@ class Case:
 def request_cases(api: Api, bare: Bare) -> list[Case]:
     """Every endpoint (and the test client's floor), each with the state its request needs."""
     check_principal = "check@bench.example"
-    api.issue(check_principal, 50)  # one document (under 64 runs)
+    api.issue(check_principal, 50)  # 12 documents of 4 or 5 runs, as issue writes it
     consume_principal = "consume@bench.example"
     api.issue_one_document(consume_principal, 1_000_000)
     sharded_principal = "consume-sharded@bench.example"
-    api.issue(sharded_principal, 1_000_000)  # 8 shards, as issue writes it
+    api.issue(sharded_principal, 1_000_000)  # 240 shards, as issue writes it
     lifecycle = "lifecycle@bench.example"
     api.issue_one_document(lifecycle, 1_000_000)
     verify_principal = "verify@bench.example"
@@ -399,7 +424,7 @@ def request_cases(api: Api, bare: Bare) -> list[Case]:
 
     def consume_sharded(i: int) -> tuple[Callable[[], object], Callable[[], object]]:
         request = api.json_request("consume", {"run_id": f"app-{i}"}, principal=sharded_principal)
-        return (lambda: api.send(request)), (lambda: bare.consume(sharded_principal, f"bare-{i}", sharded=True))
+        return (lambda: api.send(request)), (lambda: bare.consume(sharded_principal, f"bare-{i}"))
 
     def issue(i: int) -> tuple[Callable[[], object], Callable[[], object]]:
         request = api.json_request("issue", {"principal": f"issue-app-{i}@bench.example", "runs_total": 10}, key=f"app-{i}")
@@ -435,14 +460,14 @@ def request_cases(api: Api, bare: Bare) -> list[Case]:
         return (lambda: api.send(request)), None
 
     return [
-        Case("check", REQUEST_GOAL, check, "grants query + run get"),
-        Case("consume", REQUEST_GOAL, consume, "grants query + run get + commit of 3 writes"),
-        Case("consume, sharded grant", REQUEST_GOAL, consume_sharded, "as consume + the balance read again"),
-        Case("issue (with Idempotency-Key)", REQUEST_GOAL, issue, "issuance get + grants query + commit of 4 writes"),
+        Case("check", REQUEST_GOAL, check, "balance sum + run get"),
+        Case("consume", REQUEST_GOAL, consume, "first-to-spend query + run get + slot draw + balance sum + commit of 3 writes"),
+        Case("consume, sharded grant", REQUEST_GOAL, consume_sharded, "as consume, on a grant of 240 documents"),
+        Case("issue (with Idempotency-Key)", REQUEST_GOAL, issue, "issuance get + balance sum + commit of 4 writes"),
         Case("run_start", REQUEST_GOAL, run_start, "run get + preconditioned update"),
         Case("run_complete", REQUEST_GOAL, run_complete, "run get + ECDSA sign + commit of 2 writes"),
         Case("seal_verify", VERIFY_GOAL, verify, "defusedxml parse + SHA-256 + ECDSA verify + seal get + redemption get"),
-        Case("redeem_seal_once", REQUEST_GOAL, redeem, "verify's work + grants query + commit of 4 writes"),
+        Case("redeem_seal_once", REQUEST_GOAL, redeem, "verify's work + balance sum + commit of 4 writes"),
         Case("public_keys", None, public_keys, "no Firestore call: the key's PEM"),
         Case("healthz (test client floor)", None, healthz, "no service: what the test client and Flask alone cost"),
     ]

@@ -1,9 +1,12 @@
-// The seal portal: checks a seal.svg offline in the browser and compares outputs with its outputs_sha256.
+// The seal portal: checks a seal.svg, a verification link (BASE/v#P.S, in the address bar) or a picture of a
+// seal's QR code offline in the browser, and compares outputs with its outputs_sha256.
 //
 // The seal format mirrors the one implementation (client/gbx_client/seal_format.py) check for check,
 // with the same reason strings, and the tests run the same vectors through both. Only the standard
-// library is used (DOMParser, Web Crypto, TextDecoder); nothing the person picks leaves the page, and
-// the uploaded SVG is never inserted into the page: everything shown is text read from its payload.
+// library is used (DOMParser, Web Crypto, TextDecoder, DecompressionStream); nothing the person picks leaves
+// the page, nor does a link's fragment (browsers never send it), and the uploaded SVG is never inserted into
+// the page: everything shown is text read from its payload. Pictures are read with the browser's
+// BarcodeDetector where it has one, else with the vendored jsQR (jsQR.js, loaded only then).
 
 const SEAL_NS = "urn:gbx:seal:v1";
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -19,6 +22,13 @@ const REQUIRED_CLAIMS = new Set([
 ]);
 const OPTIONAL_CLAIMS = new Set(["run_manifest_sha256"]);
 const PUBLIC_KEYS_PATH = "/api/seal/public_keys";
+// The verification link, as the seal format module defines it: BASE + VERIFY_PATH + "#" + P + "." + S.
+const VERIFY_PATH = "/v";
+const MAX_LINK_PAYLOAD_BYTES = 16 * 1024;
+const NOT_A_LINK = "not a seal verification link (BASE/v#P.S)";
+// Photos are scaled down to this many pixels on their long side before the QR code is searched.
+const MAX_IMAGE_SIDE = 1600;
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"];
 const OK = "ok";
 const NOT_CHECKED = "not checked";
 const CHECK_ORDER = ["document", "key", "signature"];
@@ -386,6 +396,77 @@ function decodePayload(payload) {
   return [claims, raw];
 }
 
+// --- the verification link ------------------------------------------------------
+
+/** Split a verification link into the site it names and its fragment; throw SealDocumentInvalid when the text is not one. */
+function parseVerifyLink(text) {
+  const link = text.trim();
+  let url;
+  try {
+    url = new URL(link);
+  } catch {
+    throw new SealDocumentInvalid(NOT_A_LINK);
+  }
+  if (
+    (url.protocol !== "http:" && url.protocol !== "https:") || !url.host || !url.pathname.endsWith(VERIFY_PATH)
+    || url.search || !link.includes("#") || /\s/.test(link)
+  ) {
+    throw new SealDocumentInvalid(NOT_A_LINK);
+  }
+  return { site: `${url.protocol}//${url.host}${url.pathname.slice(0, -VERIFY_PATH.length)}`, fragment: link.slice(link.indexOf("#") + 1) };
+}
+
+/** Inflate a link's raw DEFLATE payload, bounded; throw SealPayloadInvalid unless it is exactly one complete stream. */
+async function inflatePayload(packed) {
+  // DecompressionStream errors on a truncated stream and on bytes after its end, as the service's zlib check does.
+  const reader = new Blob([packed]).stream().pipeThrough(new DecompressionStream("deflate-raw")).getReader();
+  const chunks = [];
+  let total = 0;
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      total += value.length;
+      if (total > MAX_LINK_PAYLOAD_BYTES) {
+        reader.cancel().catch(() => {});
+        throw new SealPayloadInvalid(`payload inflates to more than ${MAX_LINK_PAYLOAD_BYTES} bytes`);
+      }
+      chunks.push(value);
+    }
+  } catch (error) {
+    if (error instanceof SealPayloadInvalid) throw error;
+    throw new SealPayloadInvalid("payload does not inflate (raw DEFLATE)");
+  }
+  const raw = new Uint8Array(total);
+  let at = 0;
+  for (const chunk of chunks) {
+    raw.set(chunk, at);
+    at += chunk.length;
+  }
+  return raw;
+}
+
+/** The seal element a link's fragment P.S stands for (its key is the payload's); throw SealPayloadInvalid if it does not decode. */
+async function linkElement(fragment) {
+  const parts = fragment.split(".");
+  if (parts.length !== 2) throw new SealPayloadInvalid("the link's fragment is not payload.signature");
+  let packed;
+  try {
+    packed = b64urlDecode(parts[0]);
+  } catch {
+    throw new SealPayloadInvalid("payload is not base64url");
+  }
+  const raw = await inflatePayload(packed);
+  let key = "";
+  try {
+    const parsed = JSON.parse(new TextDecoder("utf-8").decode(raw));
+    if (parsed && typeof parsed.key === "string") key = parsed.key;
+  } catch {
+    // decodePayload names what is wrong with the payload.
+  }
+  return { version: SEAL_VERSION, alg: SEAL_ALG, key, payload: b64urlEncode(raw), signature: parts[1] };
+}
+
 // --- signature ------------------------------------------------------------------
 
 /** Convert a strict DER ECDSA signature to the raw r‖s (32 bytes each) that Web Crypto takes; null if it is not one. */
@@ -447,19 +528,52 @@ async function fetchPublicKeys() {
   return body.keys;
 }
 
-/** Run the offline checks in the contract's order; each failure is reported and stops the later checks. */
+function emptyResult() {
+  return { checks: { document: NOT_CHECKED, key: NOT_CHECKED, signature: NOT_CHECKED }, claims: null, refused: false, unchecked: false, site: null };
+}
+
+/** Run the offline checks in the contract's order on a seal.svg; each failure is reported and stops the later checks. */
 async function verifySeal(bytes) {
-  const checks = { document: NOT_CHECKED, key: NOT_CHECKED, signature: NOT_CHECKED };
-  const result = { checks, claims: null, refused: false, unchecked: false };
+  const result = emptyResult();
   let element;
   try {
     element = parseSealSvg(bytes);
   } catch (error) {
     if (!(error instanceof SealDocumentInvalid)) throw error;
-    checks.document = error.message;
+    result.checks.document = error.message;
     result.refused = true; // the service answers these 400 invalid_seal: not a seal at all
     return result;
   }
+  return verifyElement(element, result);
+}
+
+/** The same checks on a verification link: its fragment inflated stands for the seal element. */
+async function verifyLink(text) {
+  const result = emptyResult();
+  let link;
+  try {
+    link = parseVerifyLink(text);
+  } catch (error) {
+    if (!(error instanceof SealDocumentInvalid)) throw error;
+    result.checks.document = error.message;
+    result.refused = true;
+    return result;
+  }
+  result.site = link.site;
+  let element;
+  try {
+    element = await linkElement(link.fragment);
+  } catch (error) {
+    if (!(error instanceof SealPayloadInvalid)) throw error;
+    result.checks.document = error.message;
+    return result;
+  }
+  return verifyElement(element, result);
+}
+
+/** The checks after the document is read: the payload, the key this site publishes, the signature. */
+async function verifyElement(element, result) {
+  const { checks } = result;
   let claims;
   let payload;
   try {
@@ -728,13 +842,15 @@ function showResult(result) {
     detail = `The signature could not be checked: ${clean(checks[failed])}. Try again when the site answers.`;
   } else if (result.refused) {
     verdict.textContent = "INVALID";
-    detail = `This file is not a usable seal.svg: ${clean(checks.document)}. Nothing else was checked.`;
+    const what = result.source === "file" ? "This file is not a usable seal.svg" : "This is not a usable seal";
+    detail = `${what}: ${clean(checks.document)}. Nothing else was checked.`;
   } else {
     verdict.textContent = "INVALID";
     detail = `The ${failed} check failed: ${clean(checks[failed])}. Do not rely on what this file says.`;
   }
   verdict.dataset.verdict = verdict.textContent;
   $("verdict-detail").textContent = detail;
+  showVerifiedBy(result);
   $("result").dataset.verdict = verdict.textContent;
   showChecks(checks, result.unchecked ? failed : null);
 
@@ -755,7 +871,24 @@ function showResult(result) {
   showOutputsComparison();
 }
 
-async function checkSeal(file) {
+/** Say which site made the checks (a QR code can point anywhere) and, for a link, which site it names. */
+function showVerifiedBy(result) {
+  const here = `${location.protocol}//${location.host}`;
+  const box = $("verified-by");
+  const lines = [`Checked by ${here}, with the keys this site publishes.`];
+  if (result.site !== null) {
+    lines.push(result.site === here
+      ? `The link names this site.`
+      : `The link names another site: ${clean(result.site)}. Trust the verdict only if you trust ${here}.`);
+  }
+  box.textContent = lines.join(" ");
+  box.dataset.site = here;
+  box.dataset.linkSite = result.site === null ? "" : result.site;
+  box.hidden = false;
+}
+
+/** Show that a check started: the verdict and its details cleared. */
+function startCheck(description) {
   const run = ++state.sealRun;
   const result = $("result");
   result.hidden = false;
@@ -764,12 +897,26 @@ async function checkSeal(file) {
   $("verdict").textContent = "Checking…";
   $("verdict").dataset.verdict = "";
   $("verdict-detail").textContent = "";
-  $("checked-file").textContent = `File: ${clean(file.name)} (${formatBytes(file.size)})`;
+  $("verified-by").hidden = true;
+  $("checked-file").textContent = description;
   showChecks({ document: NOT_CHECKED, key: NOT_CHECKED, signature: NOT_CHECKED });
   $("claims-block").hidden = true;
   state.claims = null;
   state.verified = false;
   showOutputsComparison();
+  return run;
+}
+
+function isImage(file) {
+  return IMAGE_TYPES.includes(file.type) || /\.(png|jpe?g|webp)$/i.test(file.name);
+}
+
+async function checkSeal(file) {
+  if (isImage(file)) {
+    checkPicture(file);
+    return;
+  }
+  const run = startCheck(`File: ${clean(file.name)} (${formatBytes(file.size)})`);
   let outcome;
   try {
     // Size first, before reading: nothing about an oversized upload is worth reading.
@@ -782,9 +929,80 @@ async function checkSeal(file) {
       claims: null,
       refused: true,
       unchecked: false,
+      site: null,
     };
   }
+  outcome.source = "file";
   if (run === state.sealRun) showResult(outcome);
+}
+
+/** Check a verification link (the address bar's, or a QR code's). */
+async function checkLink(text, description) {
+  const run = startCheck(description);
+  const outcome = await verifyLink(text);
+  outcome.source = "link";
+  if (run === state.sealRun) showResult(outcome);
+}
+
+/** Read the QR code in a picture (a screenshot, a photo of a print) and check the link it holds. */
+async function checkPicture(file) {
+  const description = `Picture: ${clean(file.name)} (${formatBytes(file.size)})`;
+  const run = startCheck(description);
+  let texts;
+  try {
+    texts = await readQrCodes(file);
+  } catch (error) {
+    texts = null;
+    if (run === state.sealRun) {
+      showResult({ ...emptyResult(), checks: { document: `the picture could not be read (${error.message})`, key: NOT_CHECKED, signature: NOT_CHECKED }, refused: true, source: "picture" });
+    }
+    return;
+  }
+  if (run !== state.sealRun) return;
+  if (texts.length !== 1) {
+    const reason = texts.length === 0 ? "no QR code found in the picture" : "the picture holds more than one QR code";
+    showResult({ ...emptyResult(), checks: { document: reason, key: NOT_CHECKED, signature: NOT_CHECKED }, refused: true, source: "picture" });
+    return;
+  }
+  const outcome = await verifyLink(texts[0]);
+  outcome.source = "picture";
+  if (run === state.sealRun) showResult(outcome);
+}
+
+/** The texts of the QR codes in a picture: BarcodeDetector where the browser has it, else the vendored jsQR. */
+async function readQrCodes(file) {
+  const bitmap = await createImageBitmap(file);
+  const scale = Math.min(1, MAX_IMAGE_SIDE / Math.max(bitmap.width, bitmap.height));
+  const width = Math.max(1, Math.round(bitmap.width * scale));
+  const height = Math.max(1, Math.round(bitmap.height * scale));
+  if ("BarcodeDetector" in globalThis) {
+    try {
+      if ((await BarcodeDetector.getSupportedFormats()).includes("qr_code")) {
+        const codes = await new BarcodeDetector({ formats: ["qr_code"] }).detect(bitmap);
+        if (codes.length > 0) return codes.map((code) => code.rawValue);
+      }
+    } catch {
+      // Fall through to jsQR: a detector that is present but fails must not hide the code.
+    }
+  }
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  const context = canvas.getContext("2d", { willReadFrequently: true });
+  context.fillStyle = "#ffffff"; // a transparent PNG's background reads as light, like paper
+  context.fillRect(0, 0, width, height);
+  context.drawImage(bitmap, 0, 0, width, height);
+  bitmap.close();
+  const pixels = context.getImageData(0, 0, width, height);
+  await import("./jsQR.js"); // defines self.jsQR (a UMD bundle); fetched only when a picture needs it
+  const code = globalThis.jsQR(pixels.data, width, height, { inversionAttempts: "attemptBoth" });
+  return code ? [code.data] : [];
+}
+
+/** On /v, the address bar's fragment is a seal: check it (it never leaves the browser). */
+function checkAddressBar() {
+  if (!location.pathname.endsWith(VERIFY_PATH) || location.hash.length <= 1) return;
+  checkLink(location.href, "The verification link in the address bar");
 }
 
 function formatBytes(bytes) {
@@ -890,12 +1108,13 @@ function setUp() {
     notice.textContent = "This browser offers its signature checks only on secure pages (https:// or localhost). Open this page over https.";
     notice.hidden = false;
   }
-  const sealInput = $("seal-file");
-  sealInput.addEventListener("change", () => {
-    const [file] = sealInput.files;
-    if (file) checkSeal(file);
-    sealInput.value = ""; // so that choosing the same file again checks it again
-  });
+  for (const sealInput of [$("seal-file"), $("seal-photo")]) {
+    sealInput.addEventListener("change", () => {
+      const [file] = sealInput.files;
+      if (file) checkSeal(file);
+      sealInput.value = ""; // so that choosing the same file again checks it again
+    });
+  }
   const zone = $("drop-zone");
   // A file dropped anywhere else must not make the browser open (and so render) the uploaded SVG;
   // the outputs pickers still take a file dropped on them.
@@ -926,6 +1145,8 @@ function setUp() {
     if (files.length === 1) checkOutputs(files, "file");
     fileInput.value = "";
   });
+  window.addEventListener("hashchange", checkAddressBar);
+  checkAddressBar();
   document.documentElement.dataset.ready = "true";
 }
 

@@ -207,3 +207,23 @@ def authenticate_admin(admin_token: str | None, authorization: str | None) -> Ad
     # An Authorization header that is present must verify, even an empty one.
     issued_by = authenticate(authorization).principal if authorization is not None else None
     return Admin(issued_by=issued_by)
+
+
+def authenticate_operator(authorization: str | None) -> Identity:
+    """An operator's (or the audit's own service account's) verified identity: 401 without a valid token, 403 for anyone else."""
+    identity = authenticate(authorization)
+    if not identity.operator and identity.principal not in get_config().auditors:
+        raise errors.Forbidden("only operators may call this")
+    return identity
+
+
+def authenticate_admin_or_operator(admin_token: str | None, authorization: str | None) -> Admin | Identity:
+    """The partner's admin token (checked as for issue), or else an operator's ID token; 401 when neither is sent."""
+    if admin_token is not None:
+        return authenticate_admin(admin_token, authorization)
+    if authorization is None:
+        raise errors.Unauthenticated(f"send {ADMIN_TOKEN_HEADER} or an operator's ID token")
+    identity = authenticate(authorization)
+    if not identity.operator:
+        raise errors.Forbidden("only the partner's admin token or an operator may call this")
+    return identity

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # Environment variable names, in one place.
 ENV_PROJECT = "GOOGLE_CLOUD_PROJECT"
 ENV_ISSUER = "GBX_ISSUER"
+ENV_PUBLIC_URL = "GBX_PUBLIC_URL"
 ENV_AUDIENCES = "GBX_AUDIENCES"
 ENV_CERTS_URL = "GBX_CERTS_URL"
 ENV_ADMIN_TOKEN = "GBX_ADMIN_TOKEN"
@@ -23,6 +24,9 @@ ENV_LOCAL_DIR = "GBX_LOCAL_DIR"
 ENV_LOCAL_MODE = "GBX_LOCAL_MODE"
 ENV_FIRESTORE_TIMEOUT = "GBX_FIRESTORE_TIMEOUT_SECONDS"
 ENV_FIRESTORE_RETRY = "GBX_FIRESTORE_RETRY_SECONDS"
+ENV_AUDITORS = "GBX_AUDITORS"
+ENV_AUDIT_PAGE_SIZE = "GBX_AUDIT_PAGE_SIZE"
+ENV_AUDIT_BUDGET = "GBX_AUDIT_BUDGET_SECONDS"
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 GOOGLE_ISSUERS = ("accounts.google.com", "https://accounts.google.com")
@@ -30,6 +34,7 @@ LOCAL_AUDIENCE = "gbx-local"
 LOCAL_PROJECT = "gbx-local"
 LOCAL_ADMIN_TOKEN = "local-admin-token"
 LOCAL_OPERATORS = "operator@gbx.local"
+LOCAL_PUBLIC_URL = "http://127.0.0.1:8080"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,6 +50,7 @@ class Config(BaseModel):
 
     project: str = Field(description="Google Cloud project that holds Firestore.")
     issuer: str = Field(description="Deployment name written into every seal's `issuer` claim.")
+    public_url: str = Field(description="The deployment's public base URL (Hosting's), where seals' verification links point.")
     audiences: tuple[str, ...] = Field(description="ID-token audiences accepted (the service URLs).")
     certs_url: str = Field(description="Where the ID-token signing certificates are read (https URL or file path).")
     token_issuers: tuple[str, ...] = Field(description="Accepted `iss` claims.")
@@ -58,6 +64,9 @@ class Config(BaseModel):
     local_mode: bool = Field(description="True when served by `python -m shared.local`.")
     firestore_timeout_seconds: float = Field(gt=0, description="Timeout of one Firestore call.")
     firestore_retry_seconds: float = Field(gt=0, description="Budget of a Firestore read's retries on transient errors.")
+    auditors: frozenset[str] = Field(description="Identities that may call the ledger audit besides the operators (the scheduler's service account).")
+    audit_page_size: int = Field(ge=1, le=1000, description="Grant documents the ledger audit reads per page.")
+    audit_budget_seconds: float = Field(gt=0, description="How long one ledger audit call checks pages before it saves its cursor and answers.")
 
 
 def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
@@ -74,6 +83,8 @@ def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
     return Config(
         project=project,
         issuer=env.get(ENV_ISSUER) or ("local" if local_mode else project),
+        # Hosting's default site is the project's (deploy.sh --site); local mode's server sets its own URL.
+        public_url=(env.get(ENV_PUBLIC_URL) or (LOCAL_PUBLIC_URL if local_mode else f"https://{project}.web.app")).rstrip("/"),
         audiences=_split(env.get(ENV_AUDIENCES, "")) or ((LOCAL_AUDIENCE,) if local_mode else ()),
         certs_url=env.get(ENV_CERTS_URL) or (str(local_dir / "certs.json") if local_mode else GOOGLE_CERTS_URL),
         token_issuers=GOOGLE_ISSUERS,
@@ -88,6 +99,10 @@ def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
         # 5 s per call, retried within 10 s: an outage ends in our 503 well inside a function's 60 s timeout.
         firestore_timeout_seconds=float(env.get(ENV_FIRESTORE_TIMEOUT) or 5.0),
         firestore_retry_seconds=float(env.get(ENV_FIRESTORE_RETRY) or 10.0),
+        auditors=frozenset(a.lower() for a in _split(env.get(ENV_AUDITORS, ""))),
+        audit_page_size=int(env.get(ENV_AUDIT_PAGE_SIZE) or 300),
+        # deploy.sh gives the audit function a 30-minute timeout; a call stops checking well before it.
+        audit_budget_seconds=float(env.get(ENV_AUDIT_BUDGET) or 1500.0),
     )
 
 

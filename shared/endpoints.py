@@ -35,6 +35,8 @@ class Caller(enum.Enum):
 
     USER = "user"  # a Google ID token (runner, user, operator)
     ADMIN = "admin"  # X-GBX-ADMIN-TOKEN (partner)
+    OPERATOR = "operator"  # an operator's Google ID token (or the audit's own service account's: GBX_AUDITORS)
+    ADMIN_OR_OPERATOR = "admin_or_operator"  # X-GBX-ADMIN-TOKEN, or an operator's Google ID token
     ANYONE = "anyone"  # no authentication
 
 
@@ -43,6 +45,7 @@ class Body(enum.Enum):
 
     JSON = "json"
     SEAL = "seal"  # a seal.svg, raw (image/svg+xml) or as the multipart field `seal`
+    QUERY = "query"  # no body: the request model is read from the query string
     NONE = "none"
 
 
@@ -74,6 +77,13 @@ class Endpoint:
     idempotent: bool = False
     errors: tuple[type[ApiError], ...] = ()
     keys: Keys = Keys.NONE
+    # The response model can also answer as CSV (its `csv()`), for a caller whose Accept prefers text/csv.
+    csv: bool = False
+    # Invoked only through Cloud Run's invoker IAM check by its own service account (Cloud Scheduler), not
+    # through Firebase Hosting, which can only reach services that skip that check.
+    internal: bool = False
+    # The function's timeout in seconds (gen2 HTTP functions allow up to 3600).
+    timeout: int = 60
 
     @property
     def function_name(self) -> str:
@@ -84,13 +94,15 @@ class Endpoint:
     def all_errors(self) -> tuple[type[ApiError], ...]:
         """Every error the endpoint can answer: its own, and those its caller, body and options imply."""
         implied: list[type[ApiError]] = [errors.MethodNotAllowed, errors.Unavailable, ApiError]
-        if self.body is not Body.NONE:
+        if self.body in (Body.JSON, Body.SEAL):
             implied += [errors.InvalidRequest, errors.PayloadTooLarge, errors.UnsupportedMediaType]
+        if self.body is Body.QUERY:
+            implied.append(errors.InvalidRequest)
         if self.body is Body.SEAL:
             implied.append(errors.InvalidSeal)
         if self.caller is Caller.USER:
             implied.append(errors.Unauthenticated)
-        if self.caller is Caller.ADMIN:
+        if self.caller in (Caller.ADMIN, Caller.OPERATOR, Caller.ADMIN_OR_OPERATOR):
             implied += [errors.Unauthenticated, errors.Forbidden]
         if self.idempotent:
             implied += [errors.InvalidRequest, errors.IdempotencyConflict]
@@ -147,6 +159,14 @@ ENDPOINTS: dict[str, Endpoint] = {
             "public_keys", "/api/seal/public_keys", "GET", "Public keys that seals are signed with",
             "shared.seals:public_keys", Caller.ANYONE, models.PublicKeysResponse, body=Body.NONE, keys=Keys.VERIFY,
         ),
+        Endpoint(
+            "entitlement_usage", "/api/entitlement/usage", "GET", "A principal's grants, balance, and runs consumed and granted as bonus in a time range",
+            "shared.usage:usage", Caller.ADMIN_OR_OPERATOR, models.UsageResponse, models.UsageQuery, body=Body.QUERY, csv=True,
+        ),
+        Endpoint(
+            "ledger_audit", "/api/ledger/audit", "POST", "Check the next pages of grant documents against their ledger (a pass resumes where the last call stopped)",
+            "shared.audit:ledger_audit", Caller.OPERATOR, models.AuditResponse, body=Body.NONE, internal=True, timeout=1800,
+        ),
     )
 }
 
@@ -157,15 +177,17 @@ def deploy_order() -> list[Endpoint]:
 
 
 def hosting_rewrites(region: str) -> list[dict[str, Any]]:
-    """Firebase Hosting rewrites: each contract path to its gen2 function's Cloud Run service."""
-    return [{"source": e.path, "run": {"serviceId": e.function_name, "region": region}} for e in ENDPOINTS.values()]
+    """Firebase Hosting rewrites: each contract path to its gen2 function's Cloud Run service (internal ones excepted)."""
+    return [{"source": e.path, "run": {"serviceId": e.function_name, "region": region}} for e in ENDPOINTS.values() if not e.internal]
 
 
 def main(argv: list[str] | None = None) -> None:
     """Print the registry for deploy.sh: one tab-separated line per function, or the Hosting rewrites as JSON."""
     parser = argparse.ArgumentParser(prog="python -m shared.endpoints", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command")
-    commands.add_parser("list", help="NAME FUNCTION METHOD PATH CALLER KEYS, one line per endpoint in deploy order (the default)")
+    commands.add_parser(
+        "list", help="NAME FUNCTION METHOD PATH CALLER KEYS TIMEOUT ACCESS (public or internal), one line per endpoint in deploy order (the default)"
+    )
     rewrites = commands.add_parser("rewrites", help="the Firebase Hosting rewrites of every path, as JSON")
     rewrites.add_argument("--region", required=True, help="region the functions are deployed in")
     args = parser.parse_args(argv)
@@ -174,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         print()
         return
     for e in deploy_order():
-        print("\t".join((e.name, e.function_name, e.method, e.path, e.caller.value, e.keys.value)))
+        access = "internal" if e.internal else "public"
+        print("\t".join((e.name, e.function_name, e.method, e.path, e.caller.value, e.keys.value, str(e.timeout), access)))
 
 
 if __name__ == "__main__":

@@ -24,22 +24,9 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def spendable_grants(grants: list[store.Grant], now: dt.datetime) -> list[store.Grant]:
-    """Usable grants in spending order: earliest expiry first, never-expiring last, then oldest first."""
-    far = dt.datetime.max.replace(tzinfo=dt.UTC)
-    usable = [g for g in grants if g.usable(now)]
-    return sorted(usable, key=lambda g: (g.expires_at or far, g.created_at or far, g.group, g.grant_id))
-
-
-def grant_to_spend(grants: list[store.Grant]) -> store.Grant:
-    """The grant to charge: the first in spending order, or any shard of it, so concurrent consumers spread out."""
-    first = grants[0]
-    return random.choice([g for g in grants if g.group == first.group])
-
-
 def current_balance(principal: str) -> int:
-    """Sum of unused runs of the principal's unexpired grants."""
-    return sum(g.remaining for g in spendable_grants(store.read_grants_with_runs_left(principal), _now()))
+    """Sum of unused runs of the principal's unexpired grants (one aggregation)."""
+    return store.read_balance(principal, _now())
 
 
 def check(caller: Identity, req: CheckRequest) -> CheckResponse:
@@ -58,34 +45,43 @@ def check(caller: Identity, req: CheckRequest) -> CheckResponse:
 
 
 def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
-    """Charge one run for run_id, exactly once however often and however concurrently it is asked."""
+    """Charge one run for run_id, exactly once however often and however concurrently it is asked.
+
+    Each attempt reads the first open shard in spending order (one indexed query of one document), the run
+    record, one open shard drawn at random among all those that expire with it (another), the balance (one
+    aggregation), and commits on the drawn shard, preconditioned on its update time. A lost race draws
+    again: hundreds of consumers of one principal spread over the shards instead of re-reading them all.
+    Grants that expire at the same moment are spent in any order.
+    """
     principal = caller.principal
     # Marks this request's charge, so that its own commit, applied but unanswered, reads back as not replayed.
     charge_id = secrets.token_hex(12)
 
     def attempt() -> ConsumeResponse:
+        now = _now()
         # Grants before the run (see check): a retry racing its twin for the last run replays, never 402s.
-        grants = spendable_grants(store.read_grants_with_runs_left(principal), _now())
+        first = store.read_first_to_spend(principal, now)
         run = store.read_run(principal, req.run_id)
         if run is not None:
             # Our own charge (applied, reply lost) is ours whatever happened to the run since.
             replayed = run.record.charge_id != charge_id
             if replayed and run.state != "consumed":
                 raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}", state=run.state)
-            # The grants read just above are the current balance: no second read.
-            balance = sum(g.remaining for g in grants)
-            return ConsumeResponse(run_id=req.run_id, principal=principal, balance=balance, state="consumed", replayed=replayed)
-        if not grants:
+            return ConsumeResponse(run_id=req.run_id, principal=principal, balance=current_balance(principal), state="consumed", replayed=replayed)
+        if first is None:
             raise errors.EntitlementExhausted()
-        grant = grant_to_spend(grants)
-        store.commit_consume(principal, req.run_id, grant, charge_id=charge_id, consumed_at=_now())
-        if sum(g.group == grant.group for g in grants) == 1:
-            # The commit was preconditioned on this grant as read: the balance after it is exact for it.
-            balance = sum(g.remaining for g in grants) - 1
-        else:
-            # Shards of one grant commit independently: read the balance again rather than overstate it.
-            balance = current_balance(principal)
-        return ConsumeResponse(run_id=req.run_id, principal=principal, balance=balance, state="consumed", replayed=False)
+        if not first.usable(now):
+            # Marked open with no runs left (written by a version that did not keep `open`): close it, read again.
+            store.commit_close_shard(principal, first)
+            raise store.Contended("closed a spent shard still marked open")
+        # Half upwards, half downwards from a random slot: a closed shard's share goes to both its neighbours.
+        drawn = store.read_open_shard_at(principal, first.spend_key, random.random(), upwards=random.random() < 0.5)
+        # Past the last slot (or a shard that ran dry since the query's index read it): the first one, as read.
+        grant = drawn if drawn is not None and drawn.usable(now) else first
+        # Read after the charged shard, whose precondition holds at the commit: it counts this run, so ≥ 1.
+        balance = store.read_balance(principal, now)
+        store.commit_consume(principal, req.run_id, grant, charge_id=charge_id, consumed_at=now)
+        return ConsumeResponse(run_id=req.run_id, principal=principal, balance=balance - 1, state="consumed", replayed=False)
 
     return store.optimistic(attempt)
 

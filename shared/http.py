@@ -124,8 +124,21 @@ def _reject_duplicate_keys(raw: bytes) -> None:
         json.loads(raw, object_pairs_hook=_no_duplicates)
 
 
+def _uri_list_link(raw: bytes) -> str:
+    """The one URI of a text/uri-list body (RFC 2483: CRLF lines, `#` comment lines); 400 invalid_seal otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.InvalidSeal("the text/uri-list body is not UTF-8") from exc
+    uris = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if len(uris) != 1:
+        raise errors.InvalidSeal("send exactly one verification link (BASE/v#P.S) as text/uri-list")
+    return uris[0]
+
+
 def _parse_seal(request: flask.Request, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
-    """A seal.svg sent raw (image/svg+xml) or as the multipart field `seal`, with the principal an operator names."""
+    """A seal.svg sent raw (image/svg+xml) or as the multipart field `seal`, or a verification link (text/uri-list),
+    with the principal an operator names."""
     # Imported on first use: only the seal endpoints load the format (and defusedxml) at all.
     from gbx_client.seal_format import MAX_SEAL_BYTES
 
@@ -133,8 +146,12 @@ def _parse_seal(request: flask.Request, model: type[pydantic.BaseModel]) -> pyda
     if len(request.args.getlist("principal")) > 1:
         raise errors.InvalidRequest("the query repeats `principal`")
     principal = request.args.get("principal")
+    link: str | None = None
+    svg = b""
     if request.mimetype == "image/svg+xml":
         svg = _read_body(request, MAX_SEAL_BYTES)
+    elif request.mimetype == "text/uri-list":
+        link = _uri_list_link(_read_body(request, MAX_SEAL_BYTES))
     elif request.mimetype == "multipart/form-data":
         raw = _read_body(request, MAX_SEAL_BYTES + MULTIPART_OVERHEAD_BYTES)
         parser = FormDataParser(max_form_memory_size=MAX_SEAL_BYTES + MULTIPART_OVERHEAD_BYTES, max_form_parts=8, silent=False)
@@ -158,11 +175,35 @@ def _parse_seal(request: flask.Request, model: type[pydantic.BaseModel]) -> pyda
         if "principal" in form or "principal" in files:
             principal = form.get("principal", "")
     else:
-        raise errors.UnsupportedMediaType("send the seal as image/svg+xml or multipart/form-data field `seal`")
-    fields: dict[str, Any] = {"svg": svg}
+        raise errors.UnsupportedMediaType("send the seal as image/svg+xml, multipart/form-data field `seal`, or its link as text/uri-list")
+    fields: dict[str, Any] = {"svg": svg, "link": link}
     if "principal" in model.model_fields and principal is not None:
         fields["principal"] = principal.strip()
     return model.model_validate(fields)
+
+
+def _parse_query(request: flask.Request, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
+    """The query string validated into its request model; a repeated parameter is 400, as a repeated JSON key is."""
+    fields: dict[str, Any] = {}
+    for name in request.args:
+        values = request.args.getlist(name)
+        if len(values) > 1:
+            raise errors.InvalidRequest(f"the query repeats `{name}`")
+        fields[name] = values[0]
+    return model.model_validate(fields)
+
+
+def _prefers_csv(request: flask.Request) -> bool:
+    """True when the Accept header ranks text/csv above JSON (JSON when it names neither, or no Accept is sent)."""
+    return request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv"
+
+
+def _csv_response(body: str, request_id: str) -> flask.Response:
+    """A CSV answer, with the same request id and caching as every JSON answer."""
+    response = flask.Response(body, status=200, mimetype="text/csv")
+    response.headers[REQUEST_ID_HEADER] = request_id
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def _log_request(*, request: flask.Request, request_id: str, endpoint: str, principal: str | None, status: int, started: float, writes: list[str]) -> None:
@@ -193,6 +234,11 @@ def _emit(entry: dict[str, Any], request: flask.Request) -> None:
     config = get_config()
     if trace_id and trace_id.isalnum() and config.project:
         entry["logging.googleapis.com/trace"] = f"projects/{config.project}/traces/{trace_id}"
+    log(entry)
+
+
+def log(entry: dict[str, Any]) -> None:
+    """Write one structured log line to stdout (Cloud Logging parses it): for services' own events, and every request's."""
     line = json.dumps(entry) + "\n"
     # One write of one whole line, under a lock: concurrent requests of one instance never interleave.
     with _LOG_LOCK:
@@ -219,9 +265,17 @@ def handle(request: flask.Request, endpoint: Endpoint) -> flask.Response:
             admin = auth.authenticate_admin(request.headers.get(auth.ADMIN_TOKEN_HEADER), request.headers.get("Authorization"))
             principal = admin.issued_by
             args.append(admin)
+        elif endpoint.caller is Caller.OPERATOR:
+            operator = auth.authenticate_operator(request.headers.get("Authorization"))
+            principal = operator.principal
+            args.append(operator)
+        elif endpoint.caller is Caller.ADMIN_OR_OPERATOR:
+            caller = auth.authenticate_admin_or_operator(request.headers.get(auth.ADMIN_TOKEN_HEADER), request.headers.get("Authorization"))
+            principal = caller.issued_by if isinstance(caller, auth.Admin) else caller.principal
+            args.append(caller)
         if endpoint.body is not Body.NONE:
             assert endpoint.request is not None
-            parse = _parse_json if endpoint.body is Body.JSON else _parse_seal
+            parse = {Body.JSON: _parse_json, Body.SEAL: _parse_seal, Body.QUERY: _parse_query}[endpoint.body]
             try:
                 args.append(parse(request, endpoint.request))
             except pydantic.ValidationError as exc:
@@ -236,7 +290,10 @@ def handle(request: flask.Request, endpoint: Endpoint) -> flask.Response:
             kwargs["idempotency_key"] = key
         with store.recording_attempts() as writes:
             result = endpoint.run(*args, **kwargs)
-        response = _json_response(result.model_dump_json(), 200, request_id)
+        if endpoint.csv and _prefers_csv(request):
+            response = _csv_response(result.csv(), request_id)  # type: ignore[attr-defined]
+        else:
+            response = _json_response(result.model_dump_json(), 200, request_id)
     except errors.ApiError as exc:
         response = error_response(exc, request_id)
     except UNAVAILABLE_ERRORS as exc:

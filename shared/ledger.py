@@ -12,6 +12,7 @@ import google.auth.exceptions
 from google.api_core import exceptions as gexc
 
 from shared import config, store
+from shared.audit import check_documents
 from shared.models import format_time
 
 EXIT_OK = 0
@@ -40,16 +41,15 @@ def _jsonable(value: Any) -> Any:
 
 
 def audit(principal: str, limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
-    """The principal's grants, newest ledger entries, and any grant whose ledger disagrees with it."""
-    grants = store.all_grants(principal)
-    problems = []
-    for group in sorted({grant.get("group", grant["grant_id"]) for grant in grants}):
-        entries = store.ledger_for_grant(group)
-        # Per shard document (a grant that is not sharded is its own single shard).
-        for grant in (g for g in grants if g.get("group", g["grant_id"]) == group):
-            total = sum(entry["delta"] for entry in entries if entry.get("shard", entry["grant"]) == grant["grant_id"])
-            if total != grant["remaining"]:
-                problems.append(f"grant {grant['grant_id']}: ledger sums to {total}, grant holds {grant['remaining']}")
+    """The principal's grants, newest ledger entries, and any grant document whose ledger disagrees with it.
+
+    The check is the ledger audit's own (shared.audit.check_documents), on this principal's grant documents.
+    """
+    snaps = store.read_principal_grant_docs(principal)
+    grants = [{"grant_id": snap.id, **(snap.to_dict() or {})} for snap in snaps]
+    problems = [
+        f"grant {m.grant_id} (document {m.shard}): ledger sums to {m.expected}, grant holds {m.found}" for m in check_documents(snaps)
+    ]
     return grants, store.ledger_for_principal(principal, limit), problems
 
 

@@ -126,6 +126,16 @@ def _load_function(entry: str) -> Callable[[flask.Request], Any] | None:
 
 
 @functools.cache
+def _hosting_portal_rewrites() -> dict[str, str]:
+    """firebase.json's Hosting rewrites to a portal file (source path -> file), such as /v of the verification links."""
+    try:
+        rules: list[dict[str, Any]] = json.loads(FIREBASE_JSON.read_text()).get("hosting", {}).get("rewrites", [])
+    except (OSError, ValueError):
+        return {}
+    return {rule["source"]: rule["destination"].lstrip("/") for rule in rules if "source" in rule and "destination" in rule}
+
+
+@functools.cache
 def _hosting_header_rules() -> list[dict[str, Any]]:
     """firebase.json's Hosting header rules, read once per process (none when the file has none)."""
     try:
@@ -208,8 +218,11 @@ def create_app() -> flask.Flask:
         ("/gbx/", "gbx_index", _gbx),
         ("/gbx/<path:path>", "gbx", _gbx),
         ("/", "portal_index", _portal),
-        ("/<path:path>", "portal", _portal),
     ]
+    # Hosting's rewrites to the portal (the verification link's /v), served the same way here.
+    for source, destination in _hosting_portal_rewrites().items():
+        static_routes.append((source, f"portal_rewrite_{source}", functools.partial(_portal, destination)))
+    static_routes.append(("/<path:path>", "portal", _portal))
     for rule, name, static_view in static_routes:
         app.url_map.add(Rule(rule, endpoint=name))
         app.view_functions[name] = static_view
@@ -243,6 +256,8 @@ def refuse_in_cloud() -> None:
 def serve(port: int) -> None:
     """Serve every endpoint on 127.0.0.1:port until Ctrl-C or SIGTERM, with an emulator unless one is given."""
     refuse_in_cloud()
+    # Seals' verification links point at this server unless a public URL is configured.
+    os.environ.setdefault(config_module.ENV_PUBLIC_URL, f"http://127.0.0.1:{port}")
     configure_local_environment()
     config = config_module.get_config()
     running: list[Any] = []  # the server, once it exists

@@ -6,7 +6,7 @@ import datetime as dt
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, TypeAdapter, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, TypeAdapter, WithJsonSchema, model_validator
 from pydantic.config import JsonDict
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -185,9 +185,10 @@ class ErrorBody(Model):
 
 
 class SealUpload(Model):
-    """A seal.svg upload (verify): the document as sent, raw (image/svg+xml) or as the multipart field `seal`."""
+    """A seal upload (verify): a seal.svg raw (image/svg+xml) or as the multipart field `seal`, or a verification link (text/uri-list)."""
 
-    svg: bytes = Field(description="The seal.svg bytes.")
+    svg: bytes = Field(default=b"", description="The seal.svg bytes (empty when a link was sent).")
+    link: str | None = Field(default=None, description="The verification link BASE/v#P.S, when sent as text/uri-list.")
 
 
 class RedeemUpload(SealUpload):
@@ -205,7 +206,11 @@ class SealBundle(Model):
     alg: Literal["ES256"]
     key: str = Field(description="CryptoKeyVersion resource name that signed the seal.")
     public_key_pem: str | None = Field(description="SPKI PEM of `key` (null only once that version is no longer trusted).")
-    seal_svg: str = Field(description="The seal.svg badge carrying the signed payload in its metadata.")
+    seal_svg: str = Field(description="The seal.svg badge carrying the signed payload in its metadata, and the verification link as a QR code.")
+    verify_link: str = Field(
+        description="BASE/v#P.S: P is base64url (no padding) of the raw DEFLATE of seal_json's bytes, S of the DER signature. "
+        "Opening it in a browser verifies the seal there; POST /api/seal/verify takes it as text/uri-list."
+    )
 
 
 class VerifyChecks(Model):
@@ -276,3 +281,88 @@ class PublicKeysResponse(Model):
     """200 from public_keys."""
 
     keys: list[PublicKeyInfo]
+
+
+class LedgerMismatch(Model):
+    """A grant document whose unused runs disagree with its ledger."""
+
+    principal: str = Field(description="The principal the grant belongs to.")
+    grant_id: str = Field(description="The issued grant (its `group`).")
+    shard: str = Field(description="The grant document that disagrees (the grant's own id unless the grant is sharded).")
+    expected: int = Field(description="What the ledger says: the sum of the deltas of its entries for this document.")
+    found: int = Field(description="What the document holds: its `remaining`.")
+
+
+class AuditResponse(Model):
+    """200 from the ledger audit: what this call checked, and where the pass it belongs to stands."""
+
+    checked_grants: int = Field(description="Grant documents checked by this call.")
+    mismatches: list[LedgerMismatch] = Field(description="Every grant document this call found disagreeing with its ledger.")
+    pass_complete: bool = Field(description="True when this call reached the last grant document: the next call starts a new pass.")
+    pass_started_at: str = Field(description="When the pass this call belongs to started.")
+    pass_checked_grants: int = Field(description="Grant documents checked by the pass so far, this call included.")
+    pass_mismatches: int = Field(description="Mismatches found by the pass so far, this call included.")
+
+
+class UsageQuery(Model):
+    """GET /api/entitlement/usage: the query string."""
+
+    principal: Principal
+    from_: UtcTime | None = Field(default=None, alias="from", description="Count ledger entries at or after this time (RFC 3339 UTC).")
+    to: UtcTime | None = Field(default=None, description="Count ledger entries before this time (RFC 3339 UTC).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> UsageQuery:
+        if self.from_ is not None and self.to is not None and self.from_ > self.to:
+            raise ValueError("`from` must not be after `to`")
+        return self
+
+
+class UsageGrant(Model):
+    """One issued grant, its shards summed."""
+
+    grant_id: str
+    plan_id: str
+    runs_total: int = Field(description="Runs the grant was issued with.")
+    remaining: int = Field(description="Its unused runs (expired or not).")
+    expires_at: str | None = Field(description="RFC 3339 expiry; null: never expires.")
+
+
+USAGE_CSV_COLUMNS = ("row", "principal", "grant_id", "plan_id", "runs_total", "remaining", "expires_at", "balance", "consumed", "bonus", "counted_from", "counted_to")
+
+
+class UsageResponse(Model):
+    """200 from usage (also as text/csv: a header row, one row per grant, then a `total` row)."""
+
+    principal: str
+    balance: int = Field(description="Unused runs of unexpired grants, now.")
+    consumed: int = Field(description="Runs consumed between `from` and `to` (ledger time).")
+    bonus: int = Field(description="Bonus runs granted by redeemed seals between `from` and `to` (ledger time).")
+    counted_from: str | None = Field(description="The `from` the counts start at, or null (the first entry).")
+    counted_to: str | None = Field(description="The `to` the counts end before, or null (now).")
+    grants: list[UsageGrant] = Field(description="Every grant of the principal, oldest first.")
+
+    def csv(self) -> str:
+        """The same as CSV: a header row, one `grant` row per grant, and a `total` row holding the totals."""
+        import csv
+        import io
+
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=USAGE_CSV_COLUMNS, lineterminator="\r\n")
+        writer.writeheader()
+        for grant in self.grants:
+            writer.writerow({"row": "grant", "principal": self.principal, **grant.model_dump()})
+        writer.writerow(
+            {
+                "row": "total",
+                "principal": self.principal,
+                "runs_total": sum(g.runs_total for g in self.grants),
+                "remaining": sum(g.remaining for g in self.grants),
+                "balance": self.balance,
+                "consumed": self.consumed,
+                "bonus": self.bonus,
+                "counted_from": self.counted_from,
+                "counted_to": self.counted_to,
+            }
+        )
+        return out.getvalue()

@@ -14,7 +14,7 @@ REF = "#/components/schemas/{model}"
 
 
 def _seal_body(endpoint: Endpoint) -> dict[str, Any]:
-    """The request body of seal uploads: raw SVG, or multipart with `seal` (and an operator's `principal`)."""
+    """The request body of seal uploads: raw SVG, multipart with `seal` (and an operator's `principal`), or the seal's verification link."""
     assert endpoint.request is not None
     properties: dict[str, Any] = {"seal": {"type": "string", "format": "binary", "description": "The seal.svg."}}
     if "principal" in endpoint.request.model_fields:
@@ -23,6 +23,13 @@ def _seal_body(endpoint: Endpoint) -> dict[str, Any]:
         "required": True,
         "content": {
             "image/svg+xml": {"schema": {"type": "string", "format": "binary", "maxLength": 256 * 1024}},
+            "text/uri-list": {
+                "schema": {
+                    "type": "string",
+                    "maxLength": 256 * 1024,
+                    "description": "One verification link BASE/v#P.S (run_complete's `verify_link`, or the badge's QR code): the same checks.",
+                }
+            },
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
@@ -39,6 +46,11 @@ def _responses(endpoint: Endpoint) -> dict[str, Any]:
     responses: dict[str, Any] = {
         "200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": REF.format(model=endpoint.response.__name__)}}}}
     }
+    if endpoint.csv:
+        # Answered when the Accept header ranks text/csv above application/json.
+        responses["200"]["content"]["text/csv"] = {
+            "schema": {"type": "string", "description": "A header row, one `grant` row per grant, then a `total` row with the totals."}
+        }
     by_status: dict[int, list[str]] = {}
     error: type[errors.ApiError]
     for error in endpoint.all_errors:
@@ -62,12 +74,24 @@ def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
     if endpoint.request is not None and "principal" in endpoint.request.model_fields and endpoint.body is Body.SEAL:
         parameters.append({"name": "principal", "in": "query", "required": False, "schema": {"type": "string", "pattern": models.PRINCIPAL_PATTERN},
                            "description": "Operators only: the principal to act for."})
+    if endpoint.body is Body.QUERY:
+        assert endpoint.request is not None
+        schema = endpoint.request.model_json_schema(ref_template=REF)
+        for name, field in schema["properties"].items():
+            # An optional parameter is absent, never null: keep the value's own schema.
+            variants = [v for v in field.get("anyOf", []) if v.get("type") != "null"]
+            if variants:
+                field = {**variants[0], "description": field.get("description", "")}
+            parameters.append({"name": name, "in": "query", "required": name in schema.get("required", []), "schema": field,
+                               "description": field.get("description", "")})
     return parameters
 
 
 def _security(endpoint: Endpoint) -> list[dict[str, list[str]]]:
-    if endpoint.caller is Caller.USER:
+    if endpoint.caller in (Caller.USER, Caller.OPERATOR):
         return [{"googleIdToken": []}]
+    if endpoint.caller is Caller.ADMIN_OR_OPERATOR:
+        return [{"adminToken": []}, {"adminToken": [], "googleIdToken": []}, {"googleIdToken": []}]
     if endpoint.caller is Caller.ADMIN:
         # An accompanying ID token is optional, and recorded as the issuer when sent.
         return [{"adminToken": []}, {"adminToken": [], "googleIdToken": []}]

@@ -16,8 +16,11 @@ from gbx_client.seal_format import (
     b64url_decode,
     canonical_json,
     decode_payload,
+    link_element,
     parse_seal_svg,
+    parse_verify_link,
     render_seal_svg,
+    verify_link,
 )
 from shared import errors, store
 from shared.auth import Identity
@@ -46,6 +49,8 @@ CHECK_ORDER = ("document", "key", "signature", "record")  # the contract's verif
 def _bundle(record: dict[str, Any]) -> SealBundle:
     """The seal bundle of a seal record; deterministic, so a retry returns identical bytes."""
     der = base64.b64decode(record["signature"])
+    payload = record["payload"].encode()
+    link = verify_link(get_config().public_url, payload=payload, signature=der)
     return SealBundle(
         seal_id=record["seal_id"],
         seal_json=record["payload"],
@@ -53,7 +58,8 @@ def _bundle(record: dict[str, Any]) -> SealBundle:
         alg=record["alg"],
         key=record["key"],
         public_key_pem=record["public_key_pem"],
-        seal_svg=render_seal_svg(payload=record["payload"].encode(), signature=der, key=record["key"], alg=record["alg"]),
+        seal_svg=render_seal_svg(payload=payload, signature=der, key=record["key"], alg=record["alg"], link=link),
+        verify_link=link,
     )
 
 
@@ -152,10 +158,11 @@ class Verification:
         return next(f"{name}: {checks[name]}" for name in CHECK_ORDER if checks[name] != OK)
 
 
-def verify_seal(svg: bytes) -> Verification:
-    """Run the contract's checks in order; each failure is reported by name and stops the later checks."""
+def verify_seal(svg: bytes, link: str | None = None) -> Verification:
+    """Run the contract's checks in order, on a seal.svg or a verification link; each failure is reported by name and stops the later checks."""
     try:
-        element = parse_seal_svg(svg)
+        site = parse_verify_link(link) if link is not None else None
+        element = parse_seal_svg(svg) if site is None else None
     except SealTooLarge as exc:
         raise errors.PayloadTooLarge(str(exc)) from exc
     except SealDocumentInvalid as exc:
@@ -168,6 +175,10 @@ def verify_seal(svg: bytes) -> Verification:
         return Verification(checks=VerifyChecks(**checks), claims=claims, record=record)
 
     try:
+        # A link is a seal too, once its fragment is inflated: a tampered one is INVALID, not a 400.
+        if element is None:
+            assert site is not None
+            element = link_element(site.fragment)
         claims, payload = decode_payload(element.payload)
     except SealPayloadInvalid as exc:
         checks["document"] = exc.reason
@@ -204,8 +215,8 @@ def verify_seal(svg: bytes) -> Verification:
 
 
 def verify(caller: Identity, upload: SealUpload) -> VerifyResponse:
-    """Verify an uploaded seal.svg for any authenticated caller."""
-    result = verify_seal(upload.svg)
+    """Verify an uploaded seal.svg or verification link for any authenticated caller."""
+    result = verify_seal(upload.svg, upload.link)
     seal_id: str | None = result.claims.get("seal_id")
     # Only a seal that verifies is a seal of ours: an INVALID upload's claims say nothing about redemptions.
     redeemed = result.verified and seal_id is not None and store.read_redemption(result.claims["principal"], seal_id) is not None
@@ -220,7 +231,7 @@ def verify(caller: Identity, upload: SealUpload) -> VerifyResponse:
 
 def redeem_seal_once(caller: Identity, upload: RedeemUpload, *, idempotency_key: str | None = None) -> RedeemResponse:
     """Grant one bonus run for a verified seal, once per (principal, seal)."""
-    result = verify_seal(upload.svg)
+    result = verify_seal(upload.svg, upload.link)
     if not result.verified:
         raise errors.SealInvalid(f"the seal does not verify ({result.first_failure()})")
     seal_id = result.claims["seal_id"]

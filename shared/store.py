@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import functools
 import hashlib
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -91,20 +92,38 @@ def _ledger_id(reason: str, principal: str, ref: str) -> str:
     return sha256_hex(f"{reason}|{principal}|{ref}")
 
 
-# A large grant is written as several shard documents, so that concurrent consumers of one principal
-# spread over several documents instead of queueing on one (a document takes about one write per
-# second in production). Every shard carries `group` (the issued grant id); ledger entries and run
-# records name the issued grant (`grant`) and the shard document they touched (`shard`).
-SHARD_MIN_RUNS = 32
-MAX_SHARDS = 8
+# A large grant is written as several shard documents, so that hundreds of concurrent consumers of one
+# principal (the tasks of one job starting at once) spread over as many documents instead of queueing on
+# a few (a document takes about one write per second in production; on the emulator a lost race costs a
+# re-read and a commit). A consumer reads one shard drawn at random, not all of them. Every shard
+# carries `group` (the issued grant id), `open` (runs left), `spend_key` (its expiry, or FAR_FUTURE) and
+# `slot` (a random number): the grant to spend first and a random open shard among all those that expire
+# with it are each one indexed query of one document. Ledger entries and run records name the issued
+# grant (`grant`) and the shard document they touched (`shard`).
+SHARD_MIN_RUNS = 4
+# 2 writes per shard (the document and its ledger entry) + the principal + the issuance record stay
+# within a commit's 500 writes.
+MAX_SHARDS = 240
+# The spend key of a grant that never expires: it sorts after every real expiry.
+FAR_FUTURE = dt.datetime(9999, 12, 31, tzinfo=dt.UTC)
 
 
 def grant_doc_ids(grant_id: str, runs_total: int, *, max_shards: int = MAX_SHARDS) -> list[tuple[str, int]]:
-    """The documents (id, runs) an issued grant is written as: itself, or up to `max_shards` shards."""
+    """The documents (id, runs) an issued grant is written as: itself, or up to `max_shards` shards of at least SHARD_MIN_RUNS."""
     count = max(1, min(max_shards, runs_total // SHARD_MIN_RUNS))
     base, extra = divmod(runs_total, count)
-    # The first shard is the grant's own document, so `grants/{grant_id}` always exists.
-    return [(grant_id if k == 0 else f"{grant_id}-{k}", base + (1 if k < extra else 0)) for k in range(count)]
+    return [(shard_doc_id(grant_id, k), base + (1 if k < extra else 0)) for k in range(count)]
+
+
+def spread_slots(count: int) -> list[float]:
+    """Slots for a grant's shards, evenly spaced from a random offset: a random draw hits each shard alike."""
+    offset = random.random()
+    return [(offset + k / count) % 1.0 for k in range(count)]
+
+
+def shard_doc_id(grant_id: str, k: int) -> str:
+    """Document id of shard k of a grant: the first shard is the grant's own document, so `grants/{grant_id}` always exists."""
+    return grant_id if k == 0 else f"{grant_id}-{k}"
 
 
 @dataclass(frozen=True)
@@ -119,6 +138,8 @@ class Grant:
     remaining: int
     expires_at: dt.datetime | None
     created_at: dt.datetime | None
+    spend_key: dt.datetime
+    slot: float
     update_time: Any = field(repr=False, compare=False)
 
     def usable(self, now: dt.datetime) -> bool:
@@ -169,14 +190,60 @@ def grant_from_snapshot(snap: firestore.DocumentSnapshot) -> Grant:
         remaining=data["remaining"],
         expires_at=data.get("expires_at"),
         created_at=data.get("created_at"),
+        spend_key=data.get("spend_key") or FAR_FUTURE,
+        slot=data.get("slot", 0.0),
         update_time=snap.update_time,
     )
 
 
-def read_grants_with_runs_left(principal: str) -> list[Grant]:
-    """The principal's grants that still hold runs (expired ones included; callers filter by time)."""
-    query = _principal_ref(principal).collection(GRANTS).where(filter=FieldFilter("remaining", ">", 0))
-    return [grant_from_snapshot(snap) for snap in query.get(**_rpc())]
+def _grants(principal: str) -> firestore.CollectionReference:
+    return _principal_ref(principal).collection(GRANTS)
+
+
+def _unexpired(principal: str, now: dt.datetime) -> firestore.Query:
+    return _grants(principal).where(filter=FieldFilter("spend_key", ">", now))
+
+
+def read_first_to_spend(principal: str, now: dt.datetime) -> Grant | None:
+    """The first open, unexpired shard in spending order (earliest expiry, then oldest), or None: one indexed query.
+
+    Composite index: open ASC, spend_key ASC, created_at ASC, group ASC (firestore.indexes.json).
+    """
+    query = (
+        _unexpired(principal, now)
+        .where(filter=FieldFilter("open", "==", True))
+        .order_by("spend_key")
+        .order_by("created_at")
+        .order_by("group")
+        .limit(1)
+    )
+    snaps = query.get(**_rpc())
+    return grant_from_snapshot(snaps[0]) if snaps else None
+
+
+def read_open_shard_at(principal: str, spend_key: dt.datetime, slot: float, *, upwards: bool) -> Grant | None:
+    """The open shard expiring at `spend_key` whose `slot` is next to `slot` (above it, or below), or None: a random
+    draw among every shard of every grant that expires then, in one indexed query of one document.
+
+    Composite indexes: open ASC, spend_key ASC, slot ASC and slot DESC (firestore.indexes.json).
+    """
+    query = (
+        _grants(principal)
+        .where(filter=FieldFilter("open", "==", True))
+        .where(filter=FieldFilter("spend_key", "==", spend_key))
+        .where(filter=FieldFilter("slot", ">=" if upwards else "<", slot))
+        .order_by("slot", direction=firestore.Query.ASCENDING if upwards else firestore.Query.DESCENDING)
+        .limit(1)
+    )
+    snaps = query.get(**_rpc())
+    return grant_from_snapshot(snaps[0]) if snaps else None
+
+
+def read_balance(principal: str, now: dt.datetime) -> int:
+    """The unused runs of the principal's unexpired grants: one `sum` aggregation, not a read of every shard."""
+    results: Any = _unexpired(principal, now).sum("remaining", alias="balance").get(**_rpc())
+    # One row of one aggregation (the library's annotation says a flat list; it answers a list of rows).
+    return sum(int(aggregate.value) for row in results for aggregate in row)
 
 
 def read_run(principal: str, run_id: str) -> Run | None:
@@ -231,10 +298,22 @@ def _ledger(batch: firestore.WriteBatch | firestore.Transaction, *, principal: s
 
 
 def _grant_fields(
-    *, group: str, principal: str, plan_id: str, runs_total: int, expires_at: dt.datetime | None, source: str, ref: str | None, issued_by: str | None
+    *,
+    group: str,
+    slot: float,
+    principal: str,
+    plan_id: str,
+    runs_total: int,
+    expires_at: dt.datetime | None,
+    source: str,
+    ref: str | None,
+    issued_by: str | None,
 ) -> dict[str, Any]:
     return {
         "group": group,
+        "open": runs_total > 0,
+        "spend_key": expires_at or FAR_FUTURE,
+        "slot": slot,
         "principal": principal,
         "plan_id": plan_id,
         "runs_total": runs_total,
@@ -269,8 +348,9 @@ def commit_issue(
     """One commit: the grant (or its shards), their ledger entries and (with a key) the issuance record that makes replays exact."""
     batch = client().batch()
     batch.set(_principal_ref(principal), {"principal": principal, "last_issued_at": firestore.SERVER_TIMESTAMP}, merge=True)
-    for doc_id, runs in grant_doc_ids(grant_id, runs_total, max_shards=max_shards):
-        fields = _grant_fields(group=grant_id, principal=principal, plan_id=plan_id, runs_total=runs, expires_at=expires_at, source="issue", ref=idempotency_key_hash, issued_by=issued_by)
+    docs = grant_doc_ids(grant_id, runs_total, max_shards=max_shards)
+    for (doc_id, runs), slot in zip(docs, spread_slots(len(docs)), strict=True):
+        fields = _grant_fields(group=grant_id, slot=slot, principal=principal, plan_id=plan_id, runs_total=runs, expires_at=expires_at, source="issue", ref=idempotency_key_hash, issued_by=issued_by)
         batch.create(grant_ref(principal, doc_id), fields)
         _ledger(batch, principal=principal, grant_id=grant_id, shard=doc_id, delta=runs, reason="issue", ref=doc_id)
     if idempotency_key_hash is not None:
@@ -294,7 +374,11 @@ def write_consume(
     """The writes of one consume: a run off `grant`, the run record, the ledger entry (a batch, or a transaction's)."""
     # The update-time precondition is what makes a batch safe; a transaction's own reads lock instead.
     option = client().write_option(last_update_time=grant.update_time) if precondition else None
-    writer.update(grant_ref(principal, grant.grant_id), {"remaining": firestore.Increment(-1)}, option=option)
+    # The precondition makes `remaining` as read exact: the last run closes the shard for the spend query.
+    change: dict[str, Any] = {"remaining": firestore.Increment(-1)}
+    if grant.remaining <= 1:
+        change["open"] = False
+    writer.update(grant_ref(principal, grant.grant_id), change, option=option)
     writer.create(
         _run_ref(principal, run_id),
         {
@@ -315,6 +399,13 @@ def commit_consume(principal: str, run_id: str, grant: Grant, *, charge_id: str,
     """One commit: take a run from `grant` (unchanged since read), create the run record, append the ledger entry."""
     batch = client().batch()
     write_consume(batch, principal, run_id, grant, charge_id=charge_id, consumed_at=consumed_at)
+    _commit(batch)
+
+
+def commit_close_shard(principal: str, grant: Grant) -> None:
+    """Mark a shard (unchanged since read) that holds no runs as closed, so the spending query passes it by."""
+    batch = client().batch()
+    batch.update(grant_ref(principal, grant.grant_id), {"open": False}, option=client().write_option(last_update_time=grant.update_time))
     _commit(batch)
 
 
@@ -385,7 +476,7 @@ def commit_redeem(principal: str, seal_id: str, grant_id: str, *, key_hash: str 
     batch.set(_principal_ref(principal), {"principal": principal}, merge=True)
     batch.create(
         grant_ref(principal, grant_id),
-        _grant_fields(group=grant_id, principal=principal, plan_id=SEAL_RERUN_PLAN, runs_total=1, expires_at=None, source=SEAL_RERUN_PLAN, ref=seal_id, issued_by=None),
+        _grant_fields(group=grant_id, slot=random.random(), principal=principal, plan_id=SEAL_RERUN_PLAN, runs_total=1, expires_at=None, source=SEAL_RERUN_PLAN, ref=seal_id, issued_by=None),
     )
     _ledger(batch, principal=principal, grant_id=grant_id, shard=grant_id, delta=1, reason=SEAL_RERUN_PLAN, ref=seal_id)
     _commit(batch)
@@ -449,3 +540,69 @@ def optimistic(attempt: Callable[[], T], *, max_attempts: int = MAX_ATTEMPTS) ->
                 raise errors.Unavailable() from None
         time.sleep(next(delays))
     raise errors.Unavailable("too much contention: the optimistic commit did not succeed")
+
+
+# ---------------------------------------------------------------- ledger audit and usage (read-only, but the audit's cursor)
+# The audit's cursor and pass totals: one document, written once per audit call.
+AUDITS = "audits"
+LEDGER_AUDIT = "ledger"
+
+
+def read_grant_page(after: str | None, limit: int) -> list[firestore.DocumentSnapshot]:
+    """Up to `limit` grant documents of every principal, in path order, after the document path `after` (one query: one read time)."""
+    query = client().collection_group(GRANTS).order_by("__name__").limit(limit)
+    if after is not None:
+        query = query.start_after({"__name__": client().document(after)})
+    return list(query.get(**_rpc()))
+
+
+def read_principal_grant_docs(principal: str) -> list[firestore.DocumentSnapshot]:
+    """Every grant document of one principal, spent and expired ones too (one query: one read time)."""
+    return list(_grants(principal).get(**_rpc()))
+
+
+def ledger_sum_for_shard(principal: str, shard: str, read_time: dt.datetime | None = None) -> int:
+    """The sum of the deltas of the principal's ledger entries on one grant document, as of `read_time`: one `sum`
+    aggregation (composite index: principal ASC, shard ASC, delta ASC)."""
+    query = (
+        client()
+        .collection(LEDGER)
+        .where(filter=FieldFilter("principal", "==", principal))
+        .where(filter=FieldFilter("shard", "==", shard))
+    )
+    results: Any = query.sum("delta", alias="total").get(read_time=read_time, **_rpc())
+    return sum(int(aggregate.value) for row in results for aggregate in row)
+
+
+def count_ledger_entries(principal: str, reason: str, start: dt.datetime | None, end: dt.datetime | None) -> int:
+    """How many of the principal's ledger entries have this reason, with `at` in [start, end): one `count` aggregation
+    (composite index: principal ASC, reason ASC, at ASC)."""
+    query = (
+        client()
+        .collection(LEDGER)
+        .where(filter=FieldFilter("principal", "==", principal))
+        .where(filter=FieldFilter("reason", "==", reason))
+    )
+    if start is not None:
+        query = query.where(filter=FieldFilter("at", ">=", start))
+    if end is not None:
+        query = query.where(filter=FieldFilter("at", "<", end))
+    results: Any = query.count(alias="entries").get(**_rpc())
+    return sum(int(aggregate.value) for row in results for aggregate in row)
+
+
+def read_audit_state() -> tuple[dict[str, Any], Any]:
+    """The ledger audit's cursor and pass totals (empty before the first audit), with the update time to precondition on."""
+    snap = client().collection(AUDITS).document(LEDGER_AUDIT).get(**_rpc())
+    return (snap.to_dict() or {}, snap.update_time) if snap.exists else ({}, None)
+
+
+def commit_audit_state(state: dict[str, Any], update_time: Any) -> None:
+    """Save the audit's cursor and totals, unless another audit call saved them since they were read (then Contended)."""
+    batch = client().batch()
+    ref = client().collection(AUDITS).document(LEDGER_AUDIT)
+    if update_time is None:
+        batch.create(ref, state)
+    else:
+        batch.update(ref, state, option=client().write_option(last_update_time=update_time))
+    _commit(batch)

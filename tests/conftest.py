@@ -86,6 +86,7 @@ def service_env(service_dir: Path, issuer: LocalIssuer, firestore_emulator: emul
         config.ENV_KMS_KEY_VERSION: VERSION_1,
         config.ENV_LOCAL_DIR: str(service_dir / "local"),
         config.ENV_ISSUER: "gbx-test",
+        config.ENV_PUBLIC_URL: AUDIENCE,
     }
     os.environ.update(values)
     os.environ.pop(config.ENV_LOCAL_MODE, None)

@@ -31,13 +31,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gbx_client.errors import Unreachable
 from gbx_client.identity import StaticToken
-from gbx_client.seal_format import b64url_decode, b64url_encode, canonical_json, decode_payload, parse_seal_svg, render_seal_svg
+from gbx_client.seal_format import b64url_decode, b64url_encode, canonical_json, decode_payload, parse_seal_svg, render_seal_svg, verify_link
 from gbx_client.service import RetryPolicy, Service
-from tests.conftest import IMAGE, RUNNER, Api, error_code
+from tests.conftest import AUDIENCE, IMAGE, RUNNER, Api, error_code
 
 PROJECT = "acme-prod"
 GBX = shutil.which("gbx", path=os.path.dirname(sys.executable))
-SEAL_FILES = {"seal.json", "seal.sig", "seal.svg", "public_key.pem", "VERIFY.md"}
+SEAL_FILES = {"seal.json", "seal.sig", "seal.svg", "public_key.pem", "verify_link.txt", "VERIFY.md"}
 # Small bounds keep fault scenarios fast; the defaults (120 s, 65 s) are for production.
 FAST = ["--retry-timeout", "4", "--attempt-timeout", "10"]
 
@@ -154,7 +154,7 @@ DROP = "drop"  # close the connection without forwarding or answering
 LOSE = "lose"  # forward (the service acts), then close without answering: the reply is lost
 CUT = "cut"  # forward, then send the headers and half the body and close
 SLOW = "slow"  # wait longer than the client's attempt timeout, then forward
-TOO_MANY = "429"  # answer 429 + Retry-After without forwarding: a 4xx, never retried
+TOO_MANY = "429"  # answer 429 + Retry-After without forwarding: a burst limit, retried like a 503
 
 
 @dataclass
@@ -303,6 +303,10 @@ def test_full_run_seals_and_openssl_verifies(api: Api, job: Job) -> None:
     assert openssl.returncode == 0 and openssl.stdout.strip() == "Verified OK"
     verify_md = (job.seal_dir / "VERIFY.md").read_text()
     assert "openssl dgst -sha256 -verify public_key.pem -signature seal.sig seal.json" in verify_md and f"{api.base_url}/api/seal/public_keys" in verify_md
+    # The verification link: the bundle's, named in VERIFY.md, carrying exactly seal.json and seal.sig.
+    link = (job.seal_dir / "verify_link.txt").read_text().strip()
+    assert link == verify_link(AUDIENCE, payload=(job.seal_dir / "seal.json").read_bytes(), signature=(job.seal_dir / "seal.sig").read_bytes())
+    assert "verify_link.txt" in verify_md and 'gbx verify "$(cat verify_link.txt)"' in verify_md
     # The service agrees.
     online = api.verify((job.seal_dir / "seal.svg").read_bytes())
     assert online.json()["status"] == "VERIFIED"
@@ -463,13 +467,27 @@ def test_a_long_outage_is_retried_in_bounded_chains_and_4xx_never(api: Api, job:
     with pytest.raises(Unreachable, match="still answers HTTP 503 after 1 s"):
         service.post_json("/api/entitlement/check", {"run_id": "job-1"}, step="check")
     assert proxy.received["check"] > 3 * 6 and sum("after 5 retries" in line for line in reports) >= 3
-    # A 429 with Retry-After is an answer, not an outage: asked once, CMD never runs.
+    # A 429 that never ends is an outage like a 503: retried until --retry-timeout, then 69; CMD never runs.
     proxy.always["check"] = TOO_MANY
     asked_before = proxy.received["check"]
     limited = job.gbx(*job.args(url=proxy.url), *FAST, *job.writes_outputs())
-    assert limited.code == 69 and "HTTP 429" in limited.last_line
-    assert proxy.received["check"] == asked_before + 1
+    assert limited.code == 69 and "still answers HTTP 429 after 4 s" in limited.last_line
+    assert proxy.received["check"] > asked_before + 1
     assert job.cmd_runs() == 0 and balance(api) == 1
+
+
+def test_a_burst_answered_429_is_retried_honouring_retry_after(api: Api, job: Job, proxy: FaultProxy) -> None:
+    # Cloud Run and Hosting answer 429 when hundreds of tasks start at once: gbx waits as asked and goes on.
+    api.issue(RUNNER, 1)
+    proxy.retry_after = "1"
+    proxy.fail("consume", TOO_MANY, TOO_MANY)
+    started = time.monotonic()
+    result = job.gbx(*job.args(url=proxy.url), "--retry-timeout", "20", *job.writes_outputs())
+    assert result.code == 0, result.stderr
+    assert time.monotonic() - started >= 2.0  # two Retry-After: 1 waits
+    assert result.stderr.count("consume: HTTP 429; retrying in") == 2
+    assert proxy.received["consume"] == 3 and proxy.forwarded["consume"] == 1
+    assert job.cmd_runs() == 1 and balance(api) == 0
 
 
 def test_attempt_timeouts_are_retried(api: Api, job: Job, proxy: FaultProxy) -> None:

@@ -24,11 +24,11 @@ def test_40_consumers_of_10_runs(api: Api) -> None:
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] * 10 + [402] * 30
     assert all(r.json()["error"]["code"] == "entitlement_exhausted" for r in responses if r.status_code == 402)
-    (grant,) = store.all_grants(RUNNER)
-    assert grant["remaining"] == 0
+    shards = store.all_grants(RUNNER)  # 10 runs: two shards of 5
+    assert len(shards) == 2 and {g["remaining"] for g in shards} == {0} and {g["open"] for g in shards} == {False}
     ledger = store.ledger_for_grant(grant_id)
-    assert sum(e["delta"] for e in ledger) == 10 - 10 == grant["remaining"]
-    assert sorted(e["reason"] for e in ledger) == ["consume"] * 10 + ["issue"]
+    assert sum(e["delta"] for e in ledger) == 10 - 10
+    assert sorted(e["reason"] for e in ledger) == ["consume"] * 10 + ["issue"] * 2
     charged = {r.json()["run_id"] for r in responses if r.status_code == 200}
     assert {e["ref"] for e in ledger if e["reason"] == "consume"} == charged
     assert all(store.read_run(RUNNER, run_id).state == "consumed" for run_id in charged)
@@ -39,8 +39,7 @@ def test_20_consumes_of_one_run_id_charge_once(api: Api) -> None:
     responses = _together(20, lambda n: api.consume("same-run"))
     assert [r.status_code for r in responses] == [200] * 20
     assert sorted(r.json()["replayed"] for r in responses) == [False] + [True] * 19
-    (grant,) = store.all_grants(RUNNER)
-    assert grant["remaining"] == 4
+    assert sum(g["remaining"] for g in store.all_grants(RUNNER)) == 4
     assert sum(e["delta"] for e in store.ledger_for_grant(grant_id)) == 4
 
 
@@ -83,7 +82,7 @@ def test_100_consumers_of_a_sharded_grant_spread_over_its_shards(api: Api) -> No
     responses = _together(100, lambda n: api.consume(f"job-{n}"))
     assert sorted(r.status_code for r in responses) == [200] * 96 + [402] * 4
     shards = store.all_grants(RUNNER)
-    assert len(shards) == 3 and {g["group"] for g in shards} == {group}
+    assert len(shards) == 24 and {g["group"] for g in shards} == {group}
     entries = store.ledger_for_grant(group)
     for shard in shards:
         assert shard["remaining"] == 0
@@ -91,8 +90,8 @@ def test_100_consumers_of_a_sharded_grant_spread_over_its_shards(api: Api) -> No
     charged = {r.json()["run_id"] for r in responses if r.status_code == 200}
     used = {store.read_run(RUNNER, run_id).record.shard for run_id in charged}
     assert used == {g["grant_id"] for g in shards}
-    # Balances reported by concurrent consumers of shards are re-read after the commit: never above
-    # what was left once that consume was committed.
+    # Balances reported by concurrent consumers are read in the attempt that charged, minus the charge:
+    # never negative, never above what was left before this consume.
     assert all(0 <= r.json()["balance"] <= 95 for r in responses if r.status_code == 200)
 
 

@@ -198,9 +198,9 @@ def test_earliest_expiring_grant_is_spent_first(api: Api) -> None:
 
 def test_expired_grant_is_not_spent(api: Api) -> None:
     grant_id = api.issue(RUNNER, 2, expires_at=_future(1)).json()["grant_id"]
-    # Let the grant expire by moving its expiry into the past, as time would.
+    # Let the grant expire by moving its expiry (and the spend key the queries order by) into the past, as time would.
     past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
-    store.client().collection("principals").document(RUNNER).collection("grants").document(grant_id).update({"expires_at": past})
+    store.client().collection("principals").document(RUNNER).collection("grants").document(grant_id).update({"expires_at": past, "spend_key": past})
     response = api.consume("job-1")
     assert (response.status_code, error_code(response)) == (402, "entitlement_exhausted")
     assert (api.check("job-1").status_code) == 402
@@ -251,31 +251,37 @@ def test_replay_is_answered_after_the_grant_expired(api: Api, monkeypatch: pytes
 
 
 def test_large_grants_are_sharded_and_the_ledger_holds_per_shard(api: Api) -> None:
-    body = api.issue(RUNNER, 100, plan_id="bulk").json()
-    assert body["runs_total"] == 100 and body["balance"] == 100
+    body = api.issue(RUNNER, 101, plan_id="bulk").json()
+    assert body["runs_total"] == 101 and body["balance"] == 101
     grant_id = body["grant_id"]
-    shards = sorted(store.all_grants(RUNNER), key=lambda g: g["grant_id"])
-    assert [g["grant_id"] for g in shards] == [grant_id, f"{grant_id}-1", f"{grant_id}-2"]
-    assert [g["runs_total"] for g in shards] == [34, 33, 33]
-    assert {g["group"] for g in shards} == {grant_id} and {g["plan_id"] for g in shards} == {"bulk"}
+    shards = {g["grant_id"]: g for g in store.all_grants(RUNNER)}
+    assert set(shards) == {grant_id} | {f"{grant_id}-{k}" for k in range(1, 25)}
+    assert sorted(g["runs_total"] for g in shards.values()) == [4] * 24 + [5]
+    assert {g["group"] for g in shards.values()} == {grant_id} and {g["plan_id"] for g in shards.values()} == {"bulk"}
+    assert {g["open"] for g in shards.values()} == {True} and len({g["slot"] for g in shards.values()}) == 25
+    assert {g["spend_key"] for g in shards.values()} == {store.FAR_FUTURE}
     # The ledger names the issued grant (as the contract's data model does) and the shard it touched.
     entries = store.ledger_for_grant(grant_id)
-    assert sorted((e["shard"], e["reason"], e["delta"]) for e in entries) == sorted((g["grant_id"], "issue", g["runs_total"]) for g in shards)
-    assert api.check("x").json()["balance"] == 100
+    assert sorted((e["shard"], e["reason"], e["delta"]) for e in entries) == sorted((g, "issue", s["runs_total"]) for g, s in shards.items())
+    assert api.check("x").json()["balance"] == 101
     api.consume("job-1")
     run = store.read_run(RUNNER, "job-1").record.model_dump()
-    assert run["grant_id"] == grant_id and run["shard"] in {g["grant_id"] for g in shards}
-    assert sum(e["delta"] for e in store.ledger_for_grant(grant_id)) == 99
+    assert run["grant_id"] == grant_id and run["shard"] in shards
+    assert sum(e["delta"] for e in store.ledger_for_grant(grant_id)) == 100
     from shared import ledger
 
     assert ledger.audit(RUNNER, 10)[2] == []
 
 
 def test_shard_sizes() -> None:
-    assert store.grant_doc_ids("g", 31) == [("g", 31)]
-    assert store.grant_doc_ids("g", 64) == [("g", 32), ("g-1", 32)]
-    assert store.grant_doc_ids("g", 1_000_000) == [("g", 125_000)] + [(f"g-{k}", 125_000) for k in range(1, 8)]
+    assert store.grant_doc_ids("g", 1) == [("g", 1)]
+    assert store.grant_doc_ids("g", 7) == [("g", 7)]  # a tiny grant stays one document
+    assert store.grant_doc_ids("g", 8) == [("g", 4), ("g-1", 4)]
+    assert store.grant_doc_ids("g", 1_000_000) == [("g", 4167)] + [(f"g-{k}", 4167 if k < 160 else 4166) for k in range(1, 240)]
     assert sum(runs for _, runs in store.grant_doc_ids("g", 999_999)) == 999_999
+    assert len(store.grant_doc_ids("g", 999_999)) == store.MAX_SHARDS
+    # An issue's commit (2 writes a shard, the principal, the issuance record) stays within Firestore's 500 writes.
+    assert 2 * store.MAX_SHARDS + 2 <= 500
 
 
 def test_an_earlier_expiring_small_grant_is_still_spent_before_a_sharded_one(api: Api) -> None:

@@ -14,6 +14,9 @@ OTHER = "other@acme-prod.iam.gserviceaccount.com"
 QUERIES = {
     ("ledger", (("principal", "ASCENDING"), ("at", "DESCENDING"))): "ledger_for_principal",
     ("ledger", (("grant", "ASCENDING"), ("at", "ASCENDING"))): "ledger_for_grant",
+    ("grants", (("open", "ASCENDING"), ("spend_key", "ASCENDING"), ("created_at", "ASCENDING"), ("group", "ASCENDING"))): "read_first_to_spend",
+    ("grants", (("open", "ASCENDING"), ("spend_key", "ASCENDING"), ("slot", "ASCENDING"))): "read_open_shard_at",
+    ("grants", (("open", "ASCENDING"), ("spend_key", "ASCENDING"), ("slot", "DESCENDING"))): "read_open_shard_at",
 }
 
 
@@ -44,3 +47,21 @@ def test_each_indexed_query_runs_and_orders_as_its_index(api: Api) -> None:
     oldest_first = store.ledger_for_grant(first)
     assert [e["delta"] for e in oldest_first] == [3, -1, -1]
     assert {e["grant"] for e in oldest_first} == {first}
+
+
+def test_the_spending_queries_run_and_order_as_their_indexes(api: Api) -> None:
+    import datetime as dt
+
+    later = api.issue(RUNNER, 8).json()["grant_id"]  # two shards, never expiring
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    first = api.issue(RUNNER, 1, expires_at=soon.isoformat().replace("+00:00", "Z")).json()["grant_id"]
+    now = dt.datetime.now(dt.UTC)
+    head = store.read_first_to_spend(RUNNER, now)
+    assert head is not None and head.grant_id == first
+    shards = {g["grant_id"]: g["slot"] for g in store.all_grants(RUNNER) if g["group"] == later}
+    low, high = min(shards.values()), max(shards.values())
+    up = store.read_open_shard_at(RUNNER, store.FAR_FUTURE, low, upwards=True)
+    down = store.read_open_shard_at(RUNNER, store.FAR_FUTURE, high, upwards=False)
+    assert up is not None and up.slot == low and down is not None and down.slot == low
+    assert store.read_open_shard_at(RUNNER, store.FAR_FUTURE, high + 1e-9, upwards=True) is None
+    assert store.read_balance(RUNNER, now) == 9

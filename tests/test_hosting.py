@@ -57,10 +57,18 @@ def headers_for(path: str) -> dict[str, str]:
 
 
 def test_the_portal_is_the_public_folder_and_the_rewrites_come_from_the_registry() -> None:
-    """The tracked config is region-free: deploy.sh adds the site and, for --region, the registry's rewrites."""
+    """The tracked config is region-free: deploy.sh adds the site and, for --region, the registry's rewrites after
+    the tracked ones, which only send the portal's own paths to its page: /v, where verification links point."""
     assert HOSTING["public"] == "portal" and (PORTAL / "index.html").is_file()
-    assert "rewrites" not in HOSTING and "site" not in HOSTING
+    assert "site" not in HOSTING
+    assert HOSTING["rewrites"] == [{"source": "/v", "destination": "/index.html"}]
     assert HOSTING["ignore"] == ["**/.*"]
+
+
+def test_the_verification_links_path_gets_the_portals_headers() -> None:
+    """/v is the portal's page under another path: the same strict CSP, revalidated, never an API path."""
+    assert headers_for("/v") == STATIC
+    assert "/v" not in API_PATHS
 
 
 @pytest.mark.parametrize("path", [*portal_paths(), "/index.html", "/openapi.json"])

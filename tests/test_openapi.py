@@ -26,16 +26,34 @@ def test_every_endpoint_is_described_with_its_schemas_and_auth() -> None:
         assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1] in schemas
         for status, response in operation["responses"].items():
             ref = response["content"]["application/json"]["schema"]["$ref"]
+            assert set(response["content"]) <= {"application/json", "text/csv"}
             assert ref.split("/")[-1] in schemas, (path, status)
         assert "405" in operation["responses"] and "500" in operation["responses"]
         if path != "/api/seal/public_keys":
             assert operation["security"], path
-            assert "401" in operation["responses"] and "400" in operation["responses"]
+            assert "401" in operation["responses"]
+            # Only an endpoint that reads nothing from the request (the audit) has no 400.
+            assert ("400" in operation["responses"]) == (path != "/api/ledger/audit"), path
     issue = document["paths"]["/api/entitlement/issue"]["post"]
     assert "idempotency_conflict" in issue["responses"]["409"]["description"]
     assert schemas["IssueRequest"]["additionalProperties"] is False
     assert schemas["IssueRequest"]["properties"]["runs_total"]["maximum"] == 1_000_000
     assert set(document["components"]["securitySchemes"]) == {"googleIdToken", "adminToken"}
+
+
+def test_usage_documents_its_query_csv_and_both_kinds_of_caller() -> None:
+    document = openapi.build()
+    usage = document["paths"]["/api/entitlement/usage"]["get"]
+    assert {(p["name"], p["in"], p["required"]) for p in usage["parameters"]} == {
+        ("principal", "query", True), ("from", "query", False), ("to", "query", False)}
+    assert all("anyOf" not in p["schema"] for p in usage["parameters"]), "an absent parameter is never null"
+    assert set(usage["responses"]["200"]["content"]) == {"application/json", "text/csv"}
+    assert {frozenset(s) for s in usage["security"]} == {frozenset({"adminToken"}), frozenset({"googleIdToken"}),
+                                                         frozenset({"adminToken", "googleIdToken"})}
+    assert {"400", "401", "403"} <= set(usage["responses"])
+    audit = document["paths"]["/api/ledger/audit"]["post"]
+    assert audit["security"] == [{"googleIdToken": []}] and {"401", "403"} <= set(audit["responses"])
+    assert "requestBody" not in audit and "parameters" not in audit
 
 
 def test_local_server_serves_it(api: Api) -> None:

@@ -291,7 +291,6 @@ def test_render_draws_the_visible_lines_from_the_payload() -> None:
     for expected in (
         "q3Jx8WZrT0mB5vK2nYdL7A",
         "nightly-2024-05-01.r42",
-        "europe-west1-docker.pkg.dev/acme/pipelines/extract:v2",
         "sha256:3f9a1c0b7e6d5a4f\u202601234567",  # DIGEST's first 16 and last 8 hex digits
         "acme-analytics-prod",
         "build-bot@acme.iam.gserviceaccount.com",
@@ -299,6 +298,9 @@ def test_render_draws_the_visible_lines_from_the_payload() -> None:
         "gbx-prod",
     ):
         assert expected in texts
+    # The image shares its line with the QR code: both ends of its name stay, the middle is ellipsized.
+    [image] = [text for text in texts if text.startswith("europe-west1-docker.")]
+    assert image.endswith("extract:v2") and "\u2026" in image
     assert not any(DIGEST in text for text in texts)  # the full digest only in the payload
 
 

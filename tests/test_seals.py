@@ -35,7 +35,7 @@ def _resign(kms: FakeKms, version: str, payload: bytes) -> bytes:
 
 def test_lifecycle_to_a_seal(api: Api) -> None:
     bundle = api.sealed_run("job-1")
-    assert set(bundle) == {"seal_id", "seal_json", "signature", "alg", "key", "public_key_pem", "seal_svg"}
+    assert set(bundle) == {"seal_id", "seal_json", "signature", "alg", "key", "public_key_pem", "seal_svg", "verify_link"}
     assert bundle["alg"] == "ES256" and bundle["key"] == VERSION_1
     assert len(b64url_decode(bundle["seal_id"])) >= 16
     claims = json.loads(bundle["seal_json"])

@@ -154,7 +154,11 @@ def build_parser() -> Parser:
         epilog="exit codes: 0 verified (every check asked for), 1 INVALID, 2 usage (bad options, unreadable SEAL or key file), "
         "69 could not check (the keys URL or --online service unreachable), 77/78 the online service refused our identity / none",
     )
-    verify_parser.add_argument("seal", metavar="SEAL", help="a seal.svg, or a seal directory (seal.svg, seal.json, seal.sig, public_key.pem)")
+    verify_parser.add_argument(
+        "seal", metavar="SEAL",
+        help="a seal.svg, a seal directory (seal.svg, seal.json, seal.sig, public_key.pem, verify_link.txt), "
+        "or a verification link BASE/v#P.S (the badge's QR code, run_complete's verify_link)",
+    )
     keys = verify_parser.add_mutually_exclusive_group()
     keys.add_argument("--public-key", metavar="PEM", help="trust this public key (SPKI PEM file) whatever key version the seal names")
     keys.add_argument(
@@ -282,13 +286,16 @@ def _verify(args: argparse.Namespace) -> int:
     """gbx verify: print the claims and each check; 0 only when everything asked for verifies."""
     from gbx_client import verify
 
-    seal = verify.load_seal(Path(args.seal))
+    seal = verify.link_seal(args.seal) if verify.is_link(args.seal) else verify.load_seal(Path(args.seal))
+    if seal.link is not None and not seal.svg:
+        # A QR code can point anywhere: say which site the link names; the keys decide what verifies.
+        _say(f"the link points at {_link_site(seal.link)}; checking it against the keys from the options")
     service = _service(args, args.online) if args.online else None
     keys = _keys(args, seal, service)
     outputs = Path(args.outputs) if args.outputs else None
     if outputs is not None and not outputs.exists():
         raise UsageError(f"--outputs {outputs}: no such file or directory")
-    online = (lambda svg: _online_check(service, svg)) if service is not None else None
+    online = (lambda given: _online_check(service, given)) if service is not None else None
     result = verify.verify_seal(seal, keys, outputs=outputs, online=online)
     if args.json:
         print(json.dumps({**result.as_json(), "keys": keys.source}, indent=2, sort_keys=True))
@@ -332,12 +339,26 @@ def _fetch_keys(service: Service, url: str) -> verify.KeyRing:
     return verify.keys_document(reply.body, url)
 
 
-def _online_check(service: Service | None, svg: bytes) -> str:
-    """Ask the service to verify the seal: "ok", or the first check it failed."""
+def _link_site(link: str) -> str:
+    """The site a verification link names, or the text itself when it is not one."""
+    from gbx_client.seal_format import SealDocumentInvalid, parse_verify_link
+
+    try:
+        return parse_verify_link(link).site
+    except SealDocumentInvalid:
+        return "no site (not a verification link)"
+
+
+def _online_check(service: Service | None, seal: verify.SealFiles) -> str:
+    """Ask the service to verify the seal (its svg, or the link it was given as): "ok", or the first check it failed."""
     from gbx_client import run, verify
 
     assert service is not None
-    reply = service.post_svg("/api/seal/verify", svg, step="verify")
+    if seal.svg:
+        reply = service.post_svg("/api/seal/verify", seal.svg, step="verify")
+    else:
+        assert seal.link is not None
+        reply = service.send("POST", service.base_url + "/api/seal/verify", step="verify", data=(seal.link + "\r\n").encode("utf-8"), content_type="text/uri-list")
     if reply.status == 200:
         body = reply.json_object("verify")
         if body.get("status") == "VERIFIED":

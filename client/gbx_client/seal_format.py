@@ -1,7 +1,9 @@
-"""The seal format, once for the service and the runner client: canonical seal.json, base64url, seal.svg render and parse.
+"""The seal format, once for the service and the runner client: canonical seal.json, base64url, seal.svg render and parse,
+and the verification link BASE/v#P.S that the badge draws as a QR code.
 
-Pure functions on the standard library and defusedxml: no Firestore, KMS, HTTP or pydantic, so the
-client installs it alone and the service ships it with every function (deploy.sh stages this package).
+Pure functions on the standard library, defusedxml and segno (the QR encoder): no Firestore, KMS, HTTP or
+pydantic, so the client installs it alone and the service ships it with every function (deploy.sh stages
+this package).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import binascii
 import json
 import re
 import unicodedata
+import urllib.parse
+import zlib
 from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
@@ -23,6 +27,16 @@ from defusedxml.common import DTDForbidden, EntitiesForbidden, ExternalReference
 SEAL_NS = "urn:gbx:seal:v1"
 SVG_NS = "http://www.w3.org/2000/svg"
 MAX_SEAL_BYTES = 256 * 1024
+# The verification link: BASE + VERIFY_PATH + "#" + P + "." + S, where P is the base64url of the raw DEFLATE
+# (RFC 1951, no zlib header) of the exact seal.json bytes and S the base64url of the DER signature.
+VERIFY_PATH = "/v"
+# A seal.json is under a kilobyte; a link that inflates beyond this is not a seal (and not a zip bomb we expand).
+MAX_LINK_PAYLOAD_BYTES = 16 * 1024
+# The QR code of the link: error correction M at least (segno raises it when that costs no size), and a
+# version small enough to decode from a badge rasterised at 800 px. A link too long for it is not drawn.
+QR_ERROR = "m"
+QR_MAX_VERSION = 25
+QR_QUIET_ZONE = 4  # modules of light border the QR specification asks for
 # A seal sits three levels deep (svg > metadata > seal); anything near this is not
 # a badge but an attempt to make a tree walker recurse or allocate without end.
 MAX_SEAL_DEPTH = 64
@@ -170,6 +184,11 @@ def decode_payload(payload: str) -> tuple[dict[str, Any], bytes]:
         raw = b64url_decode(payload)
     except ValueError as exc:
         raise SealPayloadInvalid("payload is not base64url") from exc
+    return decode_claims(raw), raw
+
+
+def decode_claims(raw: bytes) -> dict[str, Any]:
+    """Check that raw is a canonical seal.json with the documented claims and return them; raise SealPayloadInvalid."""
     try:
         # Decode explicitly: json.loads(bytes) would also guess UTF-16 and UTF-32.
         claims = json.loads(raw.decode("utf-8"), parse_constant=_reject_json_constant)
@@ -197,11 +216,84 @@ def decode_payload(payload: str) -> tuple[dict[str, Any], bytes]:
     not_strings = [name for name, value in claims.items() if name != "v" and not isinstance(value, str)]
     if not_strings:
         raise SealPayloadInvalid(f"payload claims are not strings: {_name_list(not_strings)}")
-    return claims, raw
+    return claims
 
 
-def render_seal_svg(*, payload: bytes, signature: bytes, key: str, alg: str = SEAL_ALG) -> str:
-    """Render the seal.svg badge: visible text drawn from the payload, the signed payload in <metadata>."""
+# --- the verification link ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifyLink:
+    """A verification link split into the site it points at (BASE) and its fragment (P.S, not yet checked)."""
+
+    site: str
+    fragment: str
+
+
+def verify_link(base_url: str, *, payload: bytes, signature: bytes) -> str:
+    """The verification link BASE/v#P.S of a seal: the signed seal.json bytes deflated, and the DER signature."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)  # negative window bits: raw DEFLATE, no zlib header
+    packed = deflate.compress(payload) + deflate.flush()
+    return f"{base_url.rstrip('/')}{VERIFY_PATH}#{b64url_encode(packed)}.{b64url_encode(signature)}"
+
+
+def parse_verify_link(link: str) -> VerifyLink:
+    """Split a verification link; raise SealDocumentInvalid when the text is not one at all (the fragment is not checked)."""
+    text = link.strip()
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError as exc:
+        raise SealDocumentInvalid("not a seal verification link (BASE/v#P.S)") from exc
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.netloc
+        or not parts.path.endswith(VERIFY_PATH)
+        or parts.query
+        or "#" not in text
+        or any(char.isspace() for char in text)
+    ):
+        raise SealDocumentInvalid("not a seal verification link (BASE/v#P.S)")
+    site = f"{parts.scheme}://{parts.netloc}{parts.path[: -len(VERIFY_PATH)]}"
+    return VerifyLink(site=site, fragment=text.split("#", 1)[1])
+
+
+def link_element(fragment: str) -> SealElement:
+    """The seal element a link's fragment P.S stands for; raise SealPayloadInvalid when it does not decode.
+
+    A link has no element of its own, so its key is the payload's: the later checks run as for a seal.svg.
+    """
+    payload, dot, signature = fragment.partition(".")
+    if not dot or "." in signature:
+        raise SealPayloadInvalid("the link's fragment is not payload.signature")
+    try:
+        packed = b64url_decode(payload)
+    except ValueError as exc:
+        raise SealPayloadInvalid("payload is not base64url") from exc
+    raw = inflate_payload(packed)
+    key = _claims_for_display(raw).get("key")
+    return SealElement(
+        version=SEAL_VERSION, alg=SEAL_ALG, key=key if isinstance(key, str) else "", payload=b64url_encode(raw), signature=signature
+    )
+
+
+def inflate_payload(packed: bytes) -> bytes:
+    """Inflate a link's raw DEFLATE payload, bounded; raise SealPayloadInvalid if it is not exactly one complete stream."""
+    inflate = zlib.decompressobj(-15)
+    try:
+        raw = inflate.decompress(packed, MAX_LINK_PAYLOAD_BYTES + 1)
+    except zlib.error as exc:
+        raise SealPayloadInvalid("payload does not inflate (raw DEFLATE)") from exc
+    if len(raw) > MAX_LINK_PAYLOAD_BYTES:
+        raise SealPayloadInvalid(f"payload inflates to more than {MAX_LINK_PAYLOAD_BYTES} bytes")
+    # A truncated stream, or bytes after its end: either way not the deflated seal.json the link was made of.
+    if not inflate.eof or inflate.unused_data or inflate.unconsumed_tail:
+        raise SealPayloadInvalid("payload does not inflate (raw DEFLATE)")
+    return raw
+
+
+def render_seal_svg(*, payload: bytes, signature: bytes, key: str, alg: str = SEAL_ALG, link: str | None = None) -> str:
+    """Render the seal.svg badge: visible text drawn from the payload, the signed payload in <metadata>, and the
+    verification link (when given) as a QR code, which survives rasterising, printing and photographing."""
     # The visible lines are a courtesy for people; only the metadata is trusted. They
     # are drawn leniently (any payload renders) so tests can build broken seals too.
     claims = _claims_for_display(payload)
@@ -229,6 +321,11 @@ def render_seal_svg(*, payload: bytes, signature: bytes, key: str, alg: str = SE
     )
     rows = "\n".join(_row(index, label, shown) for index, (label, _, shown) in enumerate(lines))
     pill_text = _fit(f"SIGNED \u00b7 {_clean(alg)}", _PILL_WIDTH - 24, _PILL_FONT, bold=True)
+    qr = _qr_code(link) if link is not None else None
+    if qr is not None and qr.version > QR_MAX_VERSION:
+        qr = None
+    if qr is not None:
+        description += "; QR code: the verification link, which carries the signed payload and its signature"
     return _SVG_TEMPLATE.format(
         **_SVG_LAYOUT,
         title=_escape_text(title),
@@ -236,6 +333,8 @@ def render_seal_svg(*, payload: bytes, signature: bytes, key: str, alg: str = SE
         seal=seal_element,
         rows=rows,
         pill_text=_escape_text(pill_text),
+        qr=_qr_markup(qr, "no verification link" if link is None else "link too long for a QR code"),
+        qr_caption=_escape_text(_QR_CAPTION) if qr is not None else "",
     )
 
 
@@ -292,22 +391,29 @@ def _name_list(names: Iterable[str]) -> str:
 
 # --- rendering helpers -------------------------------------------------------
 
-_WIDTH = 600
+_WIDTH = 860
 _HEADER_BOTTOM = 96
-_ROW_TOP = 132
-_ROW_STEP = 30
+_ROW_TOP = 136
+_ROW_STEP = 36
 _ROW_COUNT = 8
-_FOOTER_TOP = _ROW_TOP + _ROW_STEP * (_ROW_COUNT - 1) + 24
+# The QR code takes the right of the body, 300 units square with its quiet zone: a version 25 code still
+# gets over 2 px per module when the badge is rasterised 800 px wide (zxing-cpp reads 1.8 at JPEG quality 40).
+_QR_SIZE = 300
+_QR_X = _WIDTH - 24 - _QR_SIZE
+_QR_Y = _HEADER_BOTTOM + 16
+_FOOTER_TOP = _QR_Y + _QR_SIZE + 16
 _HEIGHT = _FOOTER_TOP + 44
 _LABEL_X = 32
 _VALUE_X = 132
 _VALUE_FONT = 14
-_VALUE_WIDTH = _WIDTH - _VALUE_X - 32
-_PILL_X = 428
+_RULE_RIGHT = _QR_X - 20
+_VALUE_WIDTH = _RULE_RIGHT - _VALUE_X
 _PILL_WIDTH = 140
+_PILL_X = _WIDTH - 32 - _PILL_WIDTH
 _PILL_FONT = 11
 _FOOTER_FONT = 11
-_FOOTER_TEXT = "Only the signed payload in this file\u2019s metadata counts \u00b7 verify at /api/seal/verify"
+_FOOTER_TEXT = "Only the signed payload counts, not the text of this picture"
+_QR_CAPTION = "Scan the code to verify the signature"
 
 _MISSING = "\u2014"  # an em dash stands in for a claim the payload lacks
 _ELLIPSIS = "\u2026"
@@ -368,7 +474,10 @@ stroke="#ffffff" stroke-opacity="0.4"/>
 text-anchor="middle">{pill_text}</text>
 {rows}
 <text x="{label_x}" y="{footer_text_y}" font-size="{footer_font}" fill="#5b6b7c">{footer_text}</text>
+<text x="{qr_center}" y="{footer_text_y}" font-size="{footer_font}" font-weight="bold" fill="#134f7c" \
+text-anchor="middle">{qr_caption}</text>
 </g>
+{qr}
 </svg>
 """
 # Fixed geometry, filled into the template once so render_seal_svg only adds content.
@@ -391,6 +500,7 @@ _SVG_LAYOUT = {
     "pill_width": _PILL_WIDTH,
     "pill_center": _PILL_X + _PILL_WIDTH / 2,
     "pill_font": _PILL_FONT,
+    "qr_center": _QR_X + _QR_SIZE / 2,
 }
 
 
@@ -405,8 +515,54 @@ def _row(index: int, label: str, value: str) -> str:
     )
     if index < _ROW_COUNT - 1:
         rule_y = y + 11
-        line += f'\n<line x1="{_LABEL_X}" y1="{rule_y}" x2="{_WIDTH - 32}" y2="{rule_y}" stroke="#edf1f5"/>'
+        line += f'\n<line x1="{_LABEL_X}" y1="{rule_y}" x2="{_RULE_RIGHT}" y2="{rule_y}" stroke="#edf1f5"/>'
     return line
+
+
+def _qr_code(link: str) -> Any:
+    """The QR code of the link (segno), or None when it needs a version above QR_MAX_VERSION at level M."""
+    # Imported here: only rendering needs the encoder, and verifying (gbx verify, the service's verify) never renders.
+    import segno
+    from segno import DataOverflowError
+
+    try:
+        # boost_error: a higher error correction level whenever it fits in the same version, for free.
+        return segno.make_qr(link, error=QR_ERROR, boost_error=True, mode="byte", version=None)
+    except DataOverflowError:
+        return None
+
+
+def _qr_markup(qr: Any, missing: str) -> str:
+    """Draw the QR code in its framed panel (quiet zone included), or a note in the panel when there is none."""
+    frame = (
+        f'<rect x="{_QR_X + 0.5}" y="{_QR_Y + 0.5}" width="{_QR_SIZE - 1}" height="{_QR_SIZE - 1}" rx="10" '
+        'fill="#ffffff" stroke="#d3dce6"/>'
+    )
+    if qr is None:
+        center = _QR_X + _QR_SIZE / 2
+        return (
+            f'{frame}\n<text x="{center}" y="{_QR_Y + _QR_SIZE / 2}" font-family="DejaVu Sans, Verdana, sans-serif" '
+            f'font-size="12" fill="#6b7a8c" text-anchor="middle">{_escape_text(missing)}</text>'
+        )
+    # One filled rectangle per run of dark modules: crisp at any scale, no hairline gaps between strokes.
+    runs: list[str] = []
+    for y, row in enumerate(qr.matrix):
+        x = 0
+        while x < len(row):
+            if row[x] & 1:
+                start = x
+                while x < len(row) and row[x] & 1:
+                    x += 1
+                runs.append(f"M{start} {y}h{x - start}v1h{start - x}z")
+            else:
+                x += 1
+    modules = len(qr.matrix) + 2 * QR_QUIET_ZONE
+    scale = round(_QR_SIZE / modules, 6)
+    offset = (_QR_SIZE - scale * (modules - 2 * QR_QUIET_ZONE)) / 2
+    return (
+        f'{frame}\n<path transform="translate({round(_QR_X + offset, 4)} {round(_QR_Y + offset, 4)}) scale({scale})" '
+        f'fill="#0b2545" shape-rendering="crispEdges" d="{"".join(runs)}"/>'
+    )
 
 
 def _claims_for_display(payload: bytes) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The seal directory: seal.json, seal.sig, seal.svg, public_key.pem, VERIFY.md; and preseal.json while a seal is pending."""
+"""The seal directory: seal.json, seal.sig, seal.svg, public_key.pem, verify_link.txt, VERIFY.md; and preseal.json while a seal is pending."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any
 from gbx_client.errors import CantCreate, NoInput, ProtocolViolation, UsageError
 
 PRESEAL = "preseal.json"
+LINK_FILE = "verify_link.txt"
 BUNDLE_FIELDS = ("seal_id", "seal_json", "signature", "alg", "key", "public_key_pem", "seal_svg")
 
 
@@ -31,6 +32,7 @@ class Bundle:
     key: str
     public_key_pem: str
     seal_svg: bytes
+    verify_link: str
 
     @classmethod
     def from_reply(cls, body: dict[str, Any]) -> Bundle:
@@ -47,6 +49,10 @@ class Bundle:
             signature = base64.b64decode(body["signature"], validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ProtocolViolation("run_complete: the bundle's signature is not base64") from exc
+        # verify_link came later than the other fields: a service without it still seals, only without a link.
+        link = body.get("verify_link", "")
+        if not isinstance(link, str):
+            raise ProtocolViolation("run_complete: the bundle's verify_link is not a string")
         return cls(
             seal_id=body["seal_id"],
             seal_json=body["seal_json"].encode("utf-8"),
@@ -54,6 +60,7 @@ class Bundle:
             key=body["key"],
             public_key_pem=body["public_key_pem"],
             seal_svg=body["seal_svg"].encode("utf-8"),
+            verify_link=link,
         )
 
 
@@ -79,6 +86,8 @@ def write(seal_dir: Path, bundle: Bundle, *, run_id: str, base_url: str, self_ch
             "public_key.pem": bundle.public_key_pem.encode("utf-8"),
             "VERIFY.md": verify_md(bundle, base_url).encode("utf-8"),
         }
+        if bundle.verify_link:
+            files[LINK_FILE] = (bundle.verify_link + "\n").encode("utf-8")
         for name, data in files.items():
             (scratch / name).write_bytes(data)
         # The exact bytes on disk are checked, not the reply they came from.
@@ -93,8 +102,26 @@ def write(seal_dir: Path, bundle: Bundle, *, run_id: str, base_url: str, self_ch
 
 
 def verify_md(bundle: Bundle, base_url: str) -> str:
-    """How to verify this seal: openssl, gbx verify offline, and online."""
+    """How to verify this seal: openssl, gbx verify offline, the verification link, and online."""
     claims = json.loads(bundle.seal_json)
+    link_row = (
+        f"| `{LINK_FILE}` | the verification link (seal.svg draws it as a QR code): seal.json deflated and the signature |\n"
+        if bundle.verify_link else ""
+    )
+    link_section = f"""
+## The verification link (and the badge's QR code)
+
+`{LINK_FILE}` holds the link that seal.svg's QR code encodes: `BASE/v#P.S`, where P is seal.json (raw DEFLATE,
+base64url) and S the signature (base64url). Opened in a browser it verifies the seal there, in the page, with
+the keys of the site it names; the fragment after `#` is never sent to any server. The same checks from here:
+
+    gbx verify "$(cat {LINK_FILE})" --keys {base_url}/api/seal/public_keys
+    curl -s {base_url}/api/seal/verify -H "Authorization: Bearer $TOKEN" -H "Content-Type: text/uri-list" --data-binary @{LINK_FILE}
+
+A picture of the badge (a print, a screenshot) carries the proof in its QR code, not in its visible text: only
+what the link verifies counts. And a QR code can point at any site: trust the result only from a site (or a
+keys document) you trust.
+""" if bundle.verify_link else ""
     return f"""# Seal {bundle.seal_id}
 
 Run `{claims.get("run_id")}` of `{claims.get("container_image")}` in project `{claims.get("project_id")}`,
@@ -107,7 +134,7 @@ with key `{bundle.key}`.
 | `seal.sig` | the ES256 signature (DER) of SHA-256(seal.json) |
 | `seal.svg` | the badge; its `<metadata>` carries seal.json and the signature (base64url) |
 | `public_key.pem` | the public key of `{bundle.key}` |
-
+{link_row}
 ## Offline, with openssl
 
     openssl dgst -sha256 -verify public_key.pem -signature seal.sig seal.json
@@ -136,7 +163,7 @@ or with curl and a Google ID token:
     curl -s {base_url}/api/seal/verify -H "Authorization: Bearer $TOKEN" -H "Content-Type: image/svg+xml" --data-binary @seal.svg
 
 The service also checks that it issued this very seal (its record), and says whether it was redeemed.
-"""
+{link_section}"""
 
 
 def write_preseal(seal_dir: Path, record: dict[str, Any]) -> Path:

@@ -18,9 +18,10 @@ from urllib3.util.retry import RequestHistory, Retry
 from gbx_client.errors import ProtocolViolation, Unreachable, UsageError
 from gbx_client.identity import TokenSource
 
-# Transient answers: the contract's outage reply (503 + Retry-After) and what a front door
-# (load balancer, Firebase Hosting) says when the function behind it did not answer.
-RETRY_STATUSES = frozenset({502, 503, 504})
+# Transient answers: the contract's outage reply (503 + Retry-After), what a front door (load
+# balancer, Firebase Hosting) says when the function behind it did not answer, and the 429 that
+# Cloud Run and Hosting answer to a burst (hundreds of tasks of one job starting at once).
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
 USER_AGENT = "gbx-client/1.0"
 
 
@@ -49,7 +50,7 @@ class DeadlineRetry(Retry):
         return retry
 
     def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
-        """Only the transient statuses: a 413 or 429 with Retry-After is an answer (4xx are never retried), not an outage."""
+        """Only the transient statuses (429 among them): a 413 with Retry-After is an answer, not an outage."""
         return status_code in self.status_forcelist
 
     def is_exhausted(self) -> bool:

@@ -17,27 +17,42 @@ from gbx_client.errors import GbxError, UsageError
 from gbx_client.seal_format import (
     SEAL_ALG,
     SealDocumentInvalid,
+    SealElement,
     SealPayloadInvalid,
     SealTooLarge,
     b64url_decode,
     decode_payload,
+    link_element,
     parse_seal_svg,
+    parse_verify_link,
 )
 
 OK = "ok"
 NOT_CHECKED = "not checked"
-SEAL_FILES = ("seal.json", "seal.sig", "seal.svg", "public_key.pem", "VERIFY.md")
+SEAL_FILES = ("seal.json", "seal.sig", "seal.svg", "public_key.pem", "verify_link.txt", "VERIFY.md")
+LINK_FILE = "verify_link.txt"
 
 
 @dataclass(frozen=True)
 class SealFiles:
-    """A seal as found on disk: the svg, and when SEAL is a seal directory its other files."""
+    """A seal as found on disk (the svg, and when SEAL is a seal directory its other files), or a verification link."""
 
-    source: Path
+    source: Path | str
     svg: bytes
     seal_json: bytes | None = None
     seal_sig: bytes | None = None
     public_key_pem: bytes | None = None
+    link: str | None = None  # a seal given as its link BASE/v#P.S (then svg is empty), or a seal directory's link file
+
+
+def is_link(text: str) -> bool:
+    """Whether a SEAL argument is a verification link rather than a path."""
+    return text.startswith(("http://", "https://"))
+
+
+def link_seal(link: str) -> SealFiles:
+    """A seal given as its verification link."""
+    return SealFiles(source=link, svg=b"", link=link)
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,7 @@ def load_seal(path: Path) -> SealFiles:
                 seal_json=_read_optional(path / "seal.json"),
                 seal_sig=_read_optional(path / "seal.sig"),
                 public_key_pem=_read_optional(path / "public_key.pem"),
+                link=_read_link(path / LINK_FILE),
             )
         return SealFiles(source=path, svg=path.read_bytes())
     except OSError as exc:
@@ -98,6 +114,11 @@ def load_seal(path: Path) -> SealFiles:
 
 def _read_optional(path: Path) -> bytes | None:
     return path.read_bytes() if path.exists() else None
+
+
+def _read_link(path: Path) -> str | None:
+    data = _read_optional(path)
+    return data.decode("utf-8", "replace").strip() if data is not None else None
 
 
 def keys_document(document: Any, source: str) -> KeyRing:
@@ -133,7 +154,7 @@ def verify_seal(
     *,
     outputs: Path | None = None,
     expected: dict[str, str | None] | None = None,
-    online: Callable[[bytes], str] | None = None,
+    online: Callable[[SealFiles], str] | None = None,
 ) -> Verification:
     """Run the checks in order (document, key, signature, then claims, outputs, online); a failure stops the later ones."""
     names = ["document", "key", "signature"]
@@ -146,12 +167,18 @@ def verify_seal(
     checks = dict.fromkeys(names, NOT_CHECKED)
     result = Verification(checks=checks, claims={})
 
+    given_as_link = seal.link is not None and not seal.svg
     try:
-        element = parse_seal_svg(seal.svg)
+        element = parse_seal_svg(seal.svg) if not given_as_link else None
+        site = parse_verify_link(seal.link) if given_as_link and seal.link is not None else None
     except (SealDocumentInvalid, SealTooLarge) as exc:
         checks["document"] = str(exc)
         return result
     try:
+        # A link is a seal once its fragment inflates: a tampered one fails here or at the signature.
+        if element is None:
+            assert site is not None
+            element = link_element(site.fragment)
         claims, payload = decode_payload(element.payload)
     except SealPayloadInvalid as exc:
         checks["document"] = exc.reason
@@ -199,7 +226,7 @@ def verify_seal(
         if checks["outputs"] != OK:
             return result
     if online is not None:
-        checks["online"] = online(seal.svg)
+        checks["online"] = online(seal)
     return result
 
 
@@ -212,7 +239,18 @@ def _document_problem(seal: SealFiles, claims: dict[str, Any], key: str, payload
         return "seal.json differs from the payload in seal.svg"
     if seal.seal_sig is not None and der is not None and seal.seal_sig != der:
         return "seal.sig differs from the signature in seal.svg"
+    if seal.link is not None and seal.svg and not _link_matches(seal.link, payload, der):
+        return f"{LINK_FILE} is not the link of seal.svg's payload and signature"
     return ""
+
+
+def _link_matches(link: str, payload: bytes, der: bytes | None) -> bool:
+    """Whether a seal directory's link carries exactly the svg's payload and signature."""
+    try:
+        element: SealElement = link_element(parse_verify_link(link).fragment)
+        return b64url_decode(element.payload) == payload and b64url_decode(element.signature) == der
+    except (SealDocumentInvalid, SealPayloadInvalid, ValueError):
+        return False
 
 
 def _outputs_check(outputs: Path, sealed: str) -> str:
