@@ -244,7 +244,7 @@ def test_deploy_sh_follows_the_registry_not_a_list_of_its_own(sandbox: dict[str,
     with_secret = {flags(cmd)["entry-point"] for cmd in deploys if "set-secrets" in flags(cmd)}
     assert with_secret == ADMIN_ENTRIES | {"public_keys"}
     rewrites = json.loads((checkout / "build" / "firebase.json").read_text())["hosting"]["rewrites"]
-    assert [rule["run"]["serviceId"] for rule in rewrites if "run" in rule] == [FUNCTIONS[e] for e in FUNCTIONS if e != "check"]
+    assert [rule["run"]["serviceId"] for rule in rewrites if "run" in rule] == [FUNCTIONS[e] for e in FUNCTIONS if e != "check" and not ENDPOINTS[e].internal]
     assert "gbx-check" not in result.stdout
 
 
@@ -675,12 +675,12 @@ def test_the_effective_hosting_config_rewrites_every_path_to_its_function(dry: D
     hosting = config["hosting"]
     assert hosting["rewrites"] == effective_rewrites(REGION)
     functions = [rule for rule in hosting["rewrites"] if "run" in rule]
-    assert [rule["source"] for rule in functions] == [endpoint.path for endpoint in ENDPOINTS.values()]
+    assert [rule["source"] for rule in functions] == [endpoint.path for endpoint in ENDPOINTS.values() if not endpoint.internal]
     for rule in functions:
         (endpoint,) = [e for e in ENDPOINTS.values() if e.path == rule["source"]]
         assert rule["run"] == {"serviceId": endpoint.function_name, "region": REGION}
         assert rule["run"]["serviceId"] in [cmd[3] for cmd in dry.find("gcloud", "functions", "deploy")]
-    assert len({rule["source"] for rule in hosting["rewrites"]}) == len(ENDPOINTS) + len(TRACKED_REWRITES)
+    assert len({rule["source"] for rule in hosting["rewrites"]}) == len(functions) + len(TRACKED_REWRITES)
     assert hosting["site"] == PROJECT
     tracked = json.loads((sandbox["checkout"] / "firebase.json").read_text())
     assert {key: value for key, value in hosting.items() if key not in {"site", "public", "rewrites"}} == {
