@@ -26,6 +26,8 @@
 #   GBX_CONCURRENCY         requests one instance serves at once (default 40; 1 to 1000)
 #   GBX_MIN_INSTANCES       instances each function keeps warm (default 0; a warm instance is billed while idle)
 #   GBX_CPU_BOOST           1: startup CPU boost on (the extra CPU is billed), 0: off, unset: left as it is
+#   GBX_EXTRA_AUDIENCES     comma-separated https:// origins whose ID tokens are accepted too, e.g. a custom
+#                           Hosting domain (https://gbx.example.com); runners then mint tokens for that URL
 #
 # Prerequisites the script does not handle: billing on the project; a deploying identity that may
 # enable services, create service accounts, set the project's IAM policy, update Cloud Run
@@ -141,6 +143,17 @@ MIN_INSTANCES=${GBX_MIN_INSTANCES:-0}
 [[ $MIN_INSTANCES =~ ^(0|[1-9][0-9]{0,2})$ ]] || bad_usage "GBX_MIN_INSTANCES must be a number of instances"
 CPU_BOOST=${GBX_CPU_BOOST:-}
 [[ $CPU_BOOST =~ ^[01]?$ ]] || bad_usage "GBX_CPU_BOOST must be 1, 0 or unset"
+EXTRA_AUDIENCES=()
+IFS=, read -r -a extra_audiences <<<"${GBX_EXTRA_AUDIENCES:-}"
+for url in ${extra_audiences[@]+"${extra_audiences[@]}"}; do
+  url=${url//[[:space:]]/}
+  url=${url%/}
+  [[ -n $url ]] || continue
+  # An origin only: it rides in the functions' environment (';' and ',' delimit there) and is compared exactly.
+  [[ $url =~ ^https://[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?$ ]] ||
+    bad_usage "GBX_EXTRA_AUDIENCES: not an https:// origin (https://host[:port]): $url"
+  EXTRA_AUDIENCES+=("$url")
+done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BUILD_DIR=${GBX_BUILD_DIR:-build}
@@ -230,7 +243,8 @@ function_url() {
 #    the registry's rewrites (`python -m shared.endpoints rewrites`) of every path to its function.
 #    Firebase resolves the paths in a config from that config's folder and refuses any outside it, so
 #    the public folder ($BUILD_DIR/hosting: the portal plus a copy of openapi.json, served at
-#    /openapi.json) and the Firestore rules and indexes are copied next to it.
+#    /openapi.json, and gbx/, the runner client's wheel with its index and sha256, built reproducibly
+#    by shared/client_wheel.py) and the Firestore rules and indexes are copied next to it.
 registry_status=0
 # The registry imports shared/ and the runner client's package (client/gbx_client), both from this checkout.
 registry=$(PYTHONPATH="$ROOT:$ROOT/client${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$REGION" "$SITE" "$BUILD_DIR" <<'PY'
@@ -242,7 +256,7 @@ import sys
 from pathlib import Path
 
 try:
-    from shared import endpoints
+    from shared import client_wheel, endpoints
 except ImportError as exc:
     sys.exit(f"deploy.sh: {exc}")
 
@@ -258,6 +272,10 @@ build.mkdir(parents=True, exist_ok=True)
 shutil.rmtree(staged_public, ignore_errors=True)
 shutil.copytree(public, staged_public, ignore=shutil.ignore_patterns(".*", "__pycache__"))
 shutil.copyfile("openapi.json", staged_public / "openapi.json")
+try:
+    client_wheel.build(staged_public / "gbx")
+except client_wheel.WheelBuildFailed as exc:
+    sys.exit(f"deploy.sh: error: {exc}")
 for key in ("rules", "indexes"):
     source = Path(config["firestore"][key])
     shutil.copyfile(source, build / source.name)
@@ -291,7 +309,7 @@ while IFS=$'\t' read -r entry name _method _path caller _keys timeout access; do
   TIMEOUTS+=("$timeout")
   ACCESS+=("$access")
 done <<<"$registry"
-note "staged Hosting: $BUILD_DIR/firebase.json, public folder $BUILD_DIR/hosting (portal/ + openapi.json)"
+note "staged Hosting: $BUILD_DIR/firebase.json, public folder $BUILD_DIR/hosting (portal/ + openapi.json + gbx/)"
 
 # Then each function: its main.py and requirements.txt beside the library every function shares: shared/
 # (minus the local-mode modules) and gbx_client/, the runner client's package, where the seal format lives
@@ -493,14 +511,14 @@ fi
 
 # --- 7. Audiences: the URLs an ID token for a function may be minted for, all known before the
 # first deploy so that no deploy opens a window of 401s. First the base URL, where Firebase Hosting
-# answers every path (https://SITE.web.app and https://SITE.firebaseapp.com): one token minted for it
-# is accepted by every function. Then each gen2 function's own URLs:
+# answers every path (https://SITE.web.app and https://SITE.firebaseapp.com, and the custom domains of
+# GBX_EXTRA_AUDIENCES): one token minted for it is accepted by every function. Then each gen2 function's own URLs:
 #   https://REGION-PROJECT.cloudfunctions.net/NAME        (Cloud Functions)
 #   https://NAME-PROJECT_NUMBER.REGION.run.app            (Cloud Run's deterministic URL)
 # and its serviceConfig.uri, which may be a hash-based run.app URL known only once it exists.
 # The service compares `aud` exactly, so each URL is accepted without and with a trailing "/".
 readonly BASE_URL="https://$SITE.web.app"
-readonly BASE_URLS=("$BASE_URL" "https://$SITE.firebaseapp.com")
+readonly BASE_URLS=("$BASE_URL" "https://$SITE.firebaseapp.com" ${EXTRA_AUDIENCES[@]+"${EXTRA_AUDIENCES[@]}"})
 project_number=$(run gcloud projects describe "$PROJECT" --format='value(projectNumber)')
 if ((DRY_RUN)); then
   project_number=PROJECT_NUMBER
@@ -772,6 +790,7 @@ else
 fi
 echo "  every /api/... path, the portal at / and /openapi.json; also at https://$SITE.firebaseapp.com."
 echo "  Runners: gbx run --url $BASE_URL ...; an ID token minted for the base URL is accepted by every function."
+echo "  gbx itself: $BASE_URL/gbx/ lists its wheel and sha256 (pip install \"gbx-client @ $BASE_URL/gbx/WHEEL#sha256=HEX\")."
 if ((DRY_RUN)); then echo "Function URLs (placeholders; a dry run deploys nothing):"; else echo "Function URLs:"; fi
 for i in "${!ENTRIES[@]}"; do
   printf '  %-22s %s\n' "${NAMES[$i]}" "${service_uris[$i]}"

@@ -58,10 +58,10 @@ def free_port() -> int:
 
 @dataclass
 class Emulator:
-    """A running emulator: its address and process (leader of its own process group)."""
+    """A running emulator: its address and process (leader of its own process group; None for one started elsewhere)."""
 
     host: str
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None
     project: str
 
     def clear(self) -> None:
@@ -70,8 +70,8 @@ class Emulator:
         urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=30).read()
 
     def stop(self) -> None:
-        """End the whole process group: the Java process survives a kill of a wrapper alone."""
-        if self.process.poll() is not None:
+        """End the whole process group: the Java process survives a kill of a wrapper alone (one started elsewhere is left alone)."""
+        if self.process is None or self.process.poll() is not None:
             return
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -124,6 +124,7 @@ def _wait_until_ready(emulator: Emulator, *, timeout: float, log_path: Path | No
     while time.monotonic() < deadline:
         if cancelled():
             raise StartCancelled()
+        assert emulator.process is not None
         if emulator.process.poll() is not None:
             raise RuntimeError(f"the Firestore emulator exited with code {emulator.process.returncode} (log: {log_path})")
         try:

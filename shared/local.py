@@ -32,9 +32,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from werkzeug.routing import Rule
 
+from shared import client_wheel, errors, openapi
 from shared import config as config_module
 from shared import emulator as emulator_module
-from shared import errors, openapi
 from shared.endpoints import ENDPOINTS
 from shared.files import write_once
 from shared.http import error_response
@@ -156,14 +156,37 @@ def _hosting_headers(path: str) -> dict[str, str]:
     return headers
 
 
-def _portal(path: str = "index.html") -> flask.Response:
-    """A static file of the portal (portal/), with the production Hosting headers; the API's 404 for anything else."""
-    target = (PORTAL_DIR / path).resolve()
-    if not target.is_file() or not target.is_relative_to(PORTAL_DIR.resolve()):
+def _static(folder: Path, path: str, url_path: str) -> flask.Response:
+    """A file of `folder` with the production Hosting headers; the API's 404 for anything else, whatever the method."""
+    target = (folder / path).resolve()
+    if not target.is_file() or not target.is_relative_to(folder.resolve()):
         return error_response(errors.NotFound())
+    if flask.request.method not in ("GET", "HEAD"):
+        return error_response(errors.MethodNotAllowed("GET, HEAD"))
     response = flask.send_file(target, max_age=0)
-    response.headers.update(_hosting_headers("/" + path))
+    response.headers.update(_hosting_headers(url_path))
     return response
+
+
+def _portal(path: str = "index.html") -> flask.Response:
+    """A static file of the portal (portal/), as Hosting serves it at /."""
+    return _static(PORTAL_DIR, path, "/" + path)
+
+
+def _gbx(path: str = client_wheel.INDEX) -> flask.Response:
+    """The gbx wheel and its index (/gbx/), built when the server started, as Hosting serves them."""
+    return _static(config_module.get_config().local_dir / "gbx", path, "/gbx/" + path)
+
+
+def _get_only(view: Callable[[], Any]) -> Callable[[], Any]:
+    """A view of a fixed path that answers GET and HEAD, and the contract's 405 for any other method."""
+
+    def answer() -> Any:
+        if flask.request.method not in ("GET", "HEAD"):
+            return error_response(errors.MethodNotAllowed("GET, HEAD"))
+        return view()
+
+    return answer
 
 
 def _openapi() -> flask.Response:
@@ -187,13 +210,22 @@ def create_app() -> flask.Flask:
         # A rule without methods matches every method, as functions-framework routes them: the function answers 405.
         app.url_map.add(Rule(endpoint.path, endpoint=endpoint.name))
         app.view_functions[endpoint.name] = view
-    app.add_url_rule("/healthz", endpoint="healthz", view_func=lambda: {"status": "ok"})
-    app.add_url_rule("/openapi.json", endpoint="openapi", view_func=_openapi)
-    app.add_url_rule("/", endpoint="portal_index", view_func=_portal)
+    # These rules match every method, so that an unknown path is 404 whatever the method, and a known one 405.
+    static_routes: list[tuple[str, str, Callable[..., Any]]] = [
+        ("/healthz", "healthz", _get_only(lambda: {"status": "ok"})),
+        ("/openapi.json", "openapi", _get_only(_openapi)),
+        ("/gbx", "gbx_folder", _get_only(lambda: flask.redirect("/gbx/", 301))),
+        ("/gbx/", "gbx_index", _gbx),
+        ("/gbx/<path:path>", "gbx", _gbx),
+        ("/", "portal_index", _portal),
+    ]
     # Hosting's rewrites to the portal (the verification link's /v), served the same way here.
     for source, destination in _hosting_portal_rewrites().items():
-        app.add_url_rule(source, endpoint=f"portal_rewrite_{source}", view_func=functools.partial(_portal, destination))
-    app.add_url_rule("/<path:path>", endpoint="portal", view_func=_portal)
+        static_routes.append((source, f"portal_rewrite_{source}", functools.partial(_portal, destination)))
+    static_routes.append(("/<path:path>", "portal", _portal))
+    for rule, name, static_view in static_routes:
+        app.url_map.add(Rule(rule, endpoint=name))
+        app.view_functions[name] = static_view
 
     @app.errorhandler(404)
     def not_found(_: Exception) -> flask.Response:
@@ -247,6 +279,9 @@ def serve(port: int) -> None:
             emulator = emulator_module.start(project=config.project, log_path=log_path, cancelled=lambda: bool(stop_requested))
             os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
             print(f"Firestore emulator on {emulator.host}", flush=True)
+        # /gbx/ serves the runner client's wheel, built from this checkout as deploy.sh builds it for Hosting.
+        wheel = client_wheel.build(config.local_dir / "gbx")
+        print(f"gbx wheel: /gbx/{wheel.name}  sha256 {wheel.sha256}", flush=True)
         from werkzeug.serving import make_server
 
         # The service writes one structured line per request; werkzeug's access log would repeat it.
@@ -258,7 +293,7 @@ def serve(port: int) -> None:
         print(f"GBX Entitlements (local mode) on http://127.0.0.1:{port}  (GET /healthz; Ctrl-C stops)", flush=True)
         # A signal from here on shuts the server down, even one that lands before serve_forever starts.
         running[0].serve_forever()
-    except emulator_module.EmulatorMissing as exc:
+    except (emulator_module.EmulatorMissing, client_wheel.WheelBuildFailed) as exc:
         sys.exit(str(exc))
     except emulator_module.StartCancelled:
         pass

@@ -17,7 +17,8 @@ from shared import auth, config, emulator, signing, store
 from shared.local import LocalIssuer
 from tests.kms_server import VERSION_1, FakeKms, fake_kms_server
 
-PROJECT = "gbx-test"
+# One project per xdist worker: workers sharing one emulator (firebase emulators:exec) clear only their own data.
+PROJECT = "gbx-test" + (f"-{os.environ['PYTEST_XDIST_WORKER']}" if os.environ.get("PYTEST_XDIST_WORKER") else "")
 AUDIENCE = "https://gbx-test.example"
 ADMIN_TOKEN = "test-admin-token-0123456789"
 OPERATOR = "operator@example.com"
@@ -42,7 +43,12 @@ def issuer(service_dir: Path) -> LocalIssuer:
 
 @pytest.fixture(scope="session")
 def firestore_emulator(service_dir: Path) -> Iterator[emulator.Emulator]:
-    """Google's Firestore emulator, once per session, in its own process group."""
+    """Google's Firestore emulator: the one FIRESTORE_EMULATOR_HOST names when the suite runs under
+    `firebase emulators:exec`, else one started once per session in its own process group."""
+    outside = os.environ.get("FIRESTORE_EMULATOR_HOST")
+    if outside:
+        yield emulator.Emulator(host=outside, process=None, project=PROJECT)
+        return
     try:
         instance = emulator.start(project=PROJECT, log_path=service_dir / "firestore-emulator.log")
     except emulator.EmulatorMissing as exc:
@@ -119,6 +125,24 @@ def db(firestore_emulator: emulator.Emulator, service_env: None) -> emulator.Emu
     """An empty Firestore for this test."""
     firestore_emulator.clear()
     return firestore_emulator
+
+
+@pytest.fixture
+def stoppable_db(db: emulator.Emulator, service_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[emulator.Emulator]:
+    """An empty Firestore whose process this test may stop (SIGSTOP): the session's own emulator, or, when the
+    session uses one started outside it, an emulator of this test's own, which the service uses meanwhile."""
+    if db.process is not None:
+        yield db
+        return
+    own = emulator.start(project=PROJECT, log_path=service_dir / "stoppable-emulator.log")
+    try:
+        monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", own.host)
+        store.client.cache_clear()
+        yield own
+    finally:
+        monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", db.host)
+        store.client.cache_clear()
+        own.stop()
 
 
 @dataclass

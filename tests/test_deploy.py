@@ -18,8 +18,10 @@ import shutil
 import socketserver
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
+import tomllib
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from shared import client_wheel
 from shared import config as config_module
 from shared.endpoints import ENDPOINTS, Caller, Keys, deploy_order, hosting_rewrites
 
@@ -56,6 +59,8 @@ APIS = [f"{api}.googleapis.com" for api in (
     "firebaserules", "firebasehosting")]
 CLOUD_RUN_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 HEX_TOKEN = re.compile(r"[0-9a-f]{64}")
+# The runner client's wheel, as shared/client_wheel.py builds it for Hosting's /gbx/.
+WHEEL_NAME = "gbx_client-{}-py3-none-any.whl".format(tomllib.loads((REPO / "client" / "pyproject.toml").read_text())["project"]["version"])
 CHECKOUT_FILES = ["deploy.sh", "requirements.txt", "firestore.rules", "firestore.indexes.json", "firebase.json", "openapi.json"]
 # Request concurrency and the whole CPU it needs (Cloud Run refuses concurrency > 1 below one CPU; --cpu needs --memory).
 CONCURRENCY = {"concurrency": "40", "cpu": "1", "memory": "512Mi", "min-instances": "0"}
@@ -149,6 +154,7 @@ def make_checkout(root: Path) -> Path:
         shutil.copy2(REPO / name, root / name)
     shutil.copytree(REPO / "shared", root / "shared", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "client" / "gbx_client", root / "client" / "gbx_client", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "client" / "pyproject.toml", root / "client" / "pyproject.toml")  # deploy.sh builds gbx's wheel for Hosting
     shutil.copytree(REPO / "portal", root / "portal")
     # Local-mode modules and byte code must never be shipped, whether or not they exist yet.
     (root / "shared" / "local.py").write_text('"""local mode"""\n')
@@ -711,12 +717,36 @@ def test_the_effective_hosting_config_resolves_from_its_own_folder(dry: Deploy, 
     config = json.loads((build / "firebase.json").read_text())
     public = (build / config["hosting"]["public"]).resolve()
     assert public.is_relative_to(build.resolve()) and public.is_dir()
-    assert tree(public) == {**tree(checkout / "portal"), "openapi.json": (checkout / "openapi.json").read_bytes()}
+    staged = tree(public)
+    wheel = staged.pop(f"gbx/{WHEEL_NAME}")
+    sums = staged.pop("gbx/SHA256SUMS").decode()
+    assert sums == f"{hashlib.sha256(wheel).hexdigest()}  {WHEEL_NAME}\n"
+    assert f'href="{WHEEL_NAME}#sha256={hashlib.sha256(wheel).hexdigest()}"' in staged.pop("gbx/index.html").decode()
+    assert staged == {**tree(checkout / "portal"), "openapi.json": (checkout / "openapi.json").read_bytes()}
     for key, tracked in json.loads((checkout / "firebase.json").read_text())["firestore"].items():
         copied = (build / config["firestore"][key]).resolve()
         assert copied.is_relative_to(build.resolve())
         assert copied.read_bytes() == (checkout / tracked).read_bytes()
-    assert "staged Hosting: build/firebase.json, public folder build/hosting" in dry.stdout
+    assert "staged Hosting: build/firebase.json, public folder build/hosting (portal/ + openapi.json + gbx/)" in dry.stdout
+
+
+def test_extra_audiences_are_accepted_beside_the_base_urls(sandbox: dict[str, Path], tmp_path: Path) -> None:
+    """GBX_EXTRA_AUDIENCES: custom Hosting domains, each without and with a trailing slash, after the site's own."""
+    extra = " https://gbx.acme.example, https://runs.acme.example:8443/ "
+    result = run_deploy(sandbox["checkout"], DRY_ARGS, path=str(sandbox["path"]), env={"GBX_BUILD_DIR": str(tmp_path / "b"), "GBX_EXTRA_AUDIENCES": extra})
+    assert result.returncode == 0, result.stderr
+    custom = ["https://gbx.acme.example", "https://gbx.acme.example/", "https://runs.acme.example:8443", "https://runs.acme.example:8443/"]
+    for cmd in result.find("gcloud", "functions", "deploy"):
+        urls = audiences(env_vars(flags(cmd)["set-env-vars"])["GBX_AUDIENCES"])
+        assert urls[:8] == base_urls() + custom
+        assert urls[8:] == [url for entry in DEPLOY_ORDER for url in deterministic_urls(FUNCTIONS[entry], "PROJECT_NUMBER")]
+
+
+@pytest.mark.parametrize("extra", ["http://gbx.acme.example", "https://gbx.acme.example/path", "https://a.example;GBX_OPERATORS=x", "gbx.acme.example"])
+def test_extra_audiences_must_be_https_origins(sandbox: dict[str, Path], tmp_path: Path, extra: str) -> None:
+    result = run_deploy(sandbox["checkout"], DRY_ARGS, path=str(sandbox["path"]), env={"GBX_BUILD_DIR": str(tmp_path / "b"), "GBX_EXTRA_AUDIENCES": extra})
+    assert result.returncode == 2 and "GBX_EXTRA_AUDIENCES: not an https:// origin" in result.stderr
+    assert not result.commands
 
 
 def test_site_and_region_shape_the_base_url_the_audiences_and_the_rewrites(sandbox: dict[str, Path], tmp_path: Path) -> None:
@@ -1115,9 +1145,18 @@ def deploy_for_real(cloud: FakeCloud, *args: str) -> tuple[Deploy, dict]:
     return result, state
 
 
+@functools.cache
+def gbx_folder() -> dict[str, bytes]:
+    """What Hosting serves at /gbx/: the wheel built here from this repository (the build is reproducible, so these
+    are the bytes deploy.sh staged from its checkout), its index and SHA256SUMS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        client_wheel.build(Path(tmp) / "gbx")
+        return {f"gbx/{name}": data for name, data in tree(Path(tmp) / "gbx").items()}
+
+
 def published(checkout: Path) -> dict[str, str]:
-    """The files Hosting serves from a checkout, by SHA-256: the portal and openapi.json."""
-    files = {**tree(checkout / "portal"), "openapi.json": (checkout / "openapi.json").read_bytes()}
+    """The files Hosting serves from a checkout, by SHA-256: the portal, openapi.json and gbx/."""
+    files = {**tree(checkout / "portal"), "openapi.json": (checkout / "openapi.json").read_bytes(), **gbx_folder()}
     return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
 
 

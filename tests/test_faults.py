@@ -17,9 +17,9 @@ from tests.conftest import RUNNER, Api, error_code
 
 
 @pytest.fixture
-def stall_next_commit(api: Api, db: Any, short_firestore_budgets: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], list[str]]]:
+def stall_next_commit(api: Api, stoppable_db: Any, short_firestore_budgets: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], list[str]]]:
     """Arm: the next commit is sent to an emulator stopped for longer than the commit's timeout."""
-    pid = db.process.pid
+    pid = stoppable_db.process.pid
     stall_seconds = config.get_config().firestore_timeout_seconds + 1.5
     real_commit = store._commit
     timers: list[threading.Timer] = []
@@ -44,7 +44,7 @@ def stall_next_commit(api: Api, db: Any, short_firestore_budgets: None, monkeypa
     finally:
         for timer in timers:
             timer.cancel()
-        os.kill(pid, signal.SIGCONT)  # never leave the session's emulator stopped
+        os.kill(pid, signal.SIGCONT)  # never leave an emulator stopped
 
 
 def test_a_redeem_whose_commit_outlives_its_deadline_is_answered_as_applied(api: Api, stall_next_commit: Callable[[], list[str]]) -> None:
