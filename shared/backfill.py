@@ -8,17 +8,13 @@ functions of this version (it is idempotent; run it again if an older instance i
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 
-import google.auth.exceptions
 from google.api_core import exceptions as gexc
 
-from shared import config, store
+from shared import ledger, store
 
-EXIT_OK = 0
-EXIT_COULD_NOT_RUN = 2
 PAGE_SIZE = 500
 
 
@@ -56,22 +52,13 @@ def backfill(*, page_size: int = PAGE_SIZE) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Backfill and say how many grants were updated."""
     parser = argparse.ArgumentParser(prog="python -m shared.backfill", description=__doc__.splitlines()[0])
-    parser.add_argument("--project", help=f"Google Cloud project (default: ${config.ENV_PROJECT}; on the emulator, local mode's {config.LOCAL_PROJECT!r})")
+    parser.add_argument("--project", help=ledger.PROJECT_HELP)
     args = parser.parse_args(argv)
-    project = args.project or os.environ.get(config.ENV_PROJECT) or (config.LOCAL_PROJECT if os.environ.get("FIRESTORE_EMULATOR_HOST") else "")
-    if not project:
-        print(f"backfill: could not run: no project (pass --project or set {config.ENV_PROJECT})", file=sys.stderr)
-        return EXIT_COULD_NOT_RUN
-    os.environ[config.ENV_PROJECT] = project
-    config.get_config.cache_clear()
-    store.client.cache_clear()
-    try:
-        updated = backfill()
-    except (gexc.GoogleAPIError, google.auth.exceptions.GoogleAuthError) as exc:
-        print(f"backfill: could not run: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}", file=sys.stderr)
-        return EXIT_COULD_NOT_RUN
+    updated = ledger.on_firestore("backfill", args.project, backfill)
+    if updated is None:
+        return ledger.EXIT_COULD_NOT_RUN
     print(f"backfill: {updated} grant documents updated")
-    return EXIT_OK
+    return ledger.EXIT_OK
 
 
 if __name__ == "__main__":

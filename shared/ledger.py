@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import google.auth.exceptions
 from google.api_core import exceptions as gexc
@@ -14,6 +15,8 @@ from google.api_core import exceptions as gexc
 from shared import config, store
 from shared.audit import check_documents
 from shared.models import format_time
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
@@ -53,12 +56,34 @@ def audit(principal: str, limit: int) -> tuple[list[dict[str, Any]], list[dict[s
     return grants, store.ledger_for_principal(principal, limit), problems
 
 
+PROJECT_HELP = f"Google Cloud project (default: ${config.ENV_PROJECT}; on the emulator, local mode's {config.LOCAL_PROJECT!r})"
+
+
 def _project(explicit: str | None) -> str:
     """The project to read: --project, $GOOGLE_CLOUD_PROJECT, or local mode's project on the emulator."""
     project = explicit or os.environ.get(config.ENV_PROJECT, "")
     if not project and os.environ.get("FIRESTORE_EMULATOR_HOST"):
         project = config.LOCAL_PROJECT
     return project
+
+
+def on_firestore(prog: str, explicit_project: str | None, work: Callable[[], T]) -> T | None:
+    """Run an operator tool's `work` against the project's Firestore; None (after one line on stderr saying why) when it could not run."""
+    project = _project(explicit_project)
+    if not project:
+        print(f"{prog}: could not run: no project (pass --project or set {config.ENV_PROJECT})", file=sys.stderr)
+        return None
+    os.environ[config.ENV_PROJECT] = project
+    config.get_config.cache_clear()
+    store.client.cache_clear()
+    try:
+        return work()
+    except google.auth.exceptions.DefaultCredentialsError:
+        print(f"{prog}: could not run: no Google credentials (run `gcloud auth application-default login`, or set FIRESTORE_EMULATOR_HOST)", file=sys.stderr)
+    except (gexc.GoogleAPIError, google.auth.exceptions.GoogleAuthError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"{prog}: could not run: Firestore answered {type(exc).__name__}: {reason[:200]}", file=sys.stderr)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,26 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("principal", help="the principal (service-account or user email) to audit")
     parser.add_argument("--limit", type=int, default=100, help="how many of the newest ledger entries to print (default 100)")
-    parser.add_argument(
-        "--project", help=f"Google Cloud project (default: ${config.ENV_PROJECT}; on the emulator, local mode's {config.LOCAL_PROJECT!r})"
-    )
+    parser.add_argument("--project", help=PROJECT_HELP)
     args = parser.parse_args(argv)
-    project = _project(args.project)
-    if not project:
-        print(f"ledger: could not run: no project (pass --project or set {config.ENV_PROJECT})", file=sys.stderr)
+    result = on_firestore("ledger", args.project, lambda: audit(args.principal.lower(), args.limit))
+    if result is None:
         return EXIT_COULD_NOT_RUN
-    os.environ[config.ENV_PROJECT] = project
-    config.get_config.cache_clear()
-    store.client.cache_clear()
-    try:
-        grants, ledger, problems = audit(args.principal.lower(), args.limit)
-    except google.auth.exceptions.DefaultCredentialsError:
-        print("ledger: could not run: no Google credentials (run `gcloud auth application-default login`, or set FIRESTORE_EMULATOR_HOST)", file=sys.stderr)
-        return EXIT_COULD_NOT_RUN
-    except (gexc.GoogleAPIError, google.auth.exceptions.GoogleAuthError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"ledger: could not run: Firestore answered {type(exc).__name__}: {reason[:200]}", file=sys.stderr)
-        return EXIT_COULD_NOT_RUN
+    grants, ledger, problems = result
     for grant in grants:
         print(json.dumps({"grant": {k: _jsonable(v) for k, v in grant.items()}}, sort_keys=True))
     for entry in ledger:
