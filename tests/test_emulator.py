@@ -23,7 +23,8 @@ def test_no_sdk_anywhere_is_a_clear_failure_of_the_test_run(tmp_path: Path) -> N
     # A Python that finds no gcloud and no SDK folder: the session fixture stops the run with the message.
     probe = tmp_path / "test_probe.py"
     probe.write_text("def test_needs_firestore(db):\n    pass\n")
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent), "GBX_FIRESTORE_EMULATOR_JAR": ""}
+    # No FIRESTORE_EMULATOR_HOST either: with it, the fixtures would use that emulator and never look for the SDK.
+    env = {**{k: v for k, v in os.environ.items() if k != "FIRESTORE_EMULATOR_HOST"}, "PATH": str(Path(sys.executable).parent), "GBX_FIRESTORE_EMULATOR_JAR": ""}
     code = (
         "import sys, pathlib, pytest; from shared import emulator; "
         "emulator.JAR_RELATIVE = pathlib.Path('no/such/emulator.jar'); "
