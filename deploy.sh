@@ -2,9 +2,12 @@
 # Deploy GBX Entitlements to a Google Cloud project: APIs, runtime and build service accounts,
 # Firestore, Cloud KMS seal key, admin-token secret, one Cloud Function (gen2) per endpoint of the
 # registry (shared/endpoints.py), their audiences, Firebase Hosting in front of them (the base URL
-# https://SITE.web.app) and, last, the Firestore security rules.
+# https://SITE.web.app) and, last, the Firestore security rules. The database is protected (point-in-time
+# recovery, delete protection, a daily backup schedule); an hourly Cloud Scheduler job runs the ledger
+# audit as its own service account; a log-based metric counts ledger mismatches; alert policies watch it and
+# the 5xx rate, notifying --alert-email.
 #
-#   ./deploy.sh --project PROJECT --region REGION [--site SITE] [--dry-run]
+#   ./deploy.sh --project PROJECT --region REGION [--site SITE] [--alert-email EMAIL] [--backup-retention DAYS] [--dry-run]
 #
 # Safe to re-run: every create is guarded by a describe, every grant is an idempotent
 # add-iam-policy-binding, every deploy replaces the previous revision.
@@ -16,6 +19,8 @@
 #   GBX_OPERATORS           comma-separated operator emails handed to the functions (may be empty)
 #   GBX_BUILD_DIR           where functions and Hosting are staged (default: build, next to this script)
 #   GBX_FIRESTORE_LOCATION  Firestore location for a new database (default: REGION; e.g. eur3, nam5)
+#   GBX_FIRESTORE_DATABASE  the Firestore database the functions use (default: (default)); a restored database
+#                           is put in service by deploying with its name (see the restore drill)
 #   GBX_PYTHON              a Python with requirements.txt installed, to read the endpoint registry
 #                           (default: .venv/bin/python next to this script, from `make install`; else python3)
 #   GBX_CONCURRENCY         requests one instance serves at once (default 40; 1 to 1000)
@@ -26,8 +31,8 @@
 #
 # Prerequisites the script does not handle: billing on the project; a deploying identity that may
 # enable services, create service accounts, set the project's IAM policy, update Cloud Run
-# services (roles/run.admin) and act as gbx-runtime and gbx-build (roles/iam.serviceAccountUser on
-# both). Hosting and the Firestore rules additionally need Firebase added to the project and a
+# services (roles/run.admin) and act as gbx-runtime, gbx-build and gbx-audit (roles/iam.serviceAccountUser
+# on the three); manage backups, Cloud Scheduler jobs, log-based metrics and alert policies (Owner has all). Hosting and the Firestore rules additionally need Firebase added to the project and a
 # Firebase CLI that is logged in (firebase login, or GOOGLE_APPLICATION_CREDENTIALS); without them
 # the script warns, prints the commands to run later, and carries on.
 set -euo pipefail
@@ -37,16 +42,25 @@ readonly APIS=(
   artifactregistry.googleapis.com firestore.googleapis.com cloudkms.googleapis.com
   secretmanager.googleapis.com iam.googleapis.com logging.googleapis.com
   firebaserules.googleapis.com firebasehosting.googleapis.com
+  cloudscheduler.googleapis.com monitoring.googleapis.com
 )
 readonly SA_NAME=gbx-runtime
 # Builds run as gbx-build: since mid-2024 new projects build with the default compute service
 # account, which organisations often strip of the Editor role the build relied on.
 readonly BUILD_SA_NAME=gbx-build
 readonly BUILD_ROLES=(roles/logging.logWriter roles/artifactregistry.writer roles/storage.objectAdmin)
+# Cloud Scheduler calls the internal functions (the ledger audit) with an OIDC token of gbx-audit, the only
+# identity given roles/run.invoker on them. It needs no other role.
+readonly AUDIT_SA_NAME=gbx-audit
+readonly AUDIT_SCHEDULE='0 * * * *' # hourly, on the hour (UTC)
+# The log-based metric counting the audit's mismatch lines, and the alert policies' display names (found by them).
+readonly MISMATCH_METRIC=gbx-ledger-mismatches
+readonly MISMATCH_POLICY='GBX ledger mismatch'
+readonly ERRORS_POLICY='GBX 5xx rate'
 readonly KEY_RING=gbx
 readonly KEY=seal
 readonly SECRET=gbx-admin-token
-readonly DATABASE='(default)'
+DATABASE=${GBX_FIRESTORE_DATABASE:-(default)}
 # Request concurrency: a request spends most of its time waiting on Firestore or KMS, so one instance
 # serves many at once (one process with as many threads; the code is thread-safe). Cloud Run allows
 # more than one request per instance only with a whole CPU, and --cpu needs --memory beside it. The
@@ -59,11 +73,15 @@ readonly MEMORY=512Mi
 usage() {
   cat <<'EOF'
 usage: deploy.sh --project PROJECT --region REGION [--site SITE] [--dry-run]
+                 [--alert-email EMAIL] [--backup-retention DAYS]
 
-  --project PROJECT   Google Cloud project to deploy into
-  --region REGION     region of the functions and the KMS key ring (e.g. europe-west1)
-  --site SITE         Firebase Hosting site of the base URL https://SITE.web.app (default: PROJECT)
-  --dry-run           print every command that would run (prefixed "+ "), run none
+  --project PROJECT         Google Cloud project to deploy into
+  --region REGION           region of the functions and the KMS key ring (e.g. europe-west1)
+  --site SITE               Firebase Hosting site of the base URL https://SITE.web.app (default: PROJECT)
+  --alert-email EMAIL       notify this address when the ledger audit finds a mismatch or 5xx answers climb
+                            (default: the alert policies are created without a notification channel)
+  --backup-retention DAYS   keep each daily Firestore backup this many days, 1 to 98 (default 14)
+  --dry-run                 print every command that would run (prefixed "+ "), run none
 EOF
 }
 
@@ -77,16 +95,23 @@ PROJECT=""
 REGION=""
 SITE=""
 DRY_RUN=0
+ALERT_EMAIL=""
+BACKUP_RETENTION=14
 while (($#)); do
   case "$1" in
-    --project | --region | --site)
+    --project | --region | --site | --alert-email | --backup-retention)
       (($# >= 2)) || bad_usage "$1 needs a value"
-      case $1 in --project) PROJECT=$2 ;; --region) REGION=$2 ;; *) SITE=$2 ;; esac
+      case $1 in
+        --project) PROJECT=$2 ;; --region) REGION=$2 ;; --site) SITE=$2 ;;
+        --alert-email) ALERT_EMAIL=$2 ;; *) BACKUP_RETENTION=$2 ;;
+      esac
       shift 2
       ;;
     --project=*) PROJECT=${1#*=}; shift ;;
     --region=*) REGION=${1#*=}; shift ;;
     --site=*) SITE=${1#*=}; shift ;;
+    --alert-email=*) ALERT_EMAIL=${1#*=}; shift ;;
+    --backup-retention=*) BACKUP_RETENTION=${1#*=}; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) bad_usage "unknown argument: $1" ;;
@@ -107,6 +132,11 @@ SITE=${SITE:-$PROJECT}
 OPERATORS=${GBX_OPERATORS:-}
 [[ $OPERATORS != *";"* ]] || bad_usage "GBX_OPERATORS must not contain ';'"
 FIRESTORE_LOCATION=${GBX_FIRESTORE_LOCATION:-$REGION}
+# Firestore keeps a daily backup at most 14 weeks.
+[[ $BACKUP_RETENTION =~ ^[1-9][0-9]?$ ]] && ((BACKUP_RETENTION <= 98)) || bad_usage "--backup-retention must be 1 to 98 days"
+[[ -z $ALERT_EMAIL || $ALERT_EMAIL =~ ^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$ ]] || bad_usage "not an email address: $ALERT_EMAIL"
+# A database ID: (default), or 4 to 63 of [a-z0-9-], a letter first, no hyphen last.
+[[ $DATABASE == '(default)' || $DATABASE =~ ^[a-z][a-z0-9-]{2,61}[a-z0-9]$ ]] || bad_usage "GBX_FIRESTORE_DATABASE is not a Firestore database ID: $DATABASE"
 CONCURRENCY=${GBX_CONCURRENCY:-40}
 [[ $CONCURRENCY =~ ^[1-9][0-9]{0,3}$ ]] && ((CONCURRENCY <= 1000)) || bad_usage "GBX_CONCURRENCY must be 1 to 1000"
 MIN_INSTANCES=${GBX_MIN_INSTANCES:-0}
@@ -142,6 +172,7 @@ fi
 
 SA_EMAIL="$SA_NAME@$PROJECT.iam.gserviceaccount.com"
 BUILD_SA_EMAIL="$BUILD_SA_NAME@$PROJECT.iam.gserviceaccount.com"
+AUDIT_SA_EMAIL="$AUDIT_SA_NAME@$PROJECT.iam.gserviceaccount.com"
 KEY_NAME="projects/$PROJECT/locations/$REGION/keyRings/$KEY_RING/cryptoKeys/$KEY"
 export CLOUDSDK_CORE_DISABLE_PROMPTS=1 # a prompt would hang CI; every answer is in the flags
 
@@ -265,14 +296,18 @@ if ((registry_status)); then
   die "reading the endpoint registry and staging Hosting failed (see above)"
 fi
 [[ -n $registry ]] || die "the endpoint registry lists no function"
-# Per function, in deploy order: its entry point (functions/<entry>/main.py), its name, who calls it.
-ENTRIES=() NAMES=() CALLERS=()
-while IFS=$'\t' read -r entry name _method _path caller _keys; do
-  [[ $entry =~ ^[a-z][a-z0-9_]*$ && $name =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] ||
-    die "unexpected line from the endpoint registry: $entry $name"
+# Per function, in deploy order: its entry point (functions/<entry>/main.py), its name, who calls it, its
+# timeout, and whether it is internal (invoked only by gbx-audit through Cloud Run's IAM check, from Cloud
+# Scheduler) or public (every caller checked by the function itself).
+ENTRIES=() NAMES=() CALLERS=() TIMEOUTS=() ACCESS=()
+while IFS=$'\t' read -r entry name _method _path caller _keys timeout access; do
+  [[ $entry =~ ^[a-z][a-z0-9_]*$ && $name =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ && $timeout =~ ^[1-9][0-9]{0,3}$ &&
+    $access =~ ^(public|internal)$ ]] || die "unexpected line from the endpoint registry: $entry $name"
   ENTRIES+=("$entry")
   NAMES+=("$name")
   CALLERS+=("$caller")
+  TIMEOUTS+=("$timeout")
+  ACCESS+=("$access")
 done <<<"$registry"
 note "staged Hosting: $BUILD_DIR/firebase.json, public folder $BUILD_DIR/hosting (portal/ + openapi.json + gbx/)"
 
@@ -327,6 +362,8 @@ grant_on_project "$SA_EMAIL" roles/datastore.user
 # sources in Cloud Storage.
 ensure_service_account "$BUILD_SA_NAME" "GBX Entitlements build"
 for role in "${BUILD_ROLES[@]}"; do grant_on_project "$BUILD_SA_EMAIL" "$role"; done
+# Cloud Scheduler's identity for the internal functions: invoker on them only (step 8), nothing on the project.
+ensure_service_account "$AUDIT_SA_NAME" "GBX Entitlements ledger audit (Cloud Scheduler)"
 
 # --- 4. Firestore (native mode) and its indexes (its rules are the last step).
 db_type=$(probe gcloud firestore databases describe --database="$DATABASE" --project="$PROJECT" --format='value(type)')
@@ -334,7 +371,23 @@ if [[ -z $db_type ]]; then
   run gcloud firestore databases create --database="$DATABASE" --location="$FIRESTORE_LOCATION" \
     --type=firestore-native --project="$PROJECT"
 elif [[ $db_type != FIRESTORE_NATIVE ]]; then
-  die "the (default) Firestore database of $PROJECT is $db_type; GBX needs Firestore in native mode"
+  die "the $DATABASE Firestore database of $PROJECT is $db_type; GBX needs Firestore in native mode"
+fi
+# What Firestore holds is money: point-in-time recovery (any minute of the last 7 days can be read or exported)
+# and delete protection (the database cannot be deleted until it is switched off). Idempotent, so also on
+# a database that existed before.
+run gcloud firestore databases update --database="$DATABASE" --enable-pitr --delete-protection --project="$PROJECT"
+# One daily backup schedule, kept --backup-retention days (Firestore allows up to 14 weeks). A daily schedule
+# is found by its missing weekly day; an existing one gets the retention asked for.
+retention_seconds=$((BACKUP_RETENTION * 86400))s
+daily_schedule=$(probe gcloud firestore backups schedules list --database="$DATABASE" --project="$PROJECT" \
+  --format='value(name.basename(),retention,weeklyRecurrence.day)' | awk -F'\t' '$3 == "" { print $1 "\t" $2; exit }')
+if [[ -z $daily_schedule ]]; then
+  run gcloud firestore backups schedules create --database="$DATABASE" --recurrence=daily \
+    --retention="${BACKUP_RETENTION}d" --project="$PROJECT"
+elif [[ ${daily_schedule#*$'\t'} != "$retention_seconds" ]]; then
+  run gcloud firestore backups schedules update --backup-schedule="${daily_schedule%%$'\t'*}" --database="$DATABASE" \
+    --retention="${BACKUP_RETENTION}d" --project="$PROJECT"
 fi
 
 # One line of gcloud flags per index of firestore.indexes.json (the firebase-tools format).
@@ -364,11 +417,11 @@ PY
 )
 create_index() {
   local err
-  show gcloud firestore indexes composite create "$@" --project="$PROJECT"
+  show gcloud firestore indexes composite create "$@" --database="$DATABASE" --project="$PROJECT"
   if ((DRY_RUN)); then return 0; fi
   # There is no describe for "this exact index": create it and accept ALREADY_EXISTS (HTTP 409).
   # Not --async: creating indexes on one collection concurrently can fail with a 409 as well.
-  if ! err=$(gcloud firestore indexes composite create "$@" --project="$PROJECT" 2>&1 >/dev/null); then
+  if ! err=$(gcloud firestore indexes composite create "$@" --database="$DATABASE" --project="$PROJECT" 2>&1 >/dev/null); then
     if grep -qiE 'ALREADY_EXISTS|already exists' <<<"$err"; then
       note "index exists: $*"
       return 0
@@ -518,6 +571,8 @@ env_vars="^;^GOOGLE_CLOUD_PROJECT=$PROJECT;GBX_ISSUER=$PROJECT;GBX_PUBLIC_URL=$B
 env_vars+=";GBX_KMS_KEY_VERSION=$SIGNING_VERSION;GBX_TRUSTED_KEY_VERSIONS=$TRUSTED_VERSIONS"
 if [[ -n $OPERATORS ]]; then env_vars+=";GBX_OPERATORS=$OPERATORS"; fi
 env_vars+=";THREADS=$CONCURRENCY"
+env_vars+=";GBX_AUDITORS=$AUDIT_SA_EMAIL"
+if [[ $DATABASE != '(default)' ]]; then env_vars+=";GBX_FIRESTORE_DATABASE=$DATABASE"; fi
 env_vars+=";GBX_AUDIENCES=$DEPLOY_AUDIENCES"
 # Startup CPU boost is a Cloud Run setting; it rides along with the invoker setting after each deploy.
 cpu_boost=()
@@ -530,14 +585,23 @@ for i in "${!ENTRIES[@]}"; do
     --region="$REGION" --project="$PROJECT" --service-account="$SA_EMAIL"
     --build-service-account="projects/$PROJECT/serviceAccounts/$BUILD_SA_EMAIL"
     --concurrency="$CONCURRENCY" --cpu="$CPU" --memory="$MEMORY" --min-instances="$MIN_INSTANCES"
-    --set-env-vars="$env_vars")
-  if [[ ${CALLERS[$i]} == admin ]]; then
+    --timeout="${TIMEOUTS[$i]}s" --set-env-vars="$env_vars")
+  if [[ ${CALLERS[$i]} == admin || ${CALLERS[$i]} == admin_or_operator ]]; then
     deploy+=(--set-secrets="GBX_ADMIN_TOKEN=$SECRET:latest") # only the functions partners call see the token
   fi
   run "${deploy[@]}"
   # A gen2 function is a Cloud Run service of the same name.
-  run gcloud run services update "$name" --region="$REGION" --project="$PROJECT" --no-invoker-iam-check \
-    ${cpu_boost[@]+"${cpu_boost[@]}"} # (set -u calls an empty array unbound before bash 4.4)
+  if [[ ${ACCESS[$i]} == internal ]]; then
+    # Only gbx-audit (Cloud Scheduler) may invoke it: Cloud Run checks the caller's IAM before the function
+    # checks the token again (GBX_AUDITORS). Hosting cannot reach it, so it has no rewrite.
+    run gcloud run services update "$name" --region="$REGION" --project="$PROJECT" --invoker-iam-check \
+      ${cpu_boost[@]+"${cpu_boost[@]}"}
+    retry run gcloud run services add-iam-policy-binding "$name" --region="$REGION" --project="$PROJECT" \
+      --member="serviceAccount:$AUDIT_SA_EMAIL" --role=roles/run.invoker --format=none
+  else
+    run gcloud run services update "$name" --region="$REGION" --project="$PROJECT" --no-invoker-iam-check \
+      ${cpu_boost[@]+"${cpu_boost[@]}"} # (set -u calls an empty array unbound before bash 4.4)
+  fi
 done
 
 # --- 9. Audiences, again: only when a function's serviceConfig.uri was not known before step 8
@@ -556,6 +620,111 @@ else
       --update-env-vars="^;^GBX_AUDIENCES=$AUDIENCES"
   done
 fi
+
+# --- 9b. Operations: the hourly ledger audit, a metric counting its mismatches, alerts on it and on 5xx answers.
+# Each internal function gets a Cloud Scheduler job of its name that POSTs to its cloudfunctions.net URL (known before
+# it exists, and one of GBX_AUDIENCES) with an OIDC token of gbx-audit for that URL. The attempt deadline is the
+# function's timeout: a pass over many grants goes on in the next call from the cursor the audit keeps.
+for i in "${!ENTRIES[@]}"; do
+  [[ ${ACCESS[$i]} == internal ]] || continue
+  name=${NAMES[$i]}
+  url="https://$REGION-$PROJECT.cloudfunctions.net/$name"
+  job_flags=(--location="$REGION" --project="$PROJECT" --schedule="$AUDIT_SCHEDULE" --time-zone=Etc/UTC
+    --uri="$url" --http-method=POST --oidc-service-account-email="$AUDIT_SA_EMAIL" --oidc-token-audience="$url"
+    --attempt-deadline="${TIMEOUTS[$i]}s" --description="GBX: $name, hourly (see docs/operations.md)")
+  job_found=$(probe gcloud scheduler jobs describe "$name" --location="$REGION" --project="$PROJECT" --format='value(name)')
+  if [[ -z $job_found ]]; then
+    run gcloud scheduler jobs create http "$name" "${job_flags[@]}"
+  else
+    run gcloud scheduler jobs update http "$name" "${job_flags[@]}"
+  fi
+done
+
+# The audit logs one line per mismatch ({"severity": "ERROR", "event": "ledger_mismatch", ...}): a counter metric.
+mismatch_filter='resource.type="cloud_run_revision" AND jsonPayload.event="ledger_mismatch" AND severity>=ERROR'
+metric_found=$(probe gcloud logging metrics describe "$MISMATCH_METRIC" --project="$PROJECT" --format='value(name)')
+metric_verb=create
+[[ -z $metric_found ]] || metric_verb=update
+run gcloud logging metrics "$metric_verb" "$MISMATCH_METRIC" --project="$PROJECT" \
+  --description="GBX ledger audit: grant documents whose unused runs disagree with their ledger" --log-filter="$mismatch_filter"
+
+# The notification channel of --alert-email (found by its address, or created).
+channels=""
+if [[ -n $ALERT_EMAIL ]]; then
+  channels=$(probe gcloud beta monitoring channels list --project="$PROJECT" \
+    --filter="type=\"email\" AND labels.email_address=\"$ALERT_EMAIL\"" --format='value(name)' | head -n 1)
+  if [[ -z $channels ]]; then
+    channels=$(run gcloud beta monitoring channels create --project="$PROJECT" --type=email \
+      --display-name="GBX alerts ($ALERT_EMAIL)" --channel-labels="email_address=$ALERT_EMAIL" --format='value(name)')
+  fi
+  if ((DRY_RUN)); then
+    channels="projects/$PROJECT/notificationChannels/CHANNEL_ID"
+    note "dry run: $channels is a placeholder for the channel of $ALERT_EMAIL"
+  fi
+  [[ $channels =~ ^projects/[^/]+/notificationChannels/[A-Za-z0-9_]+$ ]] || die "no notification channel for $ALERT_EMAIL: '$channels'"
+else
+  note "no --alert-email: the alert policies open incidents in Cloud Monitoring but notify no one"
+fi
+
+# The alert policies, written as JSON files (Cloud Monitoring's AlertPolicy) into the build folder, then created,
+# or updated when a policy of the same display name exists.
+monitoring_dir="$BUILD_DIR/monitoring"
+mkdir -p -- "$monitoring_dir"
+"$PYTHON" - "$monitoring_dir" "$MISMATCH_METRIC" "$MISMATCH_POLICY" "$ERRORS_POLICY" "$channels" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+folder, metric, mismatch_name, errors_name, channels = sys.argv[1:]
+channels = [channels] if channels else []
+rate = {"alignmentPeriod": "300s", "perSeriesAligner": "ALIGN_RATE", "crossSeriesReducer": "REDUCE_SUM"}
+requests = 'metric.type="run.googleapis.com/request_count" AND resource.type="cloud_run_revision" AND resource.labels.service_name=starts_with("gbx-")'
+policies = {
+    "ledger-mismatch.json": {
+        "displayName": mismatch_name,
+        "combiner": "OR",
+        "notificationChannels": channels,
+        "documentation": {"mimeType": "text/markdown", "content": "The hourly ledger audit found a grant whose unused runs disagree with its ledger. The ERROR lines with `jsonPayload.event=\"ledger_mismatch\"` name the principal, grant, document, expected and found values. See docs/operations.md, \"Ledger audit\"."},
+        "conditions": [{
+            "displayName": "ledger mismatches logged",
+            "conditionThreshold": {
+                "filter": f'metric.type="logging.googleapis.com/user/{metric}" AND resource.type="cloud_run_revision"',
+                "aggregations": [{"alignmentPeriod": "300s", "perSeriesAligner": "ALIGN_SUM", "crossSeriesReducer": "REDUCE_SUM"}],
+                "comparison": "COMPARISON_GT", "thresholdValue": 0, "duration": "0s", "trigger": {"count": 1},
+            },
+        }],
+        "alertStrategy": {"autoClose": "86400s"},
+    },
+    "5xx-rate.json": {
+        "displayName": errors_name,
+        "combiner": "OR",
+        "notificationChannels": channels,
+        "documentation": {"mimeType": "text/markdown", "content": "More than 1% of the GBX functions' answers were 5xx over 5 minutes. 503s mean Firestore or KMS was unavailable; 500s are bugs, logged with their traceback and request id. See docs/operations.md, \"Alerts\"."},
+        "conditions": [{
+            "displayName": "5xx answers above 1% for 5 minutes",
+            "conditionThreshold": {
+                "filter": requests + ' AND metric.labels.response_code_class="5xx"',
+                "aggregations": [rate],
+                "denominatorFilter": requests,
+                "denominatorAggregations": [rate],
+                "comparison": "COMPARISON_GT", "thresholdValue": 0.01, "duration": "300s", "trigger": {"count": 1},
+            },
+        }],
+    },
+}
+for name, policy in policies.items():
+    Path(folder, name).write_text(json.dumps(policy, indent=2) + "\n", encoding="utf-8")
+PY
+for policy in ledger-mismatch:"$MISMATCH_POLICY" 5xx-rate:"$ERRORS_POLICY"; do
+  file="$monitoring_dir/${policy%%:*}.json" display_name=${policy#*:}
+  policy_found=$(probe gcloud alpha monitoring policies list --project="$PROJECT" \
+    --filter="displayName=\"$display_name\"" --format='value(name)' | head -n 1)
+  if [[ -z $policy_found ]]; then
+    run gcloud alpha monitoring policies create --project="$PROJECT" --policy-from-file="$file"
+  else
+    run gcloud alpha monitoring policies update "$policy_found" --project="$PROJECT" --policy-from-file="$file"
+  fi
+done
 
 # --- 10 and 11: Firebase. gcloud can neither deploy Hosting nor release rules; the Firebase CLI can, on a
 # project with Firebase added (firebase projects:addfirebase PROJECT) and with credentials (firebase login,

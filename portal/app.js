@@ -875,6 +875,11 @@ function showResult(result) {
 function showVerifiedBy(result) {
   const here = `${location.protocol}//${location.host}`;
   const box = $("verified-by");
+  // Nothing to say when neither a key was looked up nor a link named a site (a file that is not a seal).
+  if (result.checks.key === NOT_CHECKED && result.site === null) {
+    box.hidden = true;
+    return;
+  }
   const lines = [`Checked by ${here}, with the keys this site publishes.`];
   if (result.site !== null) {
     lines.push(result.site === here
@@ -952,7 +957,6 @@ async function checkPicture(file) {
   try {
     texts = await readQrCodes(file);
   } catch (error) {
-    texts = null;
     if (run === state.sealRun) {
       showResult({ ...emptyResult(), checks: { document: `the picture could not be read (${error.message})`, key: NOT_CHECKED, signature: NOT_CHECKED }, refused: true, source: "picture" });
     }
@@ -1001,7 +1005,8 @@ async function readQrCodes(file) {
 
 /** On /v, the address bar's fragment is a seal: check it (it never leaves the browser). */
 function checkAddressBar() {
-  if (!location.pathname.endsWith(VERIFY_PATH) || location.hash.length <= 1) return;
+  // href, not hash: an empty fragment ("/v#") is a link too, and an unusable one.
+  if (!location.pathname.endsWith(VERIFY_PATH) || !location.href.includes("#")) return;
   checkLink(location.href, "The verification link in the address bar");
 }
 

@@ -22,6 +22,8 @@ from shared.models import AuditResponse, LedgerMismatch, format_time
 
 # Ledger sums summed at once per page: each is one small aggregation, mostly waiting on the network.
 WORKERS = 16
+# The `event` of the audit's ERROR line per mismatch: deploy.sh's log-based metric counts these lines.
+MISMATCH_EVENT = "ledger_mismatch"
 # The answer lists at most this many mismatches (every one is logged); the counts are exact.
 MAX_LISTED = 1000
 
@@ -82,7 +84,7 @@ def run_audit(*, page_size: int, budget_seconds: float) -> AuditResponse:
             "severity": "ERROR",
             "message": f"ledger mismatch: principal {mismatch.principal} grant {mismatch.grant_id} document {mismatch.shard}: "
                        f"the ledger sums to {mismatch.expected}, the document holds {mismatch.found}",
-            "event": "ledger_mismatch",
+            "event": MISMATCH_EVENT,
             **mismatch.model_dump(),
         })
     pass_checked += checked

@@ -25,6 +25,7 @@ ENV_LOCAL_MODE = "GBX_LOCAL_MODE"
 ENV_FIRESTORE_TIMEOUT = "GBX_FIRESTORE_TIMEOUT_SECONDS"
 ENV_FIRESTORE_RETRY = "GBX_FIRESTORE_RETRY_SECONDS"
 ENV_AUDITORS = "GBX_AUDITORS"
+ENV_FIRESTORE_DATABASE = "GBX_FIRESTORE_DATABASE"
 ENV_AUDIT_PAGE_SIZE = "GBX_AUDIT_PAGE_SIZE"
 ENV_AUDIT_BUDGET = "GBX_AUDIT_BUDGET_SECONDS"
 
@@ -64,6 +65,7 @@ class Config(BaseModel):
     local_mode: bool = Field(description="True when served by `python -m shared.local`.")
     firestore_timeout_seconds: float = Field(gt=0, description="Timeout of one Firestore call.")
     firestore_retry_seconds: float = Field(gt=0, description="Budget of a Firestore read's retries on transient errors.")
+    firestore_database: str = Field(description="The Firestore database: `(default)`, or a restored one put in service (see the restore drill).")
     auditors: frozenset[str] = Field(description="Identities that may call the ledger audit besides the operators (the scheduler's service account).")
     audit_page_size: int = Field(ge=1, le=1000, description="Grant documents the ledger audit reads per page.")
     audit_budget_seconds: float = Field(gt=0, description="How long one ledger audit call checks pages before it saves its cursor and answers.")
@@ -99,6 +101,7 @@ def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
         # 5 s per call, retried within 10 s: an outage ends in our 503 well inside a function's 60 s timeout.
         firestore_timeout_seconds=float(env.get(ENV_FIRESTORE_TIMEOUT) or 5.0),
         firestore_retry_seconds=float(env.get(ENV_FIRESTORE_RETRY) or 10.0),
+        firestore_database=env.get(ENV_FIRESTORE_DATABASE) or "(default)",
         auditors=frozenset(a.lower() for a in _split(env.get(ENV_AUDITORS, ""))),
         audit_page_size=int(env.get(ENV_AUDIT_PAGE_SIZE) or 300),
         # deploy.sh gives the audit function a 30-minute timeout; a call stops checking well before it.

@@ -69,7 +69,8 @@ class CommitUncertain(Exception):
 @functools.cache
 def client() -> firestore.Client:
     """The process-wide Firestore client (the emulator when FIRESTORE_EMULATOR_HOST is set)."""
-    return firestore.Client(project=get_config().project)
+    config = get_config()
+    return firestore.Client(project=config.project, database=config.firestore_database)
 
 
 def sha256_hex(text: str) -> str:

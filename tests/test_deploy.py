@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from shared import client_wheel
+from shared import config as config_module
 from shared.endpoints import ENDPOINTS, Caller, Keys, deploy_order, hosting_rewrites
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +49,11 @@ DEPLOY_ORDER = [endpoint.name for endpoint in deploy_order()]
 VERIFIERS = [endpoint.name for endpoint in deploy_order() if endpoint.keys is Keys.VERIFY]
 (SIGNER,) = [endpoint.name for endpoint in ENDPOINTS.values() if endpoint.keys is Keys.SIGN]
 # Partners call these with the admin token; only they may read it.
-ADMIN_ENTRIES = {endpoint.name for endpoint in ENDPOINTS.values() if endpoint.caller is Caller.ADMIN}
+ADMIN_ENTRIES = {endpoint.name for endpoint in ENDPOINTS.values() if endpoint.caller in (Caller.ADMIN, Caller.ADMIN_OR_OPERATOR)}
+# Internal functions (the ledger audit): only gbx-audit may invoke them, through Cloud Run's IAM check; no Hosting rewrite.
+INTERNAL = {endpoint.name for endpoint in ENDPOINTS.values() if endpoint.internal}
+PUBLIC = [entry for entry in FUNCTIONS if entry not in INTERNAL]
+AUDIT_SA_EMAIL = f"gbx-audit@{PROJECT}.iam.gserviceaccount.com"
 APIS = [f"{api}.googleapis.com" for api in (
     "cloudfunctions", "run", "cloudbuild", "artifactregistry", "firestore", "cloudkms", "secretmanager", "iam", "logging",
     "firebaserules", "firebasehosting")]
@@ -244,7 +249,7 @@ def test_deploy_sh_follows_the_registry_not_a_list_of_its_own(sandbox: dict[str,
     with_secret = {flags(cmd)["entry-point"] for cmd in deploys if "set-secrets" in flags(cmd)}
     assert with_secret == ADMIN_ENTRIES | {"public_keys"}
     rewrites = json.loads((checkout / "build" / "firebase.json").read_text())["hosting"]["rewrites"]
-    assert [rule["run"]["serviceId"] for rule in rewrites if "run" in rule] == [FUNCTIONS[e] for e in FUNCTIONS if e != "check" and not ENDPOINTS[e].internal]
+    assert [rule["run"]["serviceId"] for rule in rewrites if "run" in rule] == [FUNCTIONS[e] for e in PUBLIC if e != "check"]
     assert "gbx-check" not in result.stdout
 
 
@@ -325,14 +330,15 @@ def test_runtime_service_account_is_created_with_least_privilege(dry: Deploy) ->
         ("secrets", "gbx-admin-token", "roles/secretmanager.secretAccessor"),
     }
     grants = [cmd for cmd in dry.commands if "add-iam-policy-binding" in cmd]
-    assert {flags(cmd)["member"] for cmd in grants} == {f"serviceAccount:{SA_EMAIL}", f"serviceAccount:{BUILD_SA_EMAIL}"}
+    assert {flags(cmd)["member"] for cmd in grants} == {f"serviceAccount:{SA_EMAIL}", f"serviceAccount:{BUILD_SA_EMAIL}",
+                                                         f"serviceAccount:{AUDIT_SA_EMAIL}"}
     kms_grant = dry.find("gcloud", "kms", "keys", "add-iam-policy-binding")[0]
     assert flags(kms_grant)["keyring"] == "gbx" and flags(kms_grant)["location"] == REGION
 
 
 def test_build_service_account_is_created_with_the_build_roles(dry: Deploy) -> None:
-    assert [cmd[4] for cmd in dry.find("gcloud", "iam", "service-accounts", "describe")] == [SA_EMAIL, BUILD_SA_EMAIL]
-    assert [cmd[4] for cmd in dry.find("gcloud", "iam", "service-accounts", "create")] == ["gbx-runtime", "gbx-build"]
+    assert [cmd[4] for cmd in dry.find("gcloud", "iam", "service-accounts", "describe")] == [SA_EMAIL, BUILD_SA_EMAIL, AUDIT_SA_EMAIL]
+    assert [cmd[4] for cmd in dry.find("gcloud", "iam", "service-accounts", "create")] == ["gbx-runtime", "gbx-build", "gbx-audit"]
     assert granted_to(dry, BUILD_SA_EMAIL) == {("projects", PROJECT, role) for role in BUILD_ROLES}
 
 
@@ -353,8 +359,8 @@ def test_composite_indexes_come_from_firestore_indexes_json(dry: Deploy) -> None
         for index in document["indexes"]
     ]
     created = [cmd[5:] for cmd in dry.find("gcloud", "firestore", "indexes", "composite", "create")]
-    assert [[arg for arg in cmd if arg != f"--project={PROJECT}"] for cmd in created] == expected
-    assert all(f"--project={PROJECT}" in cmd for cmd in created)
+    assert [[arg for arg in cmd if arg not in (f"--project={PROJECT}", "--database=(default)")] for cmd in created] == expected
+    assert all(f"--project={PROJECT}" in cmd and "--database=(default)" in cmd for cmd in created)
 
 
 def test_firestore_indexes_json_has_only_collection_indexes() -> None:
@@ -429,7 +435,7 @@ def test_every_registry_function_is_deployed_as_a_gen2_function(dry: Deploy) -> 
             assert options["set-secrets"] == "GBX_ADMIN_TOKEN=gbx-admin-token:latest"
         else:
             assert not any("secret" in arg for arg in cmd), cmd
-    assert {"issue"} == ADMIN_ENTRIES
+    assert {"issue", "entitlement_usage"} == ADMIN_ENTRIES
 
 
 def test_functions_serve_concurrent_requests_on_a_whole_cpu(dry: Deploy) -> None:
@@ -458,7 +464,7 @@ def test_operator_knobs(sandbox: dict[str, Path], tmp_path: Path, knobs: dict[st
         assert {key: options[key] for key in deploy_flags} == deploy_flags
         assert env_vars(options["set-env-vars"])["THREADS"] == deploy_flags["concurrency"]
     # Startup CPU boost is a Cloud Run setting: set right after each deploy, with the invoker setting.
-    invoker_updates = [cmd for cmd in result.commands if "--no-invoker-iam-check" in cmd]
+    invoker_updates = [cmd for cmd in result.commands if "--no-invoker-iam-check" in cmd or "--invoker-iam-check" in cmd]
     assert len(invoker_updates) == len(FUNCTIONS) and all(cmd[-1] == update_flag for cmd in invoker_updates)
 
 
@@ -483,9 +489,25 @@ def test_each_function_skips_the_invoker_iam_check_right_after_its_deploy(dry: D
     deploys = dry.indexes("gcloud", "functions", "deploy")
     for entry, position in zip(DEPLOY_ORDER, deploys, strict=True):
         following = dry.commands[position + 1]
+        check = "--invoker-iam-check" if entry in INTERNAL else "--no-invoker-iam-check"
         assert following == ["gcloud", "run", "services", "update", FUNCTIONS[entry], f"--region={REGION}",
-                             f"--project={PROJECT}", "--no-invoker-iam-check"]
-    assert len([cmd for cmd in dry.commands if "--no-invoker-iam-check" in cmd]) == len(FUNCTIONS)
+                             f"--project={PROJECT}", check]
+    assert len([cmd for cmd in dry.commands if "--no-invoker-iam-check" in cmd]) == len(PUBLIC)
+
+
+def test_only_the_audit_account_may_invoke_the_internal_functions(dry: Deploy) -> None:
+    """Cloud Run's IAM check stays on for the audit, whose one invoker is gbx-audit; Hosting has no rewrite to it."""
+    assert {"ledger_audit"} == INTERNAL
+    for entry in INTERNAL:
+        position = dry.indexes("gcloud", "functions", "deploy", FUNCTIONS[entry])[0]
+        assert "--invoker-iam-check" in dry.commands[position + 1]
+        assert dry.commands[position + 2] == [
+            "gcloud", "run", "services", "add-iam-policy-binding", FUNCTIONS[entry], f"--region={REGION}", f"--project={PROJECT}",
+            f"--member=serviceAccount:{AUDIT_SA_EMAIL}", "--role=roles/run.invoker", "--format=none"]
+        assert flags(dry.commands[position])["timeout"] == f"{ENDPOINTS[entry].timeout}s" == "1800s"
+    assert granted_to(dry, AUDIT_SA_EMAIL) == {("run", FUNCTIONS[entry], "roles/run.invoker") for entry in INTERNAL}
+    assert all(flags(cmd)["timeout"] == "60s" for cmd in dry.find("gcloud", "functions", "deploy") if flags(cmd)["entry-point"] in PUBLIC)
+    assert all(env_vars(flags(cmd)["set-env-vars"])["GBX_AUDITORS"] == AUDIT_SA_EMAIL for cmd in dry.find("gcloud", "functions", "deploy"))
 
 
 def test_verifiers_are_deployed_before_the_signer(dry: Deploy) -> None:
@@ -525,7 +547,7 @@ def test_one_token_for_the_base_url_is_accepted_by_every_function(dry: Deploy) -
     """Hosting answers at SITE.web.app and SITE.firebaseapp.com; `aud` is compared exactly, so both forms of each."""
     for cmd in [*dry.find("gcloud", "functions", "deploy"), *dry.find("gcloud", "run", "services", "update")]:
         options = flags(cmd)
-        if "no-invoker-iam-check" in options:
+        if "no-invoker-iam-check" in options or "invoker-iam-check" in options:
             continue
         env = env_vars(options.get("set-env-vars") or options["update-env-vars"])
         assert audiences(env["GBX_AUDIENCES"])[:4] == [
@@ -535,7 +557,8 @@ def test_one_token_for_the_base_url_is_accepted_by_every_function(dry: Deploy) -
 
 def test_service_uris_not_known_before_are_added_after_all_deploys(dry: Deploy) -> None:
     last_deploy = dry.indexes("gcloud", "functions", "deploy")[-1]
-    updates = [i for i in dry.indexes("gcloud", "run", "services", "update") if "--no-invoker-iam-check" not in dry.commands[i]]
+    updates = [i for i in dry.indexes("gcloud", "run", "services", "update")
+               if "--no-invoker-iam-check" not in dry.commands[i] and "--invoker-iam-check" not in dry.commands[i]]
     assert len(updates) == len(FUNCTIONS)
     assert min(updates) > last_deploy
     placeholders = {name: f"https://{name}-PLACEHOLDER.{REGION}.run.app" for name in FUNCTIONS.values()}
@@ -680,7 +703,7 @@ def test_the_effective_hosting_config_rewrites_every_path_to_its_function(dry: D
         (endpoint,) = [e for e in ENDPOINTS.values() if e.path == rule["source"]]
         assert rule["run"] == {"serviceId": endpoint.function_name, "region": REGION}
         assert rule["run"]["serviceId"] in [cmd[3] for cmd in dry.find("gcloud", "functions", "deploy")]
-    assert len({rule["source"] for rule in hosting["rewrites"]}) == len(functions) + len(TRACKED_REWRITES)
+    assert len({rule["source"] for rule in hosting["rewrites"]}) == len(PUBLIC) + len(TRACKED_REWRITES)
     assert hosting["site"] == PROJECT
     tracked = json.loads((sandbox["checkout"] / "firebase.json").read_text())
     assert {key: value for key, value in hosting.items() if key not in {"site", "public", "rewrites"}} == {
@@ -795,13 +818,14 @@ def fresh_project() -> dict:
     """A new project: nothing enabled, created or deployed; Firebase added, but no Hosting site yet."""
     return {
         "calls": [], "apis": [], "service_accounts": [], "bindings": [], "database": None, "indexes": [],
+        "database_protection": None, "backup_schedules": {}, "scheduler_jobs": {}, "metrics": {}, "channels": {}, "policies": {},
         "secrets": {}, "keyrings": [], "key_versions": {}, "generation_polls": 0, "functions": {},
         "project_number": PROJECT_NUMBER,
         "firebase_added": True, "taken_sites": [], "sites": [], "firebase_calls": [], "hosting": {}, "rules": None,
     }
 
 
-def gcloud(state: dict, argv: list[str], stdin: str) -> Answer:
+def gcloud(state: dict, argv: list[str], stdin: str, cwd: Path = REPO) -> Answer:
     """A stateful stand-in for gcloud: just enough of each command deploy.sh uses."""
     state["calls"].append(argv)
     words = [a for a in argv if not a.startswith("-")]
@@ -831,6 +855,50 @@ def gcloud(state: dict, argv: list[str], stdin: str) -> Answer:
             return Answer("FIRESTORE_NATIVE\n") if state["database"] else missing()
         case ["firestore", "databases", "create"]:
             state["database"] = opts["location"]
+            return Answer()
+        case ["firestore", "databases", "update"] if state["database"]:
+            state["database_protection"] = {"pitr": "enable-pitr" in opts, "delete_protection": "delete-protection" in opts}
+            return Answer()
+        case ["firestore", "backups", "schedules"]:
+            schedules = state["backup_schedules"]
+            days = int(opts.get("retention", "0d").removesuffix("d"))
+            if words[3] == "list":  # value(name.basename(),retention,weeklyRecurrence.day): daily schedules have no day
+                return Answer("".join(f"{sid}\t{spec['retention']}\t{spec['day']}\n" for sid, spec in schedules.items()))
+            if words[3] == "create":
+                schedules[f"schedule-{len(schedules) + 1}"] = {"retention": f"{days * 86400}s", "day": opts.get("day-of-week", "")}
+                return Answer()
+            if words[3] == "update" and opts["backup-schedule"] in schedules:
+                schedules[opts["backup-schedule"]]["retention"] = f"{days * 86400}s"
+                return Answer()
+        case ["run", "services", "add-iam-policy-binding"]:
+            return grant("run_service", words[3])
+        case ["scheduler", "jobs", "describe"]:
+            return Answer(f"projects/{project}/locations/{opts['location']}/jobs/{words[3]}\n") if words[3] in state["scheduler_jobs"] else missing()
+        case ["scheduler", "jobs", verb] if verb in ("create", "update") and words[3] == "http":
+            if (verb == "create") == (words[4] in state["scheduler_jobs"]):
+                return Answer(code=1, err=f"ERROR: {'ALREADY_EXISTS' if verb == 'create' else 'NOT_FOUND'}\n")
+            state["scheduler_jobs"][words[4]] = {key: value for key, value in opts.items() if key != "project"}
+            return Answer()
+        case ["logging", "metrics", verb]:
+            if verb == "describe":
+                return Answer(words[3] + "\n") if words[3] in state["metrics"] else missing()
+            state["metrics"][words[3]] = {"filter": opts["log-filter"], "description": opts["description"]}
+            return Answer()
+        case ["beta", "monitoring", "channels"]:
+            if words[3] == "list":
+                wanted = re.search(r'labels.email_address="([^"]+)"', opts["filter"])
+                return Answer("".join(f"{name}\n" for name, email in state["channels"].items() if wanted and email == wanted[1]))
+            name = f"projects/{project}/notificationChannels/{len(state['channels']) + 1001}"
+            state["channels"][name] = opts["channel-labels"].removeprefix("email_address=")
+            return Answer(name + "\n")
+        case ["alpha", "monitoring", "policies"]:
+            policies = state["policies"]
+            if words[3] == "list":
+                wanted = re.search(r'displayName="([^"]+)"', opts["filter"])
+                return Answer("".join(f"{name}\n" for name, policy in policies.items() if wanted and policy["displayName"] == wanted[1]))
+            policy = json.loads((cwd / opts["policy-from-file"]).read_text())
+            name = words[4] if words[3] == "update" else f"projects/{project}/alertPolicies/{len(policies) + 1}"
+            policies[name] = policy
             return Answer()
         case ["firestore", "indexes", "composite"]:
             index = [opts["collection-group"]] + [a for a in argv if a.startswith("--field-config=")]
@@ -889,12 +957,15 @@ def gcloud(state: dict, argv: list[str], stdin: str) -> Answer:
                 "scaling": {key: opts.get(key) for key in CONCURRENCY},
                 "invoker_iam_check": True,  # assume the worst: a deploy switches it back on
                 "cpu_boost": None,
+                "timeout": opts.get("timeout"),
             }
             return Answer()
         case ["run", "services", "update"]:
             service = state["functions"][words[3]]
             if "no-invoker-iam-check" in opts:
                 service["invoker_iam_check"] = False
+            if "invoker-iam-check" in opts:
+                service["invoker_iam_check"] = True
             if "cpu-boost" in opts or "no-cpu-boost" in opts:
                 service["cpu_boost"] = "cpu-boost" in opts
             if "update-env-vars" in opts:
@@ -982,7 +1053,7 @@ class FakeCloudHandler(socketserver.StreamRequestHandler):
             tool, cwd, count = self.field(), Path(self.field()), int(self.field())
             argv = [self.field() for _ in range(count)]
             stdin = self.rfile.read(int(self.field())).decode()
-            answer = gcloud(state, argv, stdin) if tool == "gcloud" else firebase(state, cwd, argv)
+            answer = gcloud(state, argv, stdin, cwd) if tool == "gcloud" else firebase(state, cwd, argv)
         except Exception:  # noqa: BLE001 - shown to the test through deploy.sh's stderr
             answer = Answer(code=3, err=traceback.format_exc())
         lines = [b"o" + line.encode() for line in answer.out.splitlines()]
@@ -1096,7 +1167,7 @@ def service_uri(name: str) -> str:
 def test_first_deployment_creates_everything(first: FirstDeployment) -> None:
     result, state = first.result, first.state
     assert set(APIS) <= set(state["apis"])
-    assert state["service_accounts"] == [SA_EMAIL, BUILD_SA_EMAIL]
+    assert state["service_accounts"] == [SA_EMAIL, BUILD_SA_EMAIL, AUDIT_SA_EMAIL]
     assert state["database"] == REGION
     assert len(state["indexes"]) == len(json.loads((REPO / "firestore.indexes.json").read_text())["indexes"])
     member = f"serviceAccount:{SA_EMAIL}"
@@ -1105,6 +1176,7 @@ def test_first_deployment_creates_everything(first: FirstDeployment) -> None:
         ["secret", "gbx-admin-token", member, "roles/secretmanager.secretAccessor"],
         ["kms_key", "seal", member, "roles/cloudkms.signerVerifier"],
         *(["project", PROJECT, f"serviceAccount:{BUILD_SA_EMAIL}", role] for role in BUILD_ROLES),
+        *(["run_service", FUNCTIONS[entry], f"serviceAccount:{AUDIT_SA_EMAIL}", "roles/run.invoker"] for entry in INTERNAL),
     ])
     assert state["rules"] == (first.checkout / "firestore.rules").read_text()
     assert "PENDING_GENERATION" in result.stdout and first.sleep_log == "sleep 5\n", "the new key was waited for"
@@ -1122,14 +1194,14 @@ def test_first_deployment_creates_everything(first: FirstDeployment) -> None:
         assert deployed["source"] == f"build/functions/{entry}"
         assert deployed["region"] == REGION
         assert deployed["build_service_account"] == f"projects/{PROJECT}/serviceAccounts/{BUILD_SA_EMAIL}"
-        assert deployed["invoker_iam_check"] is False
+        assert deployed["invoker_iam_check"] is (entry in INTERNAL)
         assert deployed["scaling"] == CONCURRENCY and deployed["cpu_boost"] is None
         env = dict(deployed["env"])
         assert audiences(env.pop("GBX_AUDIENCES")) == all_urls
         assert env == {
             "GOOGLE_CLOUD_PROJECT": PROJECT, "GBX_ISSUER": PROJECT, "GBX_PUBLIC_URL": f"https://{PROJECT}.web.app",
             "GBX_KMS_KEY_VERSION": f"{KEY}/cryptoKeyVersions/1", "GBX_TRUSTED_KEY_VERSIONS": f"{KEY}/cryptoKeyVersions/1",
-            "GBX_OPERATORS": "ops@example.com", "THREADS": "40",
+            "GBX_OPERATORS": "ops@example.com", "THREADS": "40", "GBX_AUDITORS": AUDIT_SA_EMAIL,
         }
         assert deployed["secrets"] == ("GBX_ADMIN_TOKEN=gbx-admin-token:latest" if entry in ADMIN_ENTRIES else None)
     for name in FUNCTIONS.values():
@@ -1163,10 +1235,12 @@ def test_the_first_deploy_already_accepts_the_deterministic_urls(first: FirstDep
         assert audiences(env_vars(flags(call)["set-env-vars"])["GBX_AUDIENCES"]) == expected
         assert "--allow-unauthenticated" not in call
     # Each deploy is followed at once by switching its invoker IAM check off.
+    internal = {FUNCTIONS[entry] for entry in INTERNAL}
     for position, call in enumerate(state["calls"]):
         if call[:2] == ["functions", "deploy"]:
+            check = "--invoker-iam-check" if call[2] in internal else "--no-invoker-iam-check"
             assert state["calls"][position + 1] == ["run", "services", "update", call[2], f"--region={REGION}",
-                                                    f"--project={PROJECT}", "--no-invoker-iam-check"]
+                                                    f"--project={PROJECT}", check]
 
 
 def test_a_second_deployment_creates_nothing_and_keeps_the_audiences(first: FirstDeployment, deployed: FakeCloud) -> None:
@@ -1176,8 +1250,14 @@ def test_a_second_deployment_creates_nothing_and_keeps_the_audiences(first: Firs
         call for call in second["calls"] if call[:4] == ["firestore", "indexes", "composite", "create"]
     ], "only index creates, which answer ALREADY_EXISTS"
     assert "index exists" in result.stdout
-    assert not [call for call in second["calls"] if call[:3] == ["run", "services", "update"] and "--no-invoker-iam-check" not in call]
-    assert len([call for call in second["calls"] if "--no-invoker-iam-check" in call]) == len(FUNCTIONS)
+    assert not [call for call in second["calls"] if call[:3] == ["run", "services", "update"]
+                and "--no-invoker-iam-check" not in call and "--invoker-iam-check" not in call]
+    assert len([call for call in second["calls"] if "--no-invoker-iam-check" in call]) == len(PUBLIC)
+    # What exists is updated, not created again: the audit's job, the metric, the policies; the backup schedule is left.
+    assert [call[:4] for call in second["calls"] if call[0] in ("scheduler", "logging", "alpha") and "update" in call] == [
+        ["scheduler", "jobs", "update", "http"], ["logging", "metrics", "update", "gbx-ledger-mismatches"],
+        ["alpha", "monitoring", "policies", "update"], ["alpha", "monitoring", "policies", "update"]]
+    assert second["backup_schedules"] == first.state["backup_schedules"] and second["policies"] == first.state["policies"]
     assert second["secrets"] == first.state["secrets"], "the admin token is not rotated by a redeploy"
     assert second["bindings"] == first.state["bindings"]
     assert second["functions"] == first.state["functions"]
@@ -1235,7 +1315,7 @@ def test_operator_knobs_reach_the_functions(cloud: FakeCloud) -> None:
     for deployed in cloud.state["functions"].values():
         assert deployed["scaling"] == {"concurrency": "16", "cpu": "1", "memory": "512Mi", "min-instances": "1"}
         assert deployed["env"]["THREADS"] == "16"
-        assert deployed["cpu_boost"] is True and deployed["invoker_iam_check"] is False
+        assert deployed["cpu_boost"] is True
 
 
 def test_without_firebase_on_the_project_hosting_and_rules_are_warnings_not_an_abort(cloud: FakeCloud) -> None:
@@ -1250,7 +1330,7 @@ def test_without_firebase_on_the_project_hosting_and_rules_are_warnings_not_an_a
     assert "firestore.rules was NOT deployed" in result.stderr
     assert f"firebase deploy --only firestore:rules --project {PROJECT} --non-interactive" in result.stderr
     assert set(state["functions"]) == set(FUNCTIONS.values())
-    assert all(not deployed["invoker_iam_check"] for deployed in state["functions"].values())
+    assert all(not state["functions"][FUNCTIONS[entry]]["invoker_iam_check"] for entry in PUBLIC)
     assert state["hosting"] == {} and state["rules"] is None
     assert "Base URL: https://gbx-demo.web.app (NOT deployed" in result.summary
     assert "Function URLs:" in result.stdout
@@ -1385,3 +1465,207 @@ def test_the_issue_documented_dry_run_works(sandbox: dict[str, Path], tmp_path: 
     deploys = [line for line in result.stdout.splitlines() if line.startswith("+ gcloud functions deploy ")]
     assert len(deploys) == len(FUNCTIONS) and all("--project=demo" in line for line in deploys)
     assert "Base URL (a dry run deploys nothing): https://demo.web.app" in result.summary
+
+
+# ---------------------------------------------------------------- operating it: data safety, the audit, alerts
+
+
+def test_the_database_gets_point_in_time_recovery_delete_protection_and_a_daily_backup(dry: Deploy) -> None:
+    (update,) = dry.find("gcloud", "firestore", "databases", "update")
+    assert update == ["gcloud", "firestore", "databases", "update", "--database=(default)", "--enable-pitr", "--delete-protection",
+                      f"--project={PROJECT}"]
+    assert dry.indexes("gcloud", "firestore", "databases", "create")[0] < dry.indexes("gcloud", "firestore", "databases", "update")[0]
+    (listing,) = dry.find("gcloud", "firestore", "backups", "schedules", "list")
+    assert flags(listing)["format"] == "value(name.basename(),retention,weeklyRecurrence.day)"
+    (create,) = dry.find("gcloud", "firestore", "backups", "schedules", "create")
+    assert flags(create) == {"database": "(default)", "recurrence": "daily", "retention": "14d", "project": PROJECT}
+
+
+@pytest.mark.parametrize(("args", "retention"), [(["--backup-retention", "98"], "98d"), (["--backup-retention=1"], "1d")])
+def test_backup_retention_is_an_option_within_firestore_s_limit(sandbox: dict[str, Path], tmp_path: Path, args: list[str],
+                                                               retention: str) -> None:
+    result = run_deploy(sandbox["checkout"], [*DRY_ARGS, *args], path=str(sandbox["path"]), env={"GBX_BUILD_DIR": str(tmp_path / "b")})
+    assert result.returncode == 0, result.stderr
+    assert flags(result.find("gcloud", "firestore", "backups", "schedules", "create")[0])["retention"] == retention
+
+
+@pytest.mark.parametrize("args", [["--backup-retention", "0"], ["--backup-retention", "99"], ["--backup-retention=7d"],
+                                  ["--alert-email", "not-an-address"], ["--alert-email"]])
+def test_bad_operations_options_exit_2(sandbox: dict[str, Path], tmp_path: Path, args: list[str]) -> None:
+    result = run_deploy(sandbox["checkout"], [*DRY_ARGS, *args], path=str(sandbox["path"]), env={"GBX_BUILD_DIR": str(tmp_path / "b")})
+    assert result.returncode == 2 and result.stdout == "" and USAGE in result.stderr
+
+
+def test_a_restored_database_is_put_in_service_by_name(sandbox: dict[str, Path], tmp_path: Path) -> None:
+    """The restore drill's last step: every Firestore command and every function names the restored database."""
+    result = run_deploy(sandbox["checkout"], DRY_ARGS, path=str(sandbox["path"]),
+                        env={"GBX_BUILD_DIR": str(tmp_path / "b"), "GBX_FIRESTORE_DATABASE": "restored-20261204"})
+    assert result.returncode == 0, result.stderr
+    firestore = [cmd for cmd in result.commands if cmd[:2] == ["gcloud", "firestore"]]
+    assert firestore and all(flags(cmd)["database"] == "restored-20261204" for cmd in firestore)
+    for cmd in result.find("gcloud", "functions", "deploy"):
+        assert env_vars(flags(cmd)["set-env-vars"])["GBX_FIRESTORE_DATABASE"] == "restored-20261204"
+    bad = run_deploy(sandbox["checkout"], DRY_ARGS, path=str(sandbox["path"]),
+                     env={"GBX_BUILD_DIR": str(tmp_path / "c"), "GBX_FIRESTORE_DATABASE": "Bad_Name"})
+    assert bad.returncode == 2 and "GBX_FIRESTORE_DATABASE" in bad.stderr
+
+
+def test_the_service_reads_the_database_it_is_configured_with() -> None:
+    assert config_module.load_config({"GOOGLE_CLOUD_PROJECT": "p"}).firestore_database == "(default)"
+    assert config_module.load_config({"GOOGLE_CLOUD_PROJECT": "p", "GBX_FIRESTORE_DATABASE": "restored-1"}).firestore_database == "restored-1"
+
+
+def test_the_audit_runs_hourly_as_its_own_account_with_oidc(dry: Deploy) -> None:
+    (entry,) = INTERNAL
+    name = FUNCTIONS[entry]
+    url = f"https://{REGION}-{PROJECT}.cloudfunctions.net/{name}"
+    (job,) = dry.find("gcloud", "scheduler", "jobs", "create", "http")
+    assert job[5] == name
+    assert flags(job) == {
+        "location": REGION, "project": PROJECT, "schedule": "0 * * * *", "time-zone": "Etc/UTC", "uri": url, "http-method": "POST",
+        "oidc-service-account-email": AUDIT_SA_EMAIL, "oidc-token-audience": url, "attempt-deadline": "1800s",
+        "description": f"GBX: {name}, hourly (see docs/operations.md)"}
+    deploy = dry.find("gcloud", "functions", "deploy", name)[0]
+    assert url in audiences(env_vars(flags(deploy)["set-env-vars"])["GBX_AUDIENCES"]), "the function accepts the job's token"
+    assert dry.indexes("gcloud", "functions", "deploy", name)[0] < dry.indexes("gcloud", "scheduler", "jobs", "create")[0]
+
+
+def test_a_log_based_metric_counts_the_audit_s_mismatch_lines(dry: Deploy) -> None:
+    from shared import audit
+
+    (metric,) = dry.find("gcloud", "logging", "metrics", "create")
+    assert metric[4] == "gbx-ledger-mismatches"
+    assert f'jsonPayload.event="{audit.MISMATCH_EVENT}"' in flags(metric)["log-filter"]
+    assert "severity>=ERROR" in flags(metric)["log-filter"]
+
+
+def policies_of(build: Path) -> dict[str, dict]:
+    return {path.name: json.loads(path.read_text()) for path in sorted((build / "monitoring").glob("*.json"))}
+
+
+def test_alert_policies_watch_mismatches_and_the_5xx_rate_and_notify_the_alert_email(sandbox: dict[str, Path], tmp_path: Path) -> None:
+    build = tmp_path / "b"
+    result = run_deploy(sandbox["checkout"], [*DRY_ARGS, "--alert-email", "oncall@example.com"], path=str(sandbox["path"]),
+                        env={"GBX_BUILD_DIR": str(build)})
+    assert result.returncode == 0, result.stderr
+    (channel,) = result.find("gcloud", "beta", "monitoring", "channels", "create")
+    assert flags(channel)["type"] == "email" and flags(channel)["channel-labels"] == "email_address=oncall@example.com"
+    creates = result.find("gcloud", "alpha", "monitoring", "policies", "create")
+    assert [flags(cmd)["policy-from-file"] for cmd in creates] == [f"{build}/monitoring/ledger-mismatch.json", f"{build}/monitoring/5xx-rate.json"]
+    policies = policies_of(build)
+    mismatch, errors = policies["ledger-mismatch.json"], policies["5xx-rate.json"]
+    for policy in (mismatch, errors):
+        assert policy["notificationChannels"] == [f"projects/{PROJECT}/notificationChannels/CHANNEL_ID"]
+    (condition,) = mismatch["conditions"]
+    assert 'metric.type="logging.googleapis.com/user/gbx-ledger-mismatches"' in condition["conditionThreshold"]["filter"]
+    assert (condition["conditionThreshold"]["comparison"], condition["conditionThreshold"]["thresholdValue"]) == ("COMPARISON_GT", 0)
+    (condition,) = errors["conditions"]
+    threshold = condition["conditionThreshold"]
+    assert 'metric.labels.response_code_class="5xx"' in threshold["filter"] and "5xx" not in threshold["denominatorFilter"]
+    assert threshold["thresholdValue"] == 0.01 and threshold["duration"] == "300s"
+
+
+def test_without_an_alert_email_the_policies_notify_no_one(dry: Deploy, sandbox: dict[str, Path]) -> None:
+    assert not dry.find("gcloud", "beta", "monitoring", "channels")
+    assert "no --alert-email" in dry.stdout
+    assert all(policy["notificationChannels"] == [] for policy in policies_of(sandbox["checkout"] / "build").values())
+    assert len(dry.find("gcloud", "alpha", "monitoring", "policies", "create")) == 2
+
+
+def test_a_real_run_protects_backs_up_schedules_and_alerts_and_a_rerun_updates(cloud: FakeCloud) -> None:
+    result, state = deploy_for_real(cloud, "--alert-email", "oncall@example.com")
+    assert state["database_protection"] == {"pitr": True, "delete_protection": True}
+    assert state["backup_schedules"] == {"schedule-1": {"retention": f"{14 * 86400}s", "day": ""}}
+    assert set(state["scheduler_jobs"]) == {FUNCTIONS[entry] for entry in INTERNAL}
+    assert set(state["metrics"]) == {"gbx-ledger-mismatches"}
+    (channel,) = state["channels"]
+    assert {p["displayName"] for p in state["policies"].values()} == {"GBX ledger mismatch", "GBX 5xx rate"}
+    assert all(p["notificationChannels"] == [channel] for p in state["policies"].values())
+    # A rerun with another retention updates the one schedule; the channel is found, not created again.
+    result, again = deploy_for_real(cloud, "--alert-email", "oncall@example.com", "--backup-retention", "30")
+    assert again["backup_schedules"] == {"schedule-1": {"retention": f"{30 * 86400}s", "day": ""}}
+    assert again["channels"] == state["channels"] and len(again["policies"]) == 2
+    assert not [call for call in again["calls"] if call[:4] == ["beta", "monitoring", "channels", "create"]]
+
+
+# ---------------------------------------------------------------- every gcloud command parses with the real gcloud
+
+# The real gcloud, with an empty configuration and no credentials, parses a command's arguments and then stops at
+# "You do not currently have an active account selected" (exit 1) before any network call; a flag it does not know,
+# or a malformed value, stops at the parser (exit 2, "unrecognized arguments" / "argument --x: ...").
+GCLOUD_OFFLINE_ENV = {
+    "CLOUDSDK_CORE_DISABLE_PROMPTS": "1", "CLOUDSDK_CORE_CHECK_GCE_METADATA": "false",
+    "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "1", "CLOUDSDK_CORE_DISABLE_USAGE_REPORTING": "1",
+}
+NO_ACCOUNT = "You do not currently have an active account selected"
+
+
+def real_gcloud(command: list[str], home: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    gcloud_path = shutil.which("gcloud")
+    assert gcloud_path, "the Google Cloud SDK (gcloud) is needed: the Firestore emulator comes with it"
+    env = {"PATH": f"{Path(gcloud_path).parent}:/usr/bin:/bin", "HOME": str(home), "CLOUDSDK_CONFIG": str(home / "gcloud"),
+           **GCLOUD_OFFLINE_ENV}
+    return subprocess.run([gcloud_path, *command[1:]], env=env, cwd=cwd, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, check=False)
+
+
+def gcloud_commands(lines: list[str]) -> list[list[str]]:
+    """The gcloud commands of `+ ` lines, pipelines included."""
+    commands = []
+    for line in lines:
+        for part in line.split(" | "):
+            words = shlex.split(part)
+            if words and words[0] == "gcloud":
+                commands.append(words)
+    return commands
+
+
+def test_the_real_gcloud_parses_every_command(sandbox: dict[str, Path], first: FirstDeployment, deployed: FakeCloud,
+                                              tmp_path: Path) -> None:
+    """Every gcloud command deploy.sh shows in a dry run (with --alert-email) or runs on a redeploy (the update forms)."""
+    dry_run = run_deploy(sandbox["checkout"], [*DRY_ARGS, "--alert-email", "oncall@example.com"], path=str(sandbox["path"]),
+                         env={"GBX_BUILD_DIR": str(tmp_path / "b")})
+    assert dry_run.returncode == 0, dry_run.stderr
+    _, second = deploy_for_real(deployed, "--backup-retention", "30")
+    commands = gcloud_commands([line[2:] for line in dry_run.stdout.splitlines() if line.startswith("+ ")])
+    commands += [["gcloud", *call] for call in first.state["calls"] + second["calls"]]
+    # One of each shape: the same words (resource names masked) with the same flags.
+    shapes: dict[tuple, list[str]] = {}
+    for command in commands:
+        words = tuple("NAME" if word.startswith("gbx") or "@" in word or "/" in word else word for word in command if not word.startswith("-"))
+        shapes.setdefault((words, frozenset(arg.split("=")[0] for arg in command if arg.startswith("-"))), command)
+    assert any(cmd[1:4] == ["scheduler", "jobs", "update"] for cmd in shapes.values())
+    assert any(cmd[1:5] == ["firestore", "backups", "schedules", "update"] for cmd in shapes.values())
+    home = tmp_path / "home"
+    home.mkdir()
+    from concurrent.futures import ThreadPoolExecutor
+
+    # gcloud reads the files a command names (the alert policies) while parsing: the redeploy's are relative to its checkout.
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda command: (command, real_gcloud(command, home, deployed.checkout)), shapes.values()))
+    refused = [(shlex.join(command), result.returncode, result.stderr.strip()[:300])
+               for command, result in results if result.returncode != 1 or NO_ACCOUNT not in result.stderr]
+    assert refused == [], refused
+    assert len(results) >= 35
+
+
+def test_the_restore_drill_s_gcloud_commands_parse_with_the_real_gcloud(tmp_path: Path) -> None:
+    """docs/operations.md's restore drill is exact commands: each gcloud line of it parses, its variables filled in."""
+    text = (REPO / "docs" / "operations.md").read_text()
+    drill = text.split("## The restore drill", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    values = {"$PROJECT": PROJECT, "$REGION": REGION, "$NEW": "restored-202612040500"}
+    commands = []
+    for line in drill.replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if line.startswith("gcloud "):
+            for name, value in values.items():
+                line = line.replace(name, value)
+            commands.append(shlex.split(line.split(" # ")[0]))
+    assert {tuple(cmd[1:4]) for cmd in commands} >= {("firestore", "databases", "restore"), ("firestore", "export", f"gs://{PROJECT}-gbx-restore/restored-202612040500"),
+                                                   ("firestore", "import", f"gs://{PROJECT}-gbx-restore/restored-202612040500"), ("scheduler", "jobs", "run")}
+    home = tmp_path / "home"
+    home.mkdir()
+    refused = [(shlex.join(cmd), result.returncode, result.stderr.strip()[:300])
+               for cmd in commands for result in [real_gcloud(cmd, home, home)]
+               if result.returncode != 1 or NO_ACCOUNT not in result.stderr]
+    assert refused == [], refused

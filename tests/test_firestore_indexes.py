@@ -17,6 +17,9 @@ QUERIES = {
     ("grants", (("open", "ASCENDING"), ("spend_key", "ASCENDING"), ("created_at", "ASCENDING"), ("group", "ASCENDING"))): "read_first_to_spend",
     ("grants", (("open", "ASCENDING"), ("spend_key", "ASCENDING"), ("slot", "ASCENDING"))): "read_open_shard_at",
     ("grants", (("open", "ASCENDING"), ("spend_key", "ASCENDING"), ("slot", "DESCENDING"))): "read_open_shard_at",
+    # sum(delta) reads the summed field from the index too.
+    ("ledger", (("principal", "ASCENDING"), ("shard", "ASCENDING"), ("delta", "ASCENDING"))): "ledger_sum_for_shard",
+    ("ledger", (("principal", "ASCENDING"), ("reason", "ASCENDING"), ("at", "ASCENDING"))): "count_ledger_entries",
 }
 
 

@@ -30,9 +30,10 @@ DOCUMENTS = [
     "redemptions/0f1e2d",
     "issuances/3c4b5a",
     "redemption_keys/9a8b7c",
+    "audits/ledger",
     "not_a_gbx_collection/doc1",
 ]
-COLLECTIONS = ["principals", "grants", "runs", "ledger", "seals", "redemptions", "issuances", "redemption_keys"]
+COLLECTIONS = ["principals", "grants", "runs", "ledger", "seals", "redemptions", "issuances", "redemption_keys", "audits"]
 
 
 def _unsigned_jwt(claims: dict[str, object]) -> str:
@@ -116,9 +117,9 @@ def test_the_server_writes_and_reads_every_collection(documents_url: str) -> Non
 def test_every_collection_the_store_writes_is_listed_here() -> None:
     from shared import store
 
-    written = {value for name, value in vars(store).items() if name.isupper() and name in {"PRINCIPALS", "GRANTS", "RUNS", "LEDGER", "SEALS", "REDEMPTIONS", "ISSUANCES", "REDEMPTION_KEYS"}}
+    written = {value for name, value in vars(store).items() if name.isupper() and name in {"PRINCIPALS", "GRANTS", "RUNS", "LEDGER", "SEALS", "REDEMPTIONS", "ISSUANCES", "REDEMPTION_KEYS", "AUDITS"}}
     collection_calls = set(re.findall(r"collection\((\w+)\)", Path(store.__file__).read_text()))
-    assert collection_calls <= {"PRINCIPALS", "GRANTS", "RUNS", "LEDGER", "SEALS", "REDEMPTIONS", "ISSUANCES", "REDEMPTION_KEYS"}, collection_calls
+    assert collection_calls <= {"PRINCIPALS", "GRANTS", "RUNS", "LEDGER", "SEALS", "REDEMPTIONS", "ISSUANCES", "REDEMPTION_KEYS", "AUDITS"}, collection_calls
     assert written == set(COLLECTIONS)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
@@ -48,7 +50,7 @@ from gbx_client.seal_format import (
     render_seal_svg,
 )
 from shared import signing
-from tests.conftest import RUNNER, Api
+from tests.conftest import AUDIENCE, RUNNER, Api
 from tests.kms_server import VERSION_1, VERSION_2, FakeKms
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -71,7 +73,7 @@ STRICT_PORTAL_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-PORTAL_FILES = ("/", "/app.js", "/style.css", "/favicon.svg")
+PORTAL_FILES = ("/", "/v", "/app.js", "/style.css", "/favicon.svg", "/jsQR.js")
 FIREBASE_JSON = Path(__file__).resolve().parent.parent / "firebase.json"
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 NOT_CHECKED = "not checked"
@@ -500,7 +502,7 @@ def test_a_doctype_is_refused(api: Api, portal: Portal, tmp_path: Path, prolog: 
 @pytest.mark.parametrize(
     ("name", "document", "reason"),
     [
-        ("seal.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01", "the document is not well-formed XML"),
+        ("seal.bin", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01", "the document is not well-formed XML"),
         ("seal.txt", b"this is not a seal\n", "the document is not well-formed XML"),
         ("seal.html", b'<html xmlns="http://www.w3.org/1999/xhtml"><body>hi</body></html>', "the document is not an SVG image"),
         ("empty.svg", b"", "the document is not well-formed XML"),
@@ -921,3 +923,150 @@ def test_the_page_fits_a_phone(api: Api, portal: Portal, tmp_path: Path) -> None
     finally:
         driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     save_screenshot(portal, "portal-phone.png", width=360, phone=True)
+
+
+# --- the verification link and pictures of the QR code -------------------------------------
+
+JSQR_SHA256 = "bc40c8a15196236b2314db0856f72ca0b49980cd5413b8c852a7349f5fee0859"  # npm jsqr@1.4.0, dist/jsQR.js
+
+
+def open_link(portal: Portal, fragment: str) -> PageVerdict:
+    """Open the portal at /v#fragment, as a scanned link opens it, and return the page's verdict."""
+    driver = portal.browser
+    driver.get(portal.url + "/")  # a fresh page each time: the same fragment twice would not fire hashchange
+    driver.get(f"{portal.url}/v#{fragment}")
+    WebDriverWait(driver, WAIT_SECONDS, poll_frequency=POLL_SECONDS).until(
+        lambda d: d.execute_script("const r = document.getElementById('result'); return r && r.dataset.state === 'done'"))
+    return read_verdict(portal)
+
+
+def read_verdict(portal: Portal) -> PageVerdict:
+    """The verdict, checks and claims the page shows."""
+    shown = portal.browser.execute_script(
+        """
+        const checks = {}, results = {}, claims = {};
+        for (const item of document.querySelectorAll('#checks [data-check]')) {
+          checks[item.dataset.check] = item.querySelector('.check-reason').textContent;
+          results[item.dataset.check] = item.dataset.result;
+        }
+        if (!document.getElementById('claims-block').hidden) {
+          const dl = document.getElementById('claims');
+          for (const dt of dl.querySelectorAll('dt')) claims[dt.textContent] = dt.nextElementSibling.textContent;
+        }
+        return {verdict: document.getElementById('verdict').textContent,
+                detail: document.getElementById('verdict-detail').textContent, checks, results, claims};
+        """
+    )
+    return PageVerdict(**shown)
+
+
+def verified_by(portal: Portal) -> dict[str, str]:
+    """Which site checked the seal, and which site its link names, as the page says."""
+    return portal.browser.execute_script(
+        "const box = document.getElementById('verified-by');"
+        "return {text: box.textContent, site: box.dataset.site, link: box.dataset.linkSite, hidden: box.hidden};"
+    )
+
+
+def test_a_link_opened_at_v_is_verified_in_the_browser_and_names_the_sites(api: Api, portal: Portal) -> None:
+    bundle = api.sealed_run("job-1")
+    fragment = bundle["verify_link"].split("#", 1)[1]
+    shown = open_link(portal, fragment)
+    assert shown.verdict == "VERIFIED", shown
+    assert shown.checks == {"document": "ok", "key": "ok", "signature": "ok"}
+    assert shown.claims["Seal ID"] == bundle["seal_id"] and shown.claims["Run ID"] == "job-1"
+    # The page says which site checked it: this one, with the keys it publishes, and the link named it.
+    by = verified_by(portal)
+    assert by["site"] == by["link"] == portal.url and not by["hidden"]
+    assert by["text"] == f"Checked by {portal.url}, with the keys this site publishes. The link names this site."
+    # The fragment never left the browser: only the page's files and the published keys were asked for.
+    asked = set(portal.server.take_requests())
+    assert ("GET", "/v") in asked and ("GET", "/api/seal/public_keys") in asked
+    assert asked <= {("GET", "/api/seal/public_keys")} | {("GET", path) for path in PORTAL_FILES}
+    assert severe_console_messages(portal) == []
+    save_screenshot(portal, "portal-link-verified.png")
+    save_screenshot(portal, "portal-link-verified-phone.png", width=390, phone=True)
+
+
+def test_a_tampered_link_is_invalid_in_the_browser_as_in_the_api(api: Api, portal: Portal) -> None:
+    from tests.test_verify_link import tampered_links
+
+    link = api.sealed_run("job-1")["verify_link"]
+    for name, tampered in tampered_links(link).items():
+        shown = open_link(portal, tampered.split("#", 1)[1])
+        assert shown.verdict == "INVALID", name
+        service = api.post("/api/seal/verify", data=tampered, headers={"Content-Type": "text/uri-list"}).json()["checks"]
+        assert shown.checks == {name: service[name] for name in ("document", "key", "signature")}, name
+
+
+def test_the_browser_gives_each_shared_link_vector_its_document_check(portal: Portal, subtests: Any) -> None:
+    vectors = json.loads((Path(__file__).resolve().parent / "vectors" / "verify_links.json").read_text())["vectors"]
+    for vector in vectors:
+        with subtests.test(vector=vector["name"]):
+            shown = open_link(portal, vector["fragment"])
+            assert shown.verdict == "INVALID"
+            assert shown.checks["document"] == vector["document"]
+            if vector["document"] == "ok":
+                assert shown.checks["key"] == "key version is not trusted"
+
+
+def rendered_badge(svg: str, width: int) -> Image.Image:
+    """The badge rasterised by rsvg-convert."""
+    png = subprocess.run(["rsvg-convert", "-w", str(width), "-b", "white"], input=svg.encode(), capture_output=True, check=True).stdout
+    return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+@pytest.mark.parametrize(("name", "input_id"), [("screenshot.jpg", "seal-file"), ("photo.jpg", "seal-photo"), ("screenshot.png", "seal-file")])
+def test_a_picture_of_the_badge_is_read_and_verified(api: Api, portal: Portal, tmp_path: Path, name: str, input_id: str) -> None:
+    """A screenshot 800 px wide at JPEG quality 40, a photo turned 8 degrees at 1000 px, and a plain PNG."""
+    from tests.test_verify_link import jpeg, photo
+
+    bundle = api.sealed_run("job-1")
+    if name == "photo.jpg":
+        picture = photo(rendered_badge(bundle["seal_svg"], 1000))
+    elif name == "screenshot.jpg":
+        picture = jpeg(rendered_badge(bundle["seal_svg"], 800), width=800, quality=40)
+    else:
+        picture = rendered_badge(bundle["seal_svg"], 860)
+    path = tmp_path / name
+    picture.save(path)
+    driver = portal.browser
+    driver.execute_script("document.getElementById('result').dataset.state = 'stale'")
+    driver.find_element(By.ID, input_id).send_keys(str(path))
+    WebDriverWait(driver, WAIT_SECONDS, poll_frequency=POLL_SECONDS).until(
+        lambda d: d.execute_script("return document.getElementById('result').dataset.state") == "done")
+    shown = read_verdict(portal)
+    assert shown.verdict == "VERIFIED", shown
+    assert shown.claims["Seal ID"] == bundle["seal_id"]
+    # The QR code names the configured base URL, not this test server: the page says so, and that it checked it here.
+    by = verified_by(portal)
+    assert by["site"] == portal.url and by["link"] == AUDIENCE
+    assert f"Checked by {portal.url}" in by["text"] and f"The link names another site: {AUDIENCE}." in by["text"]
+    asked = set(portal.server.take_requests())
+    assert asked <= {("GET", "/api/seal/public_keys")} | {("GET", path) for path in PORTAL_FILES}, "the picture stayed in the browser"
+    assert severe_console_messages(portal) == []
+
+
+def test_a_broken_picture_is_not_a_seal(portal: Portal, tmp_path: Path) -> None:
+    """A .png is read as a picture (for its QR code), so a broken one says the picture cannot be read."""
+    shown = check_in_browser(portal, b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01", tmp_path, name="seal.png")
+    assert shown.verdict == "INVALID" and shown.checks["document"].startswith("the picture could not be read")
+    assert "This is not a usable seal" in shown.detail
+
+
+def test_a_picture_without_a_qr_code_is_not_a_seal(portal: Portal, tmp_path: Path) -> None:
+    path = tmp_path / "blank.png"
+    Image.new("RGB", (400, 300), (240, 240, 240)).save(path)
+    portal.browser.find_element(By.ID, "seal-file").send_keys(str(path))
+    WebDriverWait(portal.browser, WAIT_SECONDS, poll_frequency=POLL_SECONDS).until(
+        lambda d: d.execute_script("return document.getElementById('result').dataset.state") == "done")
+    shown = read_verdict(portal)
+    assert shown.verdict == "INVALID" and shown.checks["document"] == "no QR code found in the picture"
+    assert "This is not a usable seal" in shown.detail
+
+
+def test_the_vendored_decoder_is_the_pinned_release_with_its_license() -> None:
+    portal_dir = Path(__file__).resolve().parent.parent / "portal"
+    assert hashlib.sha256((portal_dir / "jsQR.js").read_bytes()).hexdigest() == JSQR_SHA256
+    notice = (portal_dir / "jsQR.LICENSE.txt").read_text()
+    assert "jsqr@1.4.0" in notice and "Apache License" in notice and JSQR_SHA256 in notice

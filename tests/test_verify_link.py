@@ -292,3 +292,21 @@ def test_gbx_gives_each_shared_vector_its_document_check(tmp_path: Path) -> None
         result = gbx("verify", f"https://gbx.example/v#{vector['fragment']}", "--keys", str(keys), "--json")
         assert result.returncode == 1, (vector["name"], result.stderr)
         assert json.loads(result.stdout)["checks"]["document"] == vector["document"], vector["name"]
+
+
+def test_gbx_refuses_a_seal_directory_whose_link_is_not_its_seal(api: Api, tmp_path: Path) -> None:
+    """The directory's verify_link.txt must carry exactly seal.svg's payload and signature (gbx run checks it before writing)."""
+    bundle = api.sealed_run("job-1")
+    keys = tmp_path / "keys.json"
+    keys.write_text(requests.get(f"{api.base_url}/api/seal/public_keys", timeout=30).text)
+    seal_dir = tmp_path / "seal"
+    seal_dir.mkdir()
+    (seal_dir / "seal.svg").write_text(bundle["seal_svg"])
+    (seal_dir / "seal.json").write_text(bundle["seal_json"])
+    (seal_dir / "seal.sig").write_bytes(base64.b64decode(bundle["signature"]))
+    (seal_dir / "verify_link.txt").write_text(bundle["verify_link"] + "\n")
+    assert gbx("verify", str(seal_dir), "--keys", str(keys)).returncode == 0
+    (seal_dir / "verify_link.txt").write_text(tampered_links(bundle["verify_link"])["signature middle"] + "\n")
+    result = gbx("verify", str(seal_dir), "--keys", str(keys), "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["checks"]["document"] == "verify_link.txt is not the link of seal.svg's payload and signature"
