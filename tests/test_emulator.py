@@ -23,9 +23,8 @@ def test_no_sdk_anywhere_is_a_clear_failure_of_the_test_run(tmp_path: Path) -> N
     # A Python that finds no gcloud and no SDK folder: the session fixture stops the run with the message.
     probe = tmp_path / "test_probe.py"
     probe.write_text("def test_needs_firestore(db):\n    pass\n")
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent), "GBX_FIRESTORE_EMULATOR_JAR": ""}
-    # Nor an emulator named by FIRESTORE_EMULATOR_HOST (a worker's fixtures set it), which the fixtures would use.
-    env.pop("FIRESTORE_EMULATOR_HOST", None)
+    # No FIRESTORE_EMULATOR_HOST either: with it, the fixtures would use that emulator and never look for the SDK.
+    env = {**{k: v for k, v in os.environ.items() if k != "FIRESTORE_EMULATOR_HOST"}, "PATH": str(Path(sys.executable).parent), "GBX_FIRESTORE_EMULATOR_JAR": ""}
     code = (
         "import sys, pathlib, pytest; from shared import emulator; "
         "emulator.JAR_RELATIVE = pathlib.Path('no/such/emulator.jar'); "
