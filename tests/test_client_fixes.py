@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -92,7 +93,7 @@ def test_another_runs_pending_seal_is_refused_before_any_charge(api: Api, job: J
     other = job.gbx(*job.args(url=proxy.url, run_id="job-2"), *FAST, *job.writes_outputs())
     assert other.code == 73, other.stderr
     assert other.last_line.startswith("gbx: exit 73 (cant-create): ")
-    assert "job-1" in other.last_line and f"gbx complete {job.seal_dir}" in other.last_line and "--seal-dir" in other.last_line
+    assert "job-1" in other.last_line and f"`gbx complete --url URL {job.seal_dir}`" in other.last_line and "--seal-dir" in other.last_line
     # Nothing charged, CMD never ran, the pending seal is untouched.
     assert balance(api) == 1 and run_state(api, "job-2") == "new" and job.cmd_runs() == 1
     assert json.loads((job.seal_dir / "preseal.json").read_text()) == preseal
@@ -144,7 +145,7 @@ def test_a_signal_during_run_complete_retries_exits_seal_pending(api: Api, job: 
     _, stderr = process.communicate(timeout=20)
     assert process.returncode == 75, stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("gbx: exit 75 (seal-pending): ") and f"gbx complete {job.seal_dir}" in last
+    assert last.startswith("gbx: exit 75 (seal-pending): ") and re.search(rf"`gbx complete --url http://127\.0\.0\.1:\d+ {re.escape(str(job.seal_dir))}`", last)
     assert (job.seal_dir / "preseal.json").exists() and run_state(api, "job-1") == "started"
 
     del proxy.always["run_complete"]
@@ -178,7 +179,7 @@ def test_a_refused_run_complete_keeps_the_preseal_for_gbx_complete(api: Api, job
     refused = job.gbx(*job.args(url=proxy.url), *FAST, *job.writes_outputs())
     assert refused.code == 77, refused.stderr
     assert refused.last_line.startswith(f"gbx: exit 77 (refused): run_complete: HTTP {status}")
-    assert f"gbx complete {job.seal_dir}" in refused.last_line
+    assert re.search(rf"`gbx complete --url http://127\.0\.0\.1:\d+ {re.escape(str(job.seal_dir))}`", refused.last_line)
     if status in (401, 403):
         assert "fresh identity" in refused.last_line
     preseal = json.loads((job.seal_dir / "preseal.json").read_text())

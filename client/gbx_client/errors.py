@@ -143,7 +143,7 @@ RUN_EXIT_CODES: tuple[tuple[int, str], ...] = (
     (Unreachable.exit_code, "service unreachable before CMD ran (after --retry-timeout); CMD never ran"),
     (CantCreate.exit_code, "cannot write the seal directory, or it holds another run_id's pending seal (checked before any charge)"),
     (IOFailure.exit_code, "I/O error while hashing"),
-    (SealPending.exit_code, "seal pending: CMD succeeded, then run_complete stayed unreachable or gbx got SIGTERM/SIGINT; SEAL_DIR/preseal.json holds it, run `gbx complete SEAL_DIR`"),
+    (SealPending.exit_code, "seal pending: CMD succeeded, then run_complete stayed unreachable or gbx got SIGTERM/SIGINT; SEAL_DIR/preseal.json holds it, run `gbx complete --url URL SEAL_DIR`"),
     (ProtocolViolation.exit_code, "protocol: the service answered outside the contract (500, bad body, a seal that does not verify)"),
     (Refused.exit_code, "refused by the service (401/403/409/422): a bad identity, or the run_id holds a run with other inputs, image or outputs"),
     (ConfigError.exit_code, "config: no identity (no Google credentials, --token-command failed)"),

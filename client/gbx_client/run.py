@@ -102,7 +102,7 @@ def run_job(job: Job, service: Service, say: Say) -> str:
         pending = sealdir.read_preseal(job.seal_dir, required=False)
         if pending is not None and pending["run_id"] == job.run_id and pending["url"] == service.base_url and pending["start"] == start.record():
             say(f"{job.seal_dir}/{sealdir.PRESEAL}: CMD already succeeded for this run, finishing its pending seal instead of running CMD again")
-            with signals_to_pending(job.seal_dir, say) as guard:
+            with signals_to_pending(job.seal_dir, say, url=service.base_url) as guard:
                 return complete_run(service, job.seal_dir, job.run_id, pending["outputs_sha256"], start, say, guard=guard)
     if state == "completed":
         say(f"run {job.run_id} is already completed: CMD is not run again; sealing the outputs found in {job.outputs}")
@@ -110,7 +110,7 @@ def run_job(job: Job, service: Service, say: Say) -> str:
         _run_start(service, job.run_id, start, say)
         _run_command(job, say)
     # From here on a SIGTERM or SIGINT must not lose what CMD produced: it ends gbx as a pending seal (75).
-    with signals_to_pending(job.seal_dir, say) as guard:
+    with signals_to_pending(job.seal_dir, say, url=service.base_url) as guard:
         outputs = _hash(say, "outputs", hashing.scan(job.outputs), job.workers)
         return complete_run(service, job.seal_dir, job.run_id, outputs, start, say, guard=guard)
 
@@ -121,7 +121,7 @@ def complete_pending(seal_dir: Path, service_for: Callable[[str], Service], say:
     assert pending is not None
     service = service_for(str(pending["url"]))
     say(f"completing run {pending['run_id']} (pending since {pending.get('at', '?')}) at {service.base_url}")
-    with signals_to_pending(seal_dir, say) as guard:
+    with signals_to_pending(seal_dir, say, url=service.base_url) as guard:
         return complete_run(
             service, seal_dir, str(pending["run_id"]), str(pending["outputs_sha256"]), Start.from_record(pending["start"]), say, guard=guard
         )
@@ -162,8 +162,13 @@ class SealGuard:
             raise _Signalled(self.deferred)
 
 
+def complete_command(seal_dir: Path, url: str) -> str:
+    """The command that finishes a pending seal: gbx complete sends the token only to the --url the preseal names."""
+    return f"gbx complete --url {url} {seal_dir}"
+
+
 @contextlib.contextmanager
-def signals_to_pending(seal_dir: Path, say: Say) -> Iterator[SealGuard]:
+def signals_to_pending(seal_dir: Path, say: Say, *, url: str) -> Iterator[SealGuard]:
     """Install the SealGuard's handlers for SIGTERM and SIGINT; turn the signal into SealPending or Interrupted."""
     guard = SealGuard()
     previous = {signum: signal.signal(signum, guard.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
@@ -179,7 +184,7 @@ def signals_to_pending(seal_dir: Path, say: Say) -> Iterator[SealGuard]:
             ) from None
         raise SealPending(
             f"{name} received after CMD succeeded; the seal is pending in {guard.preseal}: finish it with "
-            f"`gbx complete {seal_dir}` (or gbx run with the same run_id, which does not run CMD again)"
+            f"`{complete_command(seal_dir, url)}` (or gbx run with the same run_id, which does not run CMD again)"
         ) from None
     finally:
         for signum, handler in previous.items():
@@ -204,7 +209,7 @@ def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: 
             raise error  # a 429: CMD has run, so its outputs hash is kept for later like any outage
     except Unreachable as exc:
         sealdir.write_preseal(seal_dir, {**preseal, "error": str(exc)})
-        raise SealPending(f"{exc}; the seal is pending in {path}: finish it with `gbx complete {seal_dir}`") from exc
+        raise SealPending(f"{exc}; the seal is pending in {path}: finish it with `{complete_command(seal_dir, service.base_url)}`") from exc
     if reply.status != 200:
         error = refusal("run_complete", reply, run_id)
         if reply.status == 409 and reply.error_code == "run_state_conflict":
@@ -213,7 +218,7 @@ def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: 
             sealdir.remove_preseal(seal_dir, run_id)
             raise type(error)(f"{error}; no seal written for these outputs (outputs_sha256 {outputs_sha256}); the run is sealed with other outputs") from None
         identity = " with a fresh identity (an ID token for this service's audience)" if reply.status in (401, 403) else " once that is fixed"
-        raise type(error)(f"{error}; the seal is pending in {path}: finish it with `gbx complete {seal_dir}`{identity}") from None
+        raise type(error)(f"{error}; the seal is pending in {path}: finish it with `{complete_command(seal_dir, service.base_url)}`{identity}") from None
     try:
         bundle = sealdir.Bundle.from_reply(reply.json_object("run_complete"))
         claims = json.loads(bundle.seal_json)
@@ -238,7 +243,7 @@ def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: 
     except ProtocolViolation as exc:
         # Like an unusable bundle: the outputs hash stays pending, for a `gbx complete` once the service answers a good seal.
         sealdir.write_preseal(seal_dir, {**preseal, "error": str(exc)})
-        raise ProtocolViolation(f"{exc}; {path} is kept: finish it with `gbx complete {seal_dir}`") from exc
+        raise ProtocolViolation(f"{exc}; {path} is kept: finish it with `{complete_command(seal_dir, service.base_url)}`") from exc
     if guard is not None:
         guard.sealed = True
     say(f"wrote {seal_dir}/ ({', '.join(verify.SEAL_FILES)}); verified offline")

@@ -211,7 +211,7 @@ def refuse_foreign_preseal(seal_dir: Path, run_id: str) -> None:
     if other is not None and other != run_id:
         raise CantCreate(
             f"{seal_dir / PRESEAL} holds the pending seal of run {other}, not {run_id}: finish it with "
-            f"`gbx complete {seal_dir}` or use another --seal-dir"
+            f"`gbx complete --url URL {seal_dir}` (URL: the service its preseal.json names) or use another --seal-dir"
         )
 
 
