@@ -38,7 +38,7 @@ def check(caller: Identity, req: CheckRequest) -> CheckResponse:
     if run is not None and run.state != "consumed":
         raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}", state=run.state)
     if run is None and balance < 1:
-        raise errors.EntitlementExhausted()
+        raise errors.EntitlementExhausted(f"no runs left for {caller.principal}")
     return CheckResponse(
         run_id=req.run_id, principal=caller.principal, available=True, balance=balance, state="new" if run is None else "consumed"
     )
@@ -69,7 +69,7 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
                 raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}", state=run.state)
             return ConsumeResponse(run_id=req.run_id, principal=principal, balance=current_balance(principal), state="consumed", replayed=replayed)
         if first is None:
-            raise errors.EntitlementExhausted()
+            raise errors.EntitlementExhausted(f"no runs left for {caller.principal}")
         if not first.usable(now):
             # Marked open with no runs left (written by a version that did not keep `open`): close it, read again.
             store.commit_close_shard(principal, first)

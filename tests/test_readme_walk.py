@@ -70,3 +70,5 @@ def test_the_readme_walk_runs_as_written(walk_dir: tuple[Path, str, dict[str, st
     assert again["error"]["code"] == "already_redeemed" and again["error"]["grant_id"] == redeemed["grant_id"], again
     bundle = json.loads((root / "bundle.json").read_text())
     assert (root / "seal.svg").read_text() == bundle["seal_svg"]
+    # The offline check uses the published key of the seal's key version, not a key the bundle shipped.
+    assert (root / "public_key.pem").read_text() == next(k["pem"] for k in keys["keys"] if k["key"] == bundle["key"])
