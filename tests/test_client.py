@@ -425,6 +425,18 @@ def test_failing_cmd_leaves_the_run_started_and_exits_with_its_status(api: Api, 
     assert run_state(api, "job-1") == "started" and balance(api) == 0
 
 
+def test_outputs_missing_after_cmd_say_the_run_can_go_on_without_a_new_charge(api: Api, job: Job) -> None:
+    api.issue(RUNNER, 1)
+    missing = job.gbx(*job.args(), "--", "true")  # CMD succeeds but writes no outputs
+    assert missing.code == 66
+    assert "no such file or directory" in missing.last_line and "run job-1 stays started" in missing.last_line
+    assert "without a new charge" in missing.last_line
+    assert run_state(api, "job-1") == "started" and balance(api) == 0
+    again = job.gbx(*job.args(), *job.writes_outputs())  # as the message says: the same run_id, no second charge
+    assert again.code == 0, again.stderr
+    assert run_state(api, "job-1") == "completed" and balance(api) == 0
+
+
 def test_signals_are_forwarded_to_cmd(api: Api, job: Job) -> None:
     api.issue(RUNNER, 1)
     ready, got = job.root / "ready", job.root / "got-term"

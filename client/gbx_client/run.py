@@ -15,8 +15,10 @@ from typing import Any
 from gbx_client import hashing, process, sealdir, verify
 from gbx_client.errors import (
     CommandFailed,
+    DataError,
     GbxError,
     Interrupted,
+    NoInput,
     NotEntitled,
     ProtocolViolation,
     Refused,
@@ -111,7 +113,17 @@ def run_job(job: Job, service: Service, say: Say) -> str:
         _run_command(job, say)
     # From here on a SIGTERM or SIGINT must not lose what CMD produced: it ends gbx as a pending seal (75).
     with signals_to_pending(job.seal_dir, say, url=service.base_url) as guard:
-        outputs = _hash(say, "outputs", hashing.scan(job.outputs), job.workers)
+        try:
+            listing = hashing.scan(job.outputs)
+        except (NoInput, DataError) as exc:
+            if state == "completed":
+                raise
+            # Charged and started, CMD has run: say how to go on, as for a CMD that failed.
+            raise type(exc)(
+                f"{exc}; no seal written, run {job.run_id} stays started (fix the outputs, then gbx run with the same run_id "
+                "runs CMD again without a new charge)"
+            ) from exc
+        outputs = _hash(say, "outputs", listing, job.workers)
         return complete_run(service, job.seal_dir, job.run_id, outputs, start, say, guard=guard)
 
 
