@@ -98,7 +98,9 @@ class Request:
 
     def to_json(self) -> dict[str, Any]:
         """For a child interpreter's argument list."""
-        return {"method": self.method, "headers": self.headers, "body": base64.b64encode(self.body).decode()}
+        # A function answers at any path; only the query string (usage's ?principal=) goes along.
+        query = self.path.partition("?")[2]
+        return {"method": self.method, "url": f"/?{query}" if query else "/", "headers": self.headers, "body": base64.b64encode(self.body).decode()}
 
 
 class Api:
@@ -511,7 +513,7 @@ mode, spec = sys.argv[1], json.loads(sys.argv[2])
 if mode == "function":
     import functions_framework
     app = functions_framework.create_app(target=spec["target"], source=spec["source"])
-    response = app.test_client().open("/", method=spec["method"], headers=spec["headers"], data=base64.b64decode(spec["body"]))
+    response = app.test_client().open(spec["url"], method=spec["method"], headers=spec["headers"], data=base64.b64decode(spec["body"]))
     status = response.status_code
 else:
     import functions_framework
@@ -573,6 +575,8 @@ def cold_cases(api: Api) -> list[ColdCase]:
         "seal_verify": lambda i: api.seal_request("seal_verify", seal, principal="cold-verify@bench.example"),
         "redeem_seal_once": redeem,
         "public_keys": lambda i: Request("GET", ENDPOINTS["public_keys"].path, {}),
+        "entitlement_usage": lambda i: Request("GET", f"{ENDPOINTS['entitlement_usage'].path}?principal={principal}", {"X-GBX-ADMIN-TOKEN": ADMIN_TOKEN}),
+        "ledger_audit": lambda i: Request("POST", ENDPOINTS["ledger_audit"].path, {"Authorization": f"Bearer {api.token('operator@bench.example')}"}),
     }
     missing = set(ENDPOINTS) - set(preparers)
     if missing:

@@ -449,7 +449,7 @@ async function inflatePayload(packed) {
 /** The seal element a link's fragment P.S stands for (its key is the payload's); throw SealPayloadInvalid if it does not decode. */
 async function linkElement(fragment) {
   const parts = fragment.split(".");
-  if (parts.length !== 2) throw new SealPayloadInvalid("the link's fragment is not payload.signature");
+  if (parts.length !== 2) throw new SealPayloadInvalid("the link is damaged or incomplete (cut off when copied?): its part after # is not payload.signature");
   let packed;
   try {
     packed = b64urlDecode(parts[0]);
@@ -846,7 +846,8 @@ function showResult(result) {
     detail = `${what}: ${clean(checks.document)}. Nothing else was checked.`;
   } else {
     verdict.textContent = "INVALID";
-    detail = `The ${failed} check failed: ${clean(checks[failed])}. Do not rely on what this file says.`;
+    const thing = { file: "this file", link: "this link", picture: "this picture" }[result.source] || "this seal";
+    detail = `The ${failed} check failed: ${clean(checks[failed])}. Do not rely on what ${thing} says.`;
   }
   verdict.dataset.verdict = verdict.textContent;
   $("verdict-detail").textContent = detail;

@@ -264,7 +264,7 @@ def link_element(fragment: str) -> SealElement:
     """
     payload, dot, signature = fragment.partition(".")
     if not dot or "." in signature:
-        raise SealPayloadInvalid("the link's fragment is not payload.signature")
+        raise SealPayloadInvalid("the link is damaged or incomplete (cut off when copied?): its part after # is not payload.signature")
     try:
         packed = b64url_decode(payload)
     except ValueError as exc:

@@ -39,9 +39,9 @@ def add(name: str, fragment: str, document: str, payload_bytes: bytes | None = N
 
 add("genuine", f"{P}.{S}", "ok", payload)
 add("stored blocks (level 0) inflate to the same bytes", f"{b64url_encode(raw(payload, 0))}.{S}", "ok", payload)
-add("no signature part", P, "the link's fragment is not payload.signature")
-add("three parts", f"{P}.{S}.{S}", "the link's fragment is not payload.signature")
-add("empty fragment", "", "the link's fragment is not payload.signature")
+add("no signature part", P, "the link is damaged or incomplete (cut off when copied?): its part after # is not payload.signature")
+add("three parts", f"{P}.{S}.{S}", "the link is damaged or incomplete (cut off when copied?): its part after # is not payload.signature")
+add("empty fragment", "", "the link is damaged or incomplete (cut off when copied?): its part after # is not payload.signature")
 add("padded base64url", f"{b64url_encode(raw(payload))}==.{S}" if len(b64url_encode(raw(payload))) % 4 == 2 else f"{P}=.{S}", "payload is not base64url")
 add("standard base64 alphabet", f"{P[:10]}+/{P[12:]}.{S}", "payload is not base64url")
 add("zlib header instead of raw DEFLATE", f"{b64url_encode(zlib.compress(payload))}.{S}", "payload does not inflate (raw DEFLATE)")
