@@ -26,7 +26,7 @@ from werkzeug.formparser import FormDataParser
 from shared import auth, errors, store
 from shared.config import get_config
 from shared.endpoints import ENDPOINTS, Body, Caller, Endpoint
-from shared.models import ErrorBody, ErrorDetail
+from shared.models import PATTERN_WORDS, ErrorBody, ErrorDetail
 
 MAX_JSON_BYTES = 64 * 1024
 # Multipart framing (boundaries, part headers, the principal field) around a seal of the maximum size.
@@ -72,7 +72,9 @@ def _describe_validation(exc: pydantic.ValidationError) -> str:
         if item["type"] == "json_invalid":
             return "the body is not valid JSON"
         where = ".".join(str(p) for p in item["loc"]) or "body"
-        parts.append(f"{where}: {item['msg']}")
+        pattern = str((item.get("ctx") or {}).get("pattern", ""))
+        words = PATTERN_WORDS.get(pattern) if item["type"] == "string_pattern_mismatch" else None
+        parts.append(f"{where}: must be {words}" if words else f"{where}: {item['msg']}")
     return "; ".join(parts)
 
 

@@ -20,6 +20,17 @@ PLAN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 RFC3339_UTC_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$"
 
+# What each pattern asks for, in words: a 400 says this instead of quoting the regular expression.
+PATTERN_WORDS = {
+    RUN_ID_PATTERN: "1 to 128 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'",
+    IMAGE_PATTERN: "a digest-pinned image, NAME[:TAG]@sha256:<64 lower-case hex> (a bare tag proves nothing)",
+    PROJECT_ID_PATTERN: "a Google Cloud project id: 6 to 30 characters of a-z, 0-9 and '-', starting with a letter, not ending with '-'",
+    SHA256_PATTERN: "64 hex characters",
+    PRINCIPAL_PATTERN: "an email address",
+    PLAN_ID_PATTERN: "1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'",
+    RFC3339_UTC_PATTERN: "an RFC 3339 UTC time such as 2030-01-01T00:00:00Z",
+}
+
 
 def _rfc3339_utc(value: object) -> dt.datetime:
     """Accept only the contract's time format, RFC 3339 UTC with `Z` (no epoch numbers, no offsets, no spaces)."""

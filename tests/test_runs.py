@@ -70,6 +70,12 @@ def test_container_image_must_be_digest_pinned(api: Api) -> None:
     ):
         response = api.run_start("job-1", container_image=image)
         assert (response.status_code, error_code(response)) == (400, "invalid_request"), image
+        # Said in words, not as the regular expression.
+        assert response.json()["error"]["message"] == (
+            "container_image: must be a digest-pinned image, NAME[:TAG]@sha256:<64 lower-case hex> (a bare tag proves nothing)"
+        )
+    bad_project = api.run_start("job-1", project_id="Acme")
+    assert bad_project.json()["error"]["message"].startswith("project_id: must be a Google Cloud project id: 6 to 30 characters")
     for n, image in enumerate((f"render@sha256:{DIGEST}", f"localhost:5000/a/b:v1@sha256:{DIGEST}", f"gcr.io/p/x@sha256:{DIGEST}")):
         api.consume(f"ok-{n}")
         assert api.run_start(f"ok-{n}", container_image=image).status_code == 200, image
