@@ -122,3 +122,13 @@ def test_kill_9_of_gbx_takes_cmd_with_it(api: Api, job: Job) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the test's own process group
     assert run_state(api, "job-1") == "started"
+
+
+def test_verify_gives_up_on_an_unreachable_key_url_sooner_than_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A person waits for gbx verify: an unreachable --keys URL ends after 30 s by default, not run's 120.
+    from gbx_client.cli import build_parser
+
+    monkeypatch.delenv("GBX_RETRY_TIMEOUT", raising=False)
+    verify = build_parser().parse_args(["verify", "seal", "--keys", "http://127.0.0.1:9/keys"])
+    run = build_parser().parse_args(["run", "--url", "http://x", "--run-id", "r", "--image", "i", "--project", "p", "--inputs", "a", "--outputs", "b"])
+    assert (verify.retry_timeout, run.retry_timeout) == (30.0, 120.0)

@@ -72,8 +72,8 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _add_service_options(parser: argparse.ArgumentParser) -> None:
-    """Identity and retry options, shared by run, complete and verify."""
+def _add_service_options(parser: argparse.ArgumentParser, *, retry_default: str = "120") -> None:
+    """Identity and retry options, shared by run, complete and verify (verify, run by a person, gives up sooner)."""
     parser.add_argument(
         "--audience", metavar="AUDIENCE", default=_env("GBX_AUDIENCE"),
         help="audience of the ID token fetched with Google credentials (env GBX_AUDIENCE; default: the base URL)",
@@ -85,9 +85,9 @@ def _add_service_options(parser: argparse.ArgumentParser) -> None:
         "(metadata server on Cloud Run/GCE/GKE, or GOOGLE_APPLICATION_CREDENTIALS)",
     )
     parser.add_argument(
-        "--retry-timeout", metavar="SECONDS", type=_seconds, default=_env("GBX_RETRY_TIMEOUT", "120"),
-        help="seconds each call retries connection errors, timeouts and 502/503/504 (Retry-After honoured, "
-        "exponential backoff with jitter) before giving up; 4xx are never retried (env GBX_RETRY_TIMEOUT; default 120)",
+        "--retry-timeout", metavar="SECONDS", type=_seconds, default=_env("GBX_RETRY_TIMEOUT", retry_default),
+        help="seconds each call retries connection errors, timeouts, 429 and 502/503/504 (Retry-After honoured, "
+        f"exponential backoff with jitter) before giving up; other 4xx are never retried (env GBX_RETRY_TIMEOUT; default {retry_default})",
     )
     parser.add_argument(
         "--attempt-timeout", metavar="SECONDS", type=_seconds, default=_env("GBX_ATTEMPT_TIMEOUT", "65"),
@@ -170,7 +170,7 @@ def build_parser() -> Parser:
     verify_parser.add_argument("--outputs", metavar="DIR", help="check that DIR (or a file) holds exactly the sealed outputs")
     verify_parser.add_argument("--online", metavar="URL", help="also ask the service at this base URL (POST /api/seal/verify)")
     verify_parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    _add_service_options(verify_parser)
+    _add_service_options(verify_parser, retry_default="30")
 
     hash_parser = commands.add_parser(
         "hash", help="print the canonical SHA-256 of files or directories",
