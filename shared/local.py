@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -253,6 +254,17 @@ def refuse_in_cloud() -> None:
         sys.exit("refusing to start local mode inside Cloud Functions / Cloud Run (K_SERVICE is set)")
 
 
+def _port_is_free(port: int) -> bool:
+    """Whether 127.0.0.1:port can be listened on now, bound as werkzeug binds it (SO_REUSEADDR: a port in TIME_WAIT is free)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def serve(port: int) -> None:
     """Serve every endpoint on 127.0.0.1:port until Ctrl-C or SIGTERM, with an emulator unless one is given."""
     refuse_in_cloud()
@@ -272,6 +284,9 @@ def serve(port: int) -> None:
     # Handlers first: a signal at any point after this leaves no emulator behind.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if not _port_is_free(port):
+        # Before the emulator starts: a busy port is the commonest first-run mistake, and needs no emulator to report.
+        sys.exit(f"Port {port} is in use on 127.0.0.1: stop what serves it, or pick another port (make run PORT={port + 1})")
     emulator = None
     try:
         if not os.environ.get("FIRESTORE_EMULATOR_HOST"):
