@@ -273,7 +273,7 @@ shutil.rmtree(staged_public, ignore_errors=True)
 shutil.copytree(public, staged_public, ignore=shutil.ignore_patterns(".*", "__pycache__"))
 shutil.copyfile("openapi.json", staged_public / "openapi.json")
 try:
-    client_wheel.build(staged_public / "gbx")
+    client_wheel.build(staged_public / "gbx", base_url=f"https://{site}.web.app")
 except client_wheel.WheelBuildFailed as exc:
     sys.exit(f"deploy.sh: error: {exc}")
 for key in ("rules", "indexes"):

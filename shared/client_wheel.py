@@ -44,8 +44,8 @@ class Wheel:
         return self.path.name
 
 
-def build(dest: Path, *, python: str = sys.executable) -> Wheel:
-    """Build the gbx wheel into `dest` (replacing what was there) with its index.html and SHA256SUMS."""
+def build(dest: Path, *, base_url: str | None = None, python: str = sys.executable) -> Wheel:
+    """Build the gbx wheel into `dest` (replacing what was there) with its index.html (naming `base_url`) and SHA256SUMS."""
     with tempfile.TemporaryDirectory(prefix="gbx-wheel-") as tmp:
         # A copy: setuptools builds in the source tree, and files left there by an earlier build would ship.
         source = Path(tmp) / "client"
@@ -69,13 +69,15 @@ def build(dest: Path, *, python: str = sys.executable) -> Wheel:
     data = target.read_bytes()
     wheel = Wheel(path=target, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
     (dest / SUMS).write_text(f"{wheel.sha256}  {wheel.name}\n")
-    (dest / INDEX).write_text(index_html(wheel))
+    (dest / INDEX).write_text(index_html(wheel, base_url))
     return wheel
 
 
-def index_html(wheel: Wheel) -> str:
-    """The /gbx/ page: the wheel as a link pip can follow (its #sha256 is checked on download), and how to install it."""
+def index_html(wheel: Wheel, base_url: str | None = None) -> str:
+    """The /gbx/ page: the wheel as a link pip can follow (its #sha256 is checked on download), and the pip line to copy."""
     name, digest = html.escape(wheel.name), wheel.sha256
+    base = html.escape(base_url.rstrip("/")) if base_url else "BASE"
+    where = "" if base_url else "\n<p>where BASE is this site.</p>"
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1"><title>gbx, the runner client</title></head>
@@ -84,8 +86,8 @@ def index_html(wheel: Wheel) -> str:
 <p><a href="{name}#sha256={digest}">{name}</a> ({wheel.size} bytes)</p>
 <p>sha256 <code id="sha256">{digest}</code> (also in <a href="{SUMS}">{SUMS}</a>)</p>
 <p>Install it in any Python 3.11+ environment; its dependencies come from the package index:</p>
-<pre>pip install "gbx-client @ BASE/gbx/{name}#sha256={digest}"</pre>
-<p>where BASE is this site. pip refuses the file if its sha256 differs.</p>
+<pre>pip install "gbx-client @ {base}/gbx/{name}#sha256={digest}"</pre>{where}
+<p>pip refuses the file if its sha256 differs.</p>
 </body>
 </html>
 """

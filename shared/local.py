@@ -295,7 +295,7 @@ def serve(port: int) -> None:
             os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
             print(f"Firestore emulator on {emulator.host}", flush=True)
         # /gbx/ serves the runner client's wheel, built from this checkout as deploy.sh builds it for Hosting.
-        wheel = client_wheel.build(config.local_dir / "gbx")
+        wheel = client_wheel.build(config.local_dir / "gbx", base_url=f"http://127.0.0.1:{port}")
         print(f"gbx wheel: /gbx/{wheel.name}  sha256 {wheel.sha256}", flush=True)
         from werkzeug.serving import make_server
 

@@ -1150,7 +1150,7 @@ def gbx_folder() -> dict[str, bytes]:
     """What Hosting serves at /gbx/: the wheel built here from this repository (the build is reproducible, so these
     are the bytes deploy.sh staged from its checkout), its index and SHA256SUMS."""
     with tempfile.TemporaryDirectory() as tmp:
-        client_wheel.build(Path(tmp) / "gbx")
+        client_wheel.build(Path(tmp) / "gbx", base_url=f"https://{PROJECT}.web.app")  # the site the tests deploy to
         return {f"gbx/{name}": data for name, data in tree(Path(tmp) / "gbx").items()}
 
 

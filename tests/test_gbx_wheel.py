@@ -80,6 +80,8 @@ def test_make_run_serves_the_wheel_and_a_fresh_venv_installs_it(local_server: st
     assert link and link.group(1) == WHEEL_NAME, index.text
     published = link.group(2)
     assert f'<code id="sha256">{published}</code>' in index.text
+    # The pip line is ready to copy: it names this server, not a placeholder.
+    assert f'pip install "gbx-client @ {local_server}/gbx/{WHEEL_NAME}#sha256={published}"' in index.text
     assert requests.get(local_server + "/gbx/SHA256SUMS", timeout=30).text == f"{published}  {WHEEL_NAME}\n"
     wheel = requests.get(f"{local_server}/gbx/{WHEEL_NAME}", timeout=30)
     assert wheel.status_code == 200 and hashlib.sha256(wheel.content).hexdigest() == published
