@@ -11,8 +11,6 @@ import argparse
 import random
 import sys
 
-from google.api_core import exceptions as gexc
-
 from shared import ledger, store
 
 PAGE_SIZE = 500
@@ -20,33 +18,27 @@ PAGE_SIZE = 500
 
 def backfill(*, page_size: int = PAGE_SIZE) -> int:
     """Add the missing fields to every grant document that lacks them; return how many were updated."""
-    grants = store.client().collection_group(store.GRANTS)
     updated = 0
-    cursor = None
+    after: str | None = None
     while True:
-        query = grants.order_by("__name__").limit(page_size)
-        if cursor is not None:
-            query = query.start_after(cursor)
-        page = query.get(**store._rpc())
+        page = store.read_grant_page(after, page_size)
         for snap in page:
             data = snap.to_dict() or {}
             if {"open", "spend_key", "slot"} <= data.keys():
                 continue
             fields = {
                 "group": data.get("group", snap.id),
-                "open": data["remaining"] > 0,
-                "spend_key": data.get("expires_at") or store.FAR_FUTURE,
-                "slot": random.random(),
+                **store.spending_fields(remaining=data["remaining"], expires_at=data.get("expires_at"), slot=random.random()),
             }
             try:
                 # Preconditioned on the document as read: one that a consume changed meanwhile is left for the next run.
-                snap.reference.update(fields, option=store.client().write_option(last_update_time=snap.update_time))
+                store.commit_spending_fields(snap.reference.path, fields, snap.update_time)
                 updated += 1
-            except gexc.FailedPrecondition:
-                print(f"backfill: {snap.reference.path} changed while being read; run the tool again", file=sys.stderr)
+            except (store.Contended, store.CommitUncertain):
+                print(f"backfill: {snap.reference.path} changed while being read, or the write went unanswered; run the tool again", file=sys.stderr)
         if len(page) < page_size:
             return updated
-        cursor = page[-1]
+        after = page[-1].reference.path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -218,8 +218,7 @@ def read_first_to_spend(principal: str, now: dt.datetime) -> Grant | None:
         .order_by("group")
         .limit(1)
     )
-    snaps = query.get(**_rpc())
-    return grant_from_snapshot(snaps[0]) if snaps else None
+    return _first_grant(query)
 
 
 def read_open_shard_at(principal: str, spend_key: dt.datetime, slot: float, *, upwards: bool) -> Grant | None:
@@ -236,15 +235,25 @@ def read_open_shard_at(principal: str, spend_key: dt.datetime, slot: float, *, u
         .order_by("slot", direction=firestore.Query.ASCENDING if upwards else firestore.Query.DESCENDING)
         .limit(1)
     )
+    return _first_grant(query)
+
+
+def _first_grant(query: firestore.Query) -> Grant | None:
+    """The one grant a `limit(1)` query finds, or None."""
     snaps = query.get(**_rpc())
     return grant_from_snapshot(snaps[0]) if snaps else None
 
 
+def _aggregate(query: Any, *, read_time: dt.datetime | None = None) -> int:
+    """The value of a one-aggregation query (`sum` or `count`), read once (as of `read_time` when given)."""
+    rows: Any = query.get(read_time=read_time, **_rpc())
+    # One row of one aggregation (the library's annotation says a flat list; it answers a list of rows).
+    return sum(int(aggregate.value) for row in rows for aggregate in row)
+
+
 def read_balance(principal: str, now: dt.datetime) -> int:
     """The unused runs of the principal's unexpired grants: one `sum` aggregation, not a read of every shard."""
-    results: Any = _unexpired(principal, now).sum("remaining", alias="balance").get(**_rpc())
-    # One row of one aggregation (the library's annotation says a flat list; it answers a list of rows).
-    return sum(int(aggregate.value) for row in results for aggregate in row)
+    return _aggregate(_unexpired(principal, now).sum("remaining"))
 
 
 def read_run(principal: str, run_id: str) -> Run | None:
@@ -298,6 +307,18 @@ def _ledger(batch: firestore.WriteBatch | firestore.Transaction, *, principal: s
     )
 
 
+def spending_fields(*, remaining: int, expires_at: dt.datetime | None, slot: float) -> dict[str, Any]:
+    """The fields consume's spending queries read: `open`, `spend_key` (the expiry, or FAR_FUTURE) and the random `slot`."""
+    return {"open": remaining > 0, "spend_key": expires_at or FAR_FUTURE, "slot": slot}
+
+
+def commit_spending_fields(path: str, fields: dict[str, Any], update_time: Any) -> None:
+    """Add the spending fields to a grant document an earlier version wrote (unchanged since read, else Contended)."""
+    batch = client().batch()
+    batch.update(client().document(path), fields, option=client().write_option(last_update_time=update_time))
+    _commit(batch)
+
+
 def _grant_fields(
     *,
     group: str,
@@ -312,9 +333,7 @@ def _grant_fields(
 ) -> dict[str, Any]:
     return {
         "group": group,
-        "open": runs_total > 0,
-        "spend_key": expires_at or FAR_FUTURE,
-        "slot": slot,
+        **spending_fields(remaining=runs_total, expires_at=expires_at, slot=slot),
         "principal": principal,
         "plan_id": plan_id,
         "runs_total": runs_total,
@@ -502,8 +521,8 @@ def ledger_for_grant(grant_id: str) -> list[dict[str, Any]]:
 
 
 def all_grants(principal: str) -> list[dict[str, Any]]:
-    """Every grant of a principal, spent or not (for audits and tests)."""
-    return [{"grant_id": s.id, **s.to_dict()} for s in _principal_ref(principal).collection(GRANTS).get(**_rpc())]
+    """Every grant document of a principal, spent or not, as dicts with their `grant_id` (usage, tools and tests)."""
+    return [{"grant_id": snap.id, **(snap.to_dict() or {})} for snap in read_principal_grant_docs(principal)]
 
 
 # Races on one principal resolve in a few rounds; the budget is far above what contention needs, so
@@ -571,8 +590,7 @@ def ledger_sum_for_shard(principal: str, shard: str, read_time: dt.datetime | No
         .where(filter=FieldFilter("principal", "==", principal))
         .where(filter=FieldFilter("shard", "==", shard))
     )
-    results: Any = query.sum("delta", alias="total").get(read_time=read_time, **_rpc())
-    return sum(int(aggregate.value) for row in results for aggregate in row)
+    return _aggregate(query.sum("delta"), read_time=read_time)
 
 
 def count_ledger_entries(principal: str, reason: str, start: dt.datetime | None, end: dt.datetime | None) -> int:
@@ -588,8 +606,7 @@ def count_ledger_entries(principal: str, reason: str, start: dt.datetime | None,
         query = query.where(filter=FieldFilter("at", ">=", start))
     if end is not None:
         query = query.where(filter=FieldFilter("at", "<", end))
-    results: Any = query.count(alias="entries").get(**_rpc())
-    return sum(int(aggregate.value) for row in results for aggregate in row)
+    return _aggregate(query.count())
 
 
 def read_audit_state() -> tuple[dict[str, Any], Any]:

@@ -40,7 +40,7 @@ def grants_of(docs: list[dict[str, Any]]) -> list[UsageGrant]:
 
 def usage(caller: Admin | Identity, req: UsageQuery) -> UsageResponse:
     """GET /api/entitlement/usage (the partner's admin token, or an operator)."""
-    docs = [{"grant_id": snap.id, **(snap.to_dict() or {})} for snap in store.read_principal_grant_docs(req.principal)]
+    docs = store.all_grants(req.principal)
     return UsageResponse(
         principal=req.principal,
         balance=entitlements.current_balance(req.principal),
