@@ -248,6 +248,20 @@ def log(entry: dict[str, Any]) -> None:
         sys.stdout.flush()
 
 
+def _authenticate(caller: Caller, request: flask.Request) -> auth.Identity | auth.Admin | None:
+    """Who calls, as the endpoint's kind of caller must prove it (None for an endpoint anyone may call)."""
+    authorization, admin_token = request.headers.get("Authorization"), request.headers.get(auth.ADMIN_TOKEN_HEADER)
+    if caller is Caller.USER:
+        return auth.authenticate(authorization)
+    if caller is Caller.ADMIN:
+        return auth.authenticate_admin(admin_token, authorization)
+    if caller is Caller.OPERATOR:
+        return auth.authenticate_operator(authorization)
+    if caller is Caller.ADMIN_OR_OPERATOR:
+        return auth.authenticate_admin_or_operator(admin_token, authorization)
+    return None
+
+
 def handle(request: flask.Request, endpoint: Endpoint) -> flask.Response:
     """Run one endpoint: every outcome, expected or not, becomes a contract response."""
     started = time.monotonic()
@@ -259,20 +273,9 @@ def handle(request: flask.Request, endpoint: Endpoint) -> flask.Response:
         if request.method != endpoint.method and not (request.method == "HEAD" and endpoint.method == "GET"):
             raise errors.MethodNotAllowed("GET, HEAD" if endpoint.method == "GET" else endpoint.method)
         args: list[Any] = []
-        if endpoint.caller is Caller.USER:
-            identity = auth.authenticate(request.headers.get("Authorization"))
-            principal = identity.principal
-            args.append(identity)
-        elif endpoint.caller is Caller.ADMIN:
-            admin = auth.authenticate_admin(request.headers.get(auth.ADMIN_TOKEN_HEADER), request.headers.get("Authorization"))
-            principal = admin.issued_by
-            args.append(admin)
-        elif endpoint.caller is Caller.OPERATOR:
-            operator = auth.authenticate_operator(request.headers.get("Authorization"))
-            principal = operator.principal
-            args.append(operator)
-        elif endpoint.caller is Caller.ADMIN_OR_OPERATOR:
-            caller = auth.authenticate_admin_or_operator(request.headers.get(auth.ADMIN_TOKEN_HEADER), request.headers.get("Authorization"))
+        caller = _authenticate(endpoint.caller, request)
+        if caller is not None:
+            # The log names who acted: an identity's principal, or the admin token's verified issuer (if any).
             principal = caller.issued_by if isinstance(caller, auth.Admin) else caller.principal
             args.append(caller)
         if endpoint.body is not Body.NONE:
