@@ -16,9 +16,7 @@ from gbx_client.seal_format import (
     b64url_decode,
     canonical_json,
     decode_payload,
-    link_element,
-    parse_seal_svg,
-    parse_verify_link,
+    read_seal_element,
     render_seal_svg,
     verify_link,
 )
@@ -160,13 +158,6 @@ class Verification:
 
 def verify_seal(svg: bytes, link: str | None = None) -> Verification:
     """Run the contract's checks in order, on a seal.svg or a verification link; each failure is reported by name and stops the later checks."""
-    try:
-        site = parse_verify_link(link) if link is not None else None
-        element = parse_seal_svg(svg) if site is None else None
-    except SealTooLarge as exc:
-        raise errors.PayloadTooLarge(str(exc)) from exc
-    except SealDocumentInvalid as exc:
-        raise errors.InvalidSeal(exc.reason) from exc
     checks = {"document": NOT_CHECKED, "key": NOT_CHECKED, "signature": NOT_CHECKED, "record": NOT_CHECKED}
     claims: dict[str, Any] = {}
     record: dict[str, Any] | None = None
@@ -176,10 +167,12 @@ def verify_seal(svg: bytes, link: str | None = None) -> Verification:
 
     try:
         # A link is a seal too, once its fragment is inflated: a tampered one is INVALID, not a 400.
-        if element is None:
-            assert site is not None
-            element = link_element(site.fragment)
+        element = read_seal_element(svg=svg, link=link)
         claims, payload = decode_payload(element.payload)
+    except SealTooLarge as exc:
+        raise errors.PayloadTooLarge(str(exc)) from exc
+    except SealDocumentInvalid as exc:
+        raise errors.InvalidSeal(exc.reason) from exc
     except SealPayloadInvalid as exc:
         checks["document"] = exc.reason
         return done()

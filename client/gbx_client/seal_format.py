@@ -257,6 +257,19 @@ def parse_verify_link(link: str) -> VerifyLink:
     return VerifyLink(site=site, fragment=text.split("#", 1)[1])
 
 
+def read_seal_element(*, svg: bytes | None = None, link: str | None = None) -> SealElement:
+    """The seal element of a seal.svg, or the one a verification link stands for (give one of the two).
+
+    SealTooLarge or SealDocumentInvalid: the input is no seal at all. SealPayloadInvalid: a link whose
+    fragment does not decode, which is a seal that fails its document check, as a bad payload in an svg is.
+    """
+    if link is not None:
+        return link_element(parse_verify_link(link).fragment)
+    if svg is None:
+        raise TypeError("read_seal_element needs svg or link")
+    return parse_seal_svg(svg)
+
+
 def link_element(fragment: str) -> SealElement:
     """The seal element a link's fragment P.S stands for; raise SealPayloadInvalid when it does not decode.
 
@@ -322,8 +335,6 @@ def render_seal_svg(*, payload: bytes, signature: bytes, key: str, alg: str = SE
     rows = "\n".join(_row(index, label, shown) for index, (label, _, shown) in enumerate(lines))
     pill_text = _fit(f"SIGNED \u00b7 {_clean(alg)}", _PILL_WIDTH - 24, _PILL_FONT, bold=True)
     qr = _qr_code(link) if link is not None else None
-    if qr is not None and qr.version > QR_MAX_VERSION:
-        qr = None
     if qr is not None:
         description += "; QR code: the verification link, which carries the signed payload and its signature"
     return _SVG_TEMPLATE.format(
@@ -527,9 +538,10 @@ def _qr_code(link: str) -> Any:
 
     try:
         # boost_error: a higher error correction level whenever it fits in the same version, for free.
-        return segno.make_qr(link, error=QR_ERROR, boost_error=True, mode="byte", version=None)
+        qr = segno.make_qr(link, error=QR_ERROR, boost_error=True, mode="byte", version=None)
     except DataOverflowError:
         return None
+    return qr if int(qr.version) <= QR_MAX_VERSION else None  # make_qr makes no Micro QR: an int
 
 
 def _qr_markup(qr: Any, missing: str) -> str:

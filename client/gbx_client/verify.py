@@ -17,14 +17,11 @@ from gbx_client.errors import GbxError, UsageError
 from gbx_client.seal_format import (
     SEAL_ALG,
     SealDocumentInvalid,
-    SealElement,
     SealPayloadInvalid,
     SealTooLarge,
     b64url_decode,
     decode_payload,
-    link_element,
-    parse_seal_svg,
-    parse_verify_link,
+    read_seal_element,
 )
 
 OK = "ok"
@@ -167,18 +164,17 @@ def verify_seal(
     checks = dict.fromkeys(names, NOT_CHECKED)
     result = Verification(checks=checks, claims={})
 
-    given_as_link = seal.link is not None and not seal.svg
     try:
-        element = parse_seal_svg(seal.svg) if not given_as_link else None
-        site = parse_verify_link(seal.link) if given_as_link and seal.link is not None else None
+        # A link is a seal once its fragment inflates: a tampered one fails here or at the signature.
+        # A seal given as its link has no svg; a seal directory's link file is checked against its svg below.
+        element = read_seal_element(svg=seal.svg, link=seal.link if not seal.svg else None)
     except (SealDocumentInvalid, SealTooLarge) as exc:
         checks["document"] = str(exc)
         return result
+    except SealPayloadInvalid as exc:
+        checks["document"] = exc.reason
+        return result
     try:
-        # A link is a seal once its fragment inflates: a tampered one fails here or at the signature.
-        if element is None:
-            assert site is not None
-            element = link_element(site.fragment)
         claims, payload = decode_payload(element.payload)
     except SealPayloadInvalid as exc:
         checks["document"] = exc.reason
@@ -247,7 +243,7 @@ def _document_problem(seal: SealFiles, claims: dict[str, Any], key: str, payload
 def _link_matches(link: str, payload: bytes, der: bytes | None) -> bool:
     """Whether a seal directory's link carries exactly the svg's payload and signature."""
     try:
-        element: SealElement = link_element(parse_verify_link(link).fragment)
+        element = read_seal_element(link=link)
         return b64url_decode(element.payload) == payload and b64url_decode(element.signature) == der
     except (SealDocumentInvalid, SealPayloadInvalid, ValueError):
         return False
