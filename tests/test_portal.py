@@ -207,22 +207,7 @@ def check_in_browser(portal: Portal, document: bytes | str, tmp_path: Path, name
     driver.execute_script("document.getElementById('result').dataset.state = 'stale'")
     driver.find_element(By.ID, "seal-file").send_keys(str(path))
     WebDriverWait(driver, WAIT_SECONDS, poll_frequency=POLL_SECONDS).until(lambda d: d.execute_script("return document.getElementById('result').dataset.state") == "done")
-    shown = driver.execute_script(
-        """
-        const checks = {}, results = {}, claims = {};
-        for (const item of document.querySelectorAll('#checks [data-check]')) {
-          checks[item.dataset.check] = item.querySelector('.check-reason').textContent;
-          results[item.dataset.check] = item.dataset.result;
-        }
-        if (!document.getElementById('claims-block').hidden) {
-          const dl = document.getElementById('claims');
-          for (const dt of dl.querySelectorAll('dt')) claims[dt.textContent] = dt.nextElementSibling.textContent;
-        }
-        return {verdict: document.getElementById('verdict').textContent,
-                detail: document.getElementById('verdict-detail').textContent, checks, results, claims};
-        """
-    )
-    return PageVerdict(**shown)
+    return read_verdict(portal)
 
 
 def pick_outputs(portal: Portal, path: Path, *, folder: bool) -> dict[str, str]:
