@@ -127,22 +127,24 @@ def _load_function(entry: str) -> Callable[[flask.Request], Any] | None:
 
 
 @functools.cache
-def _hosting_portal_rewrites() -> dict[str, str]:
-    """firebase.json's Hosting rewrites to a portal file (source path -> file), such as /v of the verification links."""
+def _hosting() -> dict[str, Any]:
+    """firebase.json's Hosting section, read once per process (empty when the file or the section is missing)."""
     try:
-        rules: list[dict[str, Any]] = json.loads(FIREBASE_JSON.read_text()).get("hosting", {}).get("rewrites", [])
+        hosting: dict[str, Any] = json.loads(FIREBASE_JSON.read_text()).get("hosting", {})
     except (OSError, ValueError):
         return {}
+    return hosting
+
+
+def _hosting_portal_rewrites() -> dict[str, str]:
+    """firebase.json's Hosting rewrites to a portal file (source path -> file), such as /v of the verification links."""
+    rules: list[dict[str, Any]] = _hosting().get("rewrites", [])
     return {rule["source"]: rule["destination"].lstrip("/") for rule in rules if "source" in rule and "destination" in rule}
 
 
-@functools.cache
 def _hosting_header_rules() -> list[dict[str, Any]]:
-    """firebase.json's Hosting header rules, read once per process (none when the file has none)."""
-    try:
-        rules: list[dict[str, Any]] = json.loads(FIREBASE_JSON.read_text()).get("hosting", {}).get("headers", [])
-    except (OSError, ValueError):
-        return []
+    """firebase.json's Hosting header rules (none when the file has none)."""
+    rules: list[dict[str, Any]] = _hosting().get("headers", [])
     return rules
 
 
