@@ -7,7 +7,7 @@
 # audit as its own service account; a log-based metric counts ledger mismatches; alert policies watch it and
 # the 5xx rate, notifying --alert-email.
 #
-#   ./deploy.sh --project PROJECT --region REGION [--site SITE] [--alert-email EMAIL] [--backup-retention DAYS] [--dry-run]
+#   ./deploy.sh --project PROJECT --region REGION [--site SITE] [--partners EMAILS] [--alert-email EMAIL] [--backup-retention DAYS] [--dry-run]
 #
 # Safe to re-run: every create is guarded by a describe, every grant is an idempotent
 # add-iam-policy-binding, every deploy replaces the previous revision.
@@ -17,6 +17,7 @@
 #
 # Environment:
 #   GBX_OPERATORS           comma-separated operator emails handed to the functions (may be empty)
+#   GBX_PARTNERS            comma-separated partner emails, when --partners is not given (may be empty)
 #   GBX_BUILD_DIR           where functions and Hosting are staged (default: build, next to this script)
 #   GBX_FIRESTORE_LOCATION  Firestore location for a new database (default: REGION; e.g. eur3, nam5)
 #   GBX_FIRESTORE_DATABASE  the Firestore database the functions use (default: (default)); a restored database
@@ -73,11 +74,14 @@ readonly MEMORY=512Mi
 usage() {
   cat <<'EOF'
 usage: deploy.sh --project PROJECT --region REGION [--site SITE] [--dry-run]
-                 [--alert-email EMAIL] [--backup-retention DAYS]
+                 [--partners EMAILS] [--alert-email EMAIL] [--backup-retention DAYS]
 
   --project PROJECT         Google Cloud project to deploy into
   --region REGION           region of the functions and the KMS key ring (e.g. europe-west1)
   --site SITE               Firebase Hosting site of the base URL https://SITE.web.app (default: PROJECT)
+  --partners EMAILS         comma-separated Google identities of the partners (GBX_PARTNERS): each issues, revokes,
+                            reads and exports its own grants with its ID token; the list replaces the deployed one
+                            (default: GBX_PARTNERS from the environment; empty: only the admin token issues)
   --alert-email EMAIL       notify this address when the ledger audit finds a mismatch or 5xx answers climb
                             (default: the alert policies are created without a notification channel)
   --backup-retention DAYS   keep each daily Firestore backup this many days, 1 to 98 (default 14)
@@ -94,15 +98,16 @@ bad_usage() {
 PROJECT=""
 REGION=""
 SITE=""
+PARTNERS=${GBX_PARTNERS:-}
 DRY_RUN=0
 ALERT_EMAIL=""
 BACKUP_RETENTION=14
 while (($#)); do
   case "$1" in
-    --project | --region | --site | --alert-email | --backup-retention)
+    --project | --region | --site | --partners | --alert-email | --backup-retention)
       (($# >= 2)) || bad_usage "$1 needs a value"
       case $1 in
-        --project) PROJECT=$2 ;; --region) REGION=$2 ;; --site) SITE=$2 ;;
+        --project) PROJECT=$2 ;; --region) REGION=$2 ;; --site) SITE=$2 ;; --partners) PARTNERS=$2 ;;
         --alert-email) ALERT_EMAIL=$2 ;; *) BACKUP_RETENTION=$2 ;;
       esac
       shift 2
@@ -110,6 +115,7 @@ while (($#)); do
     --project=*) PROJECT=${1#*=}; shift ;;
     --region=*) REGION=${1#*=}; shift ;;
     --site=*) SITE=${1#*=}; shift ;;
+    --partners=*) PARTNERS=${1#*=}; shift ;;
     --alert-email=*) ALERT_EMAIL=${1#*=}; shift ;;
     --backup-retention=*) BACKUP_RETENTION=${1#*=}; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
@@ -131,6 +137,10 @@ SITE=${SITE:-$PROJECT}
 [[ $SITE =~ ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ ]] || bad_usage "not a Firebase Hosting site ID: $SITE"
 OPERATORS=${GBX_OPERATORS:-}
 [[ $OPERATORS != *";"* ]] || bad_usage "GBX_OPERATORS must not contain ';'"
+# Partners: emails, comma-separated (they end up in a gcloud dict flag, so nothing else).
+for partner in ${PARTNERS//,/ }; do
+  [[ $partner =~ ^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$ ]] || bad_usage "--partners: not an email address: $partner"
+done
 FIRESTORE_LOCATION=${GBX_FIRESTORE_LOCATION:-$REGION}
 # Firestore keeps a daily backup at most 14 weeks.
 [[ $BACKUP_RETENTION =~ ^[1-9][0-9]?$ ]] && ((BACKUP_RETENTION <= 98)) || bad_usage "--backup-retention must be 1 to 98 days"
@@ -570,6 +580,7 @@ DEPLOY_AUDIENCES=$(audiences)
 env_vars="^;^GOOGLE_CLOUD_PROJECT=$PROJECT;GBX_ISSUER=$PROJECT;GBX_PUBLIC_URL=$BASE_URL"
 env_vars+=";GBX_KMS_KEY_VERSION=$SIGNING_VERSION;GBX_TRUSTED_KEY_VERSIONS=$TRUSTED_VERSIONS"
 if [[ -n $OPERATORS ]]; then env_vars+=";GBX_OPERATORS=$OPERATORS"; fi
+if [[ -n $PARTNERS ]]; then env_vars+=";GBX_PARTNERS=$PARTNERS"; fi
 env_vars+=";THREADS=$CONCURRENCY"
 env_vars+=";GBX_AUDITORS=$AUDIT_SA_EMAIL"
 if [[ $DATABASE != '(default)' ]]; then env_vars+=";GBX_FIRESTORE_DATABASE=$DATABASE"; fi
@@ -586,7 +597,7 @@ for i in "${!ENTRIES[@]}"; do
     --build-service-account="projects/$PROJECT/serviceAccounts/$BUILD_SA_EMAIL"
     --concurrency="$CONCURRENCY" --cpu="$CPU" --memory="$MEMORY" --min-instances="$MIN_INSTANCES"
     --timeout="${TIMEOUTS[$i]}s" --set-env-vars="$env_vars")
-  if [[ ${CALLERS[$i]} == admin || ${CALLERS[$i]} == admin_or_operator ]]; then
+  if [[ ${CALLERS[$i]} == partner || ${CALLERS[$i]} == partner_or_operator ]]; then
     deploy+=(--set-secrets="GBX_ADMIN_TOKEN=$SECRET:latest") # only the functions partners call see the token
   fi
   run "${deploy[@]}"

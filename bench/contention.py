@@ -22,7 +22,7 @@ from google.cloud import firestore
 
 from bench import harness
 from shared import emulator, entitlements, errors, store
-from shared.auth import Admin, Identity
+from shared.auth import Identity, PartnerCaller, Role
 from shared.http import UNAVAILABLE_ERRORS
 from shared.models import ConsumeRequest, IssueRequest
 
@@ -187,7 +187,7 @@ def issue_grant(principal: str, runs: int, *, max_shards: int = store.MAX_SHARDS
     """
     request = IssueRequest(principal=principal, runs_total=runs)
     if max_shards == store.MAX_SHARDS:
-        return entitlements.issue(Admin(issued_by=None), request).grant_id
+        return entitlements.issue(PartnerCaller(role=Role.ADMIN, email=None), request).grant_id
     grant_id = secrets.token_hex(16)
     # Without an Idempotency-Key the store keeps no issuance record, so fingerprint and response go unused.
     store.commit_issue(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hmac
 import json
 import re
@@ -41,11 +42,46 @@ class Identity:
     operator: bool
 
 
-@dataclass(frozen=True)
-class Admin:
-    """A caller holding the admin token; `issued_by` is the email of an accompanying ID token."""
+class Role(enum.Enum):
+    """What a caller of a partner endpoint may do."""
 
-    issued_by: str | None
+    PARTNER = "partner"  # an identity in GBX_PARTNERS: its own grants only
+    ADMIN = "admin"  # the X-GBX-ADMIN-TOKEN holder: every grant, as every partner
+    OPERATOR = "operator"  # an identity in GBX_OPERATORS: reads and revokes every grant, issues nothing
+
+
+# What a grant issued with the admin token alone records as its issuer (and grants written before
+# `issued_by` existed read as).
+ADMIN_ISSUER = "admin"
+
+
+@dataclass(frozen=True)
+class PartnerCaller:
+    """A caller of a partner endpoint (issue, revoke, usage, export): a partner, the admin or an operator."""
+
+    role: Role
+    # The verified email of the ID token sent (None: the admin token alone).
+    email: str | None
+
+    @property
+    def issued_by(self) -> str:
+        """What a grant this caller issues records: the partner, or the admin token's ID-token email, else `admin`."""
+        return self.email or ADMIN_ISSUER
+
+    @property
+    def partner(self) -> str | None:
+        """The partner whose grants alone this caller sees and changes; None for the admin and operators (every grant)."""
+        return self.email if self.role is Role.PARTNER else None
+
+    @property
+    def namespace(self) -> str:
+        """Whose Idempotency-Keys these are: each partner's own; the admin token's one namespace; each operator's own."""
+        return ADMIN_ISSUER if self.role is Role.ADMIN else f"{self.role.value}:{self.email}"
+
+    @property
+    def name(self) -> str:
+        """Who acted, for the request log."""
+        return self.email or ADMIN_ISSUER
 
 
 class CertificateCache:
@@ -195,18 +231,30 @@ def authenticate(authorization: str | None) -> Identity:
     return verify_id_token(bearer_token(authorization))
 
 
-def authenticate_admin(admin_token: str | None, authorization: str | None) -> Admin:
-    """Check X-GBX-ADMIN-TOKEN in constant time; an accompanying ID token must verify too."""
+def authenticate_partner(admin_token: str | None, authorization: str | None, *, operators: bool) -> PartnerCaller:
+    """The caller of a partner endpoint: the admin token (compared in constant time; an ID token sent with it must
+    verify too, and names the admin), else a partner's ID token, else (where `operators`) an operator's.
+    401 without a credential or with one that does not verify; 403 for anyone else."""
     config = get_config()
-    if not admin_token:
-        raise errors.Unauthenticated(f"missing {ADMIN_TOKEN_HEADER}")
-    expected = config.admin_token.encode()
-    # An unset secret must never match an empty or any other token.
-    if not expected or not hmac.compare_digest(admin_token.encode(), expected):
-        raise errors.Forbidden("the admin token is not valid")
-    # An Authorization header that is present must verify, even an empty one.
-    issued_by = authenticate(authorization).principal if authorization is not None else None
-    return Admin(issued_by=issued_by)
+    if admin_token == "":
+        raise errors.Unauthenticated(f"{ADMIN_TOKEN_HEADER} is empty")
+    if admin_token is not None:
+        expected = config.admin_token.encode()
+        # An unset secret must never match an empty or any other token.
+        if not expected or not hmac.compare_digest(admin_token.encode(), expected):
+            raise errors.Forbidden("the admin token is not valid")
+        # An Authorization header that is present must verify, even an empty one.
+        email = authenticate(authorization).principal if authorization is not None else None
+        return PartnerCaller(role=Role.ADMIN, email=email)
+    if authorization is None:
+        raise errors.Unauthenticated(f"send a partner's ID token (Authorization: Bearer) or {ADMIN_TOKEN_HEADER}")
+    identity = authenticate(authorization)
+    # An operator who is also a partner reads and revokes as an operator (every grant), and issues as the partner.
+    if operators and identity.operator:
+        return PartnerCaller(role=Role.OPERATOR, email=identity.principal)
+    if identity.principal in config.partners:
+        return PartnerCaller(role=Role.PARTNER, email=identity.principal)
+    raise errors.Forbidden(f"{identity.principal} is not a partner" + (" nor an operator" if operators else ""))
 
 
 def authenticate_operator(authorization: str | None) -> Identity:
@@ -214,16 +262,4 @@ def authenticate_operator(authorization: str | None) -> Identity:
     identity = authenticate(authorization)
     if not identity.operator and identity.principal not in get_config().auditors:
         raise errors.Forbidden("only operators may call this")
-    return identity
-
-
-def authenticate_admin_or_operator(admin_token: str | None, authorization: str | None) -> Admin | Identity:
-    """The partner's admin token (checked as for issue), or else an operator's ID token; 401 when neither is sent."""
-    if admin_token is not None:
-        return authenticate_admin(admin_token, authorization)
-    if authorization is None:
-        raise errors.Unauthenticated(f"send {ADMIN_TOKEN_HEADER} or an operator's ID token")
-    identity = authenticate(authorization)
-    if not identity.operator:
-        raise errors.Forbidden("only the partner's admin token or an operator may call this")
     return identity

@@ -16,6 +16,7 @@ ENV_AUDIENCES = "GBX_AUDIENCES"
 ENV_CERTS_URL = "GBX_CERTS_URL"
 ENV_ADMIN_TOKEN = "GBX_ADMIN_TOKEN"
 ENV_OPERATORS = "GBX_OPERATORS"
+ENV_PARTNERS = "GBX_PARTNERS"
 ENV_SIGNER = "GBX_SIGNER"
 ENV_KMS_KEY_VERSION = "GBX_KMS_KEY_VERSION"
 ENV_TRUSTED_KEY_VERSIONS = "GBX_TRUSTED_KEY_VERSIONS"
@@ -35,6 +36,7 @@ LOCAL_AUDIENCE = "gbx-local"
 LOCAL_PROJECT = "gbx-local"
 LOCAL_ADMIN_TOKEN = "local-admin-token"
 LOCAL_OPERATORS = "operator@gbx.local"
+LOCAL_PARTNERS = "partner@gbx.local,partner2@gbx.local"
 LOCAL_PUBLIC_URL = "http://127.0.0.1:8080"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +58,8 @@ class Config(BaseModel):
     certs_url: str = Field(description="Where the ID-token signing certificates are read (https URL or file path).")
     token_issuers: tuple[str, ...] = Field(description="Accepted `iss` claims.")
     admin_token: str = Field(repr=False, description="Secret compared with X-GBX-ADMIN-TOKEN.")
-    operators: frozenset[str] = Field(description="Identities that may act for the principal a seal names.")
+    operators: frozenset[str] = Field(description="Identities that may act for the principal a seal names, and read and revoke every grant.")
+    partners: frozenset[str] = Field(description="Identities that issue, read, revoke and export their own grants (GBX_PARTNERS).")
     signer: str = Field(description="`kms` (Cloud KMS) or `local` (a local P-256 key).")
     kms_key_version: str = Field(description="CryptoKeyVersion that signs new seals (kms signer).")
     trusted_key_versions: tuple[str, ...] = Field(description="Key versions whose seals verify, the signing one included.")
@@ -92,6 +95,7 @@ def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
         token_issuers=GOOGLE_ISSUERS,
         admin_token=env.get(ENV_ADMIN_TOKEN) or (LOCAL_ADMIN_TOKEN if local_mode else ""),
         operators=frozenset(op.lower() for op in _split(env.get(ENV_OPERATORS) or (LOCAL_OPERATORS if local_mode else ""))),
+        partners=frozenset(p.lower() for p in _split(env.get(ENV_PARTNERS) or (LOCAL_PARTNERS if local_mode else ""))),
         signer=signer,
         kms_key_version=kms_key_version,
         trusted_key_versions=trusted,

@@ -34,9 +34,9 @@ class Caller(enum.Enum):
     """Who may call an endpoint."""
 
     USER = "user"  # a Google ID token (runner, user, operator)
-    ADMIN = "admin"  # X-GBX-ADMIN-TOKEN (partner)
+    PARTNER = "partner"  # a partner's Google ID token (GBX_PARTNERS), or X-GBX-ADMIN-TOKEN (the admin)
     OPERATOR = "operator"  # an operator's Google ID token (or the audit's own service account's: GBX_AUDITORS)
-    ADMIN_OR_OPERATOR = "admin_or_operator"  # X-GBX-ADMIN-TOKEN, or an operator's Google ID token
+    PARTNER_OR_OPERATOR = "partner_or_operator"  # as PARTNER, or an operator's Google ID token
     ANYONE = "anyone"  # no authentication
 
 
@@ -102,7 +102,7 @@ class Endpoint:
             implied.append(errors.InvalidSeal)
         if self.caller is Caller.USER:
             implied.append(errors.Unauthenticated)
-        if self.caller in (Caller.ADMIN, Caller.OPERATOR, Caller.ADMIN_OR_OPERATOR):
+        if self.caller in (Caller.PARTNER, Caller.OPERATOR, Caller.PARTNER_OR_OPERATOR):
             implied += [errors.Unauthenticated, errors.Forbidden]
         if self.idempotent:
             implied += [errors.InvalidRequest, errors.IdempotencyConflict]
@@ -124,7 +124,12 @@ ENDPOINTS: dict[str, Endpoint] = {
     for endpoint in (
         Endpoint(
             "issue", "/api/entitlement/issue", "POST", "Issue runs to a customer principal",
-            "shared.entitlements:issue", Caller.ADMIN, models.IssueResponse, models.IssueRequest, idempotent=True,
+            "shared.entitlements:issue", Caller.PARTNER, models.IssueResponse, models.IssueRequest, idempotent=True,
+        ),
+        Endpoint(
+            "revoke", "/api/entitlement/revoke", "POST", "Take back all or some unused runs of one grant",
+            "shared.partners:revoke", Caller.PARTNER_OR_OPERATOR, models.RevokeResponse, models.RevokeRequest, idempotent=True,
+            errors=(errors.NotFound, errors.NotEnoughRuns),
         ),
         Endpoint(
             "check", "/api/entitlement/check", "POST", "Confirm entitlement availability for a run_id; writes nothing",
@@ -161,7 +166,11 @@ ENDPOINTS: dict[str, Endpoint] = {
         ),
         Endpoint(
             "entitlement_usage", "/api/entitlement/usage", "GET", "A principal's grants, balance, and runs consumed and granted as bonus in a time range",
-            "shared.usage:usage", Caller.ADMIN_OR_OPERATOR, models.UsageResponse, models.UsageQuery, body=Body.QUERY, csv=True,
+            "shared.usage:usage", Caller.PARTNER_OR_OPERATOR, models.UsageResponse, models.UsageQuery, body=Body.QUERY, csv=True,
+        ),
+        Endpoint(
+            "export", "/api/entitlement/export", "GET", "Billing export: one row per grant the caller may see, with the runs consumed and revoked in a time range",
+            "shared.partners:export", Caller.PARTNER_OR_OPERATOR, models.ExportResponse, models.ExportQuery, body=Body.QUERY, csv=True,
         ),
         Endpoint(
             "ledger_audit", "/api/ledger/audit", "POST", "Check the next pages of grant documents against their ledger (a pass resumes where the last call stopped)",

@@ -8,7 +8,7 @@ import random
 import secrets
 
 from shared import errors, store
-from shared.auth import Admin, Identity
+from shared.auth import Identity, PartnerCaller
 from shared.models import (
     CheckRequest,
     CheckResponse,
@@ -27,6 +27,21 @@ def _now() -> dt.datetime:
 def current_balance(principal: str) -> int:
     """Sum of unused runs of the principal's unexpired grants (one aggregation)."""
     return store.read_balance(principal, _now())
+
+
+def balance_for(caller: PartnerCaller, principal: str) -> int:
+    """The balance a partner endpoint answers: of the partner's own grants to a partner, the whole one to the admin and operators."""
+    partner = caller.partner
+    return current_balance(principal) if partner is None else store.read_partner_balance(principal, partner, _now())
+
+
+def idempotency_key_id(caller: PartnerCaller, endpoint: str, key: str) -> str:
+    """Document id of a partner endpoint's Idempotency-Key: namespaced by the caller (each partner its own, the admin
+    token one) and by the endpoint, so two partners' `order-1` never meet. The admin's issue keys keep the id they
+    had before partners existed (the key's hash alone), so a retry that spans the upgrade still replays."""
+    if endpoint == "issue" and caller.namespace == "admin":
+        return store.sha256_hex(key)
+    return store.sha256_hex(f"{endpoint}|{caller.namespace}|{key}")
 
 
 def check(caller: Identity, req: CheckRequest) -> CheckResponse:
@@ -95,13 +110,14 @@ def _replay(record: dict, fingerprint: str, grant_id: str) -> IssueResponse:
     """The first response for an idempotency key (not a replay if it was this request's), or 409 when this body differs."""
     if record["fingerprint"] != fingerprint:
         raise errors.IdempotencyConflict()
-    return IssueResponse.model_validate({**record["response"], "replayed": record["grant_id"] != grant_id})
+    # Answers recorded before `issued_by` existed were the admin's.
+    return IssueResponse.model_validate({"issued_by": "admin", **record["response"], "replayed": record["grant_id"] != grant_id})
 
 
-def issue(caller: Admin, req: IssueRequest, *, idempotency_key: str | None = None) -> IssueResponse:
-    """Issue runs to a principal; with an Idempotency-Key, at most once per key."""
+def issue(caller: PartnerCaller, req: IssueRequest, *, idempotency_key: str | None = None) -> IssueResponse:
+    """Issue runs to a principal, recording who issued them; with an Idempotency-Key, at most once per key (and caller)."""
     fingerprint = _fingerprint(req)
-    key_hash = store.sha256_hex(idempotency_key) if idempotency_key is not None else None
+    key_hash = idempotency_key_id(caller, "issue", idempotency_key) if idempotency_key is not None else None
     # One id for every attempt: a commit applied but unanswered is recognised on the re-read, never issued twice.
     grant_id = secrets.token_hex(16)
     tried: list[IssueResponse] = []  # the response of the last commit tried, to answer when it turns out applied
@@ -122,7 +138,8 @@ def issue(caller: Admin, req: IssueRequest, *, idempotency_key: str | None = Non
             plan_id=req.plan_id,
             runs_total=req.runs_total,
             expires_at=format_time(req.expires_at) if req.expires_at else None,
-            balance=current_balance(req.principal) + req.runs_total,
+            issued_by=caller.issued_by,
+            balance=balance_for(caller, req.principal) + req.runs_total,
             replayed=False,
         )
         tried.append(response)

@@ -64,7 +64,7 @@ class Forbidden(ApiError):
 
 
 class NotFound(ApiError):
-    """404: no such endpoint."""
+    """404: no such endpoint, or no such grant among those the caller may see."""
 
     status = 404
     code = "not_found"
@@ -120,6 +120,13 @@ class IdempotencyConflict(Conflict):
 
     code = "idempotency_conflict"
     default_message = "this Idempotency-Key was used with another request body"
+
+
+class NotEnoughRuns(Conflict):
+    """409: fewer unused runs are left in the grant than the revoke asks for (nothing was revoked)."""
+
+    code = "not_enough_runs"
+    default_message = "the grant has fewer unused runs than asked for"
 
 
 class PayloadTooLarge(ApiError):

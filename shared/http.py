@@ -248,17 +248,15 @@ def log(entry: dict[str, Any]) -> None:
         sys.stdout.flush()
 
 
-def _authenticate(caller: Caller, request: flask.Request) -> auth.Identity | auth.Admin | None:
+def _authenticate(caller: Caller, request: flask.Request) -> auth.Identity | auth.PartnerCaller | None:
     """Who calls, as the endpoint's kind of caller must prove it (None for an endpoint anyone may call)."""
     authorization, admin_token = request.headers.get("Authorization"), request.headers.get(auth.ADMIN_TOKEN_HEADER)
     if caller is Caller.USER:
         return auth.authenticate(authorization)
-    if caller is Caller.ADMIN:
-        return auth.authenticate_admin(admin_token, authorization)
+    if caller in (Caller.PARTNER, Caller.PARTNER_OR_OPERATOR):
+        return auth.authenticate_partner(admin_token, authorization, operators=caller is Caller.PARTNER_OR_OPERATOR)
     if caller is Caller.OPERATOR:
         return auth.authenticate_operator(authorization)
-    if caller is Caller.ADMIN_OR_OPERATOR:
-        return auth.authenticate_admin_or_operator(admin_token, authorization)
     return None
 
 
@@ -275,8 +273,8 @@ def handle(request: flask.Request, endpoint: Endpoint) -> flask.Response:
         args: list[Any] = []
         caller = _authenticate(endpoint.caller, request)
         if caller is not None:
-            # The log names who acted: an identity's principal, or the admin token's verified issuer (if any).
-            principal = caller.issued_by if isinstance(caller, auth.Admin) else caller.principal
+            # The log names who acted: an identity's principal; a partner, an operator, or `admin` (the admin token alone).
+            principal = caller.name if isinstance(caller, auth.PartnerCaller) else caller.principal
             args.append(caller)
         if endpoint.body is not Body.NONE:
             assert endpoint.request is not None
@@ -297,6 +295,8 @@ def handle(request: flask.Request, endpoint: Endpoint) -> flask.Response:
             result = endpoint.run(*args, **kwargs)
         if endpoint.csv and _prefers_csv(request):
             response = _csv_response(result.csv(), request_id)  # type: ignore[attr-defined]
+            # A paged answer's next page token travels in a header beside the CSV rows.
+            response.headers.update(getattr(result, "csv_headers", dict)())
         else:
             response = _json_response(result.model_dump_json(), 200, request_id)
     except errors.ApiError as exc:

@@ -16,6 +16,8 @@ SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 # A principal is an email address (service accounts and users); '/' would break document paths.
 PRINCIPAL_PATTERN = r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+$"
 PLAN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+# Grant ids are 128 random bits in hex (issue and redeem choose them).
+GRANT_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
 RFC3339_UTC_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$"
@@ -28,6 +30,7 @@ PATTERN_WORDS = {
     SHA256_PATTERN: "64 hex characters",
     PRINCIPAL_PATTERN: "an email address",
     PLAN_ID_PATTERN: "1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'",
+    GRANT_ID_PATTERN: "a grant id: 32 lower-case hex characters",
     RFC3339_UTC_PATTERN: "an RFC 3339 UTC time such as 2030-01-01T00:00:00Z",
 }
 
@@ -174,7 +177,8 @@ class IssueResponse(Model):
     plan_id: str
     runs_total: int
     expires_at: str | None
-    balance: int = Field(description="The principal's balance right after this grant was issued.")
+    issued_by: str = Field(description="Who issued the grant: the partner's email; with the admin token, its ID token's email, else `admin`.")
+    balance: int = Field(description="The principal's balance right after this grant was issued (to a partner: of its own grants only).")
     replayed: bool = Field(description="True when an earlier request with this Idempotency-Key issued the grant.")
 
 
@@ -187,6 +191,7 @@ class ErrorDetail(Model):
     state: Literal["started", "completed"] | None = Field(default=None, description="run_id_reused: the run's state.")
     redeemed_at: str | None = Field(default=None, description="already_redeemed: when the pair was redeemed.")
     grant_id: str | None = Field(default=None, description="already_redeemed: the grant the redemption gave.")
+    remaining: int | None = Field(default=None, description="not_enough_runs: the grant's unused runs now.")
 
 
 class ErrorBody(Model):
@@ -377,3 +382,99 @@ class UsageResponse(Model):
             }
         )
         return out.getvalue()
+
+
+GrantId = Annotated[str, StringConstraints(pattern=GRANT_ID_PATTERN), Field(description="A grant id, as issue (or redeem) answered it.")]
+
+
+class RevokeRequest(Model):
+    """POST /api/entitlement/revoke: take back unused runs of one grant."""
+
+    principal: Principal
+    grant_id: GrantId
+    runs: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Exactly this many unused runs (else 409 not_enough_runs); absent: all of them.",
+        json_schema_extra=INTEGER_LITERAL,
+    )
+
+
+class RevokeResponse(Model):
+    """200 from revoke."""
+
+    grant_id: str
+    principal: str
+    revoked: int = Field(description="Runs taken back by this revoke (0 when the grant had none left and `runs` was absent).")
+    remaining: int = Field(description="The grant's unused runs after it.")
+    balance: int = Field(description="The principal's balance after it (to a partner: of its own grants only).")
+    replayed: bool = Field(description="True when an earlier request with this Idempotency-Key made the revocation.")
+
+
+class ExportQuery(Model):
+    """GET /api/entitlement/export: the query string."""
+
+    from_: UtcTime = Field(alias="from", description="Count ledger entries at or after this time (RFC 3339 UTC).")
+    to: UtcTime = Field(description="Count ledger entries before this time, and list grants issued before it (RFC 3339 UTC).")
+    page_size: int = Field(default=500, ge=1, le=1000, description="Rows per page, 1 to 1000.")
+    page_token: str | None = Field(default=None, max_length=2048, description="The `next_page_token` of the previous page of the same query.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _page_size_from_query(cls, data: Any) -> Any:
+        # A query string carries text: page_size=10 arrives as "10" (and only digits are a number here).
+        if isinstance(data, dict) and isinstance(data.get("page_size"), str):
+            text = data["page_size"]
+            if not re.fullmatch(r"[0-9]{1,7}", text):
+                raise ValueError("page_size: must be an integer from 1 to 1000")
+            data = {**data, "page_size": int(text)}
+        return data
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ExportQuery:
+        if self.from_ >= self.to:
+            raise ValueError("`from` must be before `to`")
+        return self
+
+
+class ExportRow(Model):
+    """One grant in the export."""
+
+    principal: str
+    grant_id: str
+    plan_id: str
+    issued_by: str | None = Field(description="The partner (or `admin`) that issued it; null for a bonus grant.")
+    runs_total: int
+    remaining: int = Field(description="Its unused runs now (expired or not).")
+    expires_at: str | None
+    consumed: int = Field(description="Runs consumed from it in [from, to) (ledger time).")
+    revoked: int = Field(description="Runs revoked from it in [from, to) (ledger time).")
+    bonus: bool = Field(description="True for the one-run grant a redeemed seal gave (`seal_rerun`).")
+
+
+EXPORT_CSV_COLUMNS = tuple(ExportRow.model_fields)
+
+
+class ExportResponse(Model):
+    """200 from export (also as text/csv: a header row and the rows; the next page token in X-Next-Page-Token)."""
+
+    from_: str = Field(alias="from", serialization_alias="from")
+    to: str
+    rows: list[ExportRow] = Field(description="The grants of this page, oldest first (issue time, then id).")
+    next_page_token: str | None = Field(description="Pass as `page_token` for the next page; null on the last page.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True, serialize_by_alias=True)
+
+    def csv(self) -> str:
+        """The rows as CSV: a header row, then one row per grant."""
+        import csv
+        import io
+
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=EXPORT_CSV_COLUMNS, lineterminator="\r\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow(row.model_dump())
+        return out.getvalue()
+
+    def csv_headers(self) -> dict[str, str]:
+        """The next page token beside a CSV page (absent on the last page)."""
+        return {"X-Next-Page-Token": self.next_page_token} if self.next_page_token else {}

@@ -90,11 +90,9 @@ def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
 def _security(endpoint: Endpoint) -> list[dict[str, list[str]]]:
     if endpoint.caller in (Caller.USER, Caller.OPERATOR):
         return [{"googleIdToken": []}]
-    if endpoint.caller is Caller.ADMIN_OR_OPERATOR:
-        return [{"adminToken": []}, {"adminToken": [], "googleIdToken": []}, {"googleIdToken": []}]
-    if endpoint.caller is Caller.ADMIN:
-        # An accompanying ID token is optional, and recorded as the issuer when sent.
-        return [{"adminToken": []}, {"adminToken": [], "googleIdToken": []}]
+    if endpoint.caller in (Caller.PARTNER, Caller.PARTNER_OR_OPERATOR):
+        # A partner's (or operator's) ID token, or the admin token; an ID token sent with the admin token names the admin.
+        return [{"googleIdToken": []}, {"adminToken": []}, {"adminToken": [], "googleIdToken": []}]
     return []
 
 

@@ -256,6 +256,12 @@ def read_balance(principal: str, now: dt.datetime) -> int:
     return _aggregate(_unexpired(principal, now).sum("remaining"))
 
 
+def read_partner_balance(principal: str, partner: str, now: dt.datetime) -> int:
+    """The unused runs of the principal's unexpired grants that `partner` issued: one `sum` aggregation
+    (composite index: issued_by ASC, spend_key ASC)."""
+    return _aggregate(_unexpired(principal, now).where(filter=FieldFilter("issued_by", "==", partner)).sum("remaining"))
+
+
 def read_run(principal: str, run_id: str) -> Run | None:
     """The principal's run record for run_id, or None."""
     snap = _run_ref(principal, run_id).get(**_rpc())
@@ -330,9 +336,15 @@ def _grant_fields(
     source: str,
     ref: str | None,
     issued_by: str | None,
+    lead: bool = True,
+    shards: int = 1,
 ) -> dict[str, Any]:
+    # `lead` marks the document that stands for the issued grant (its first shard, whose id is the grant id), and
+    # `shards` says how many documents it has: the export lists grants by one indexed query of lead documents.
     return {
         "group": group,
+        "lead": lead,
+        "shards": shards,
         **spending_fields(remaining=runs_total, expires_at=expires_at, slot=slot),
         "principal": principal,
         "plan_id": plan_id,
@@ -359,7 +371,7 @@ def commit_issue(
     plan_id: str,
     runs_total: int,
     expires_at: dt.datetime | None,
-    issued_by: str | None,
+    issued_by: str,
     idempotency_key_hash: str | None,
     fingerprint: str,
     response: dict[str, Any],
@@ -370,7 +382,10 @@ def commit_issue(
     batch.set(_principal_ref(principal), {"principal": principal, "last_issued_at": firestore.SERVER_TIMESTAMP}, merge=True)
     docs = grant_doc_ids(grant_id, runs_total, max_shards=max_shards)
     for (doc_id, runs), slot in zip(docs, spread_slots(len(docs)), strict=True):
-        fields = _grant_fields(group=grant_id, slot=slot, principal=principal, plan_id=plan_id, runs_total=runs, expires_at=expires_at, source="issue", ref=idempotency_key_hash, issued_by=issued_by)
+        fields = _grant_fields(
+            group=grant_id, slot=slot, principal=principal, plan_id=plan_id, runs_total=runs, expires_at=expires_at, source="issue",
+            ref=idempotency_key_hash, issued_by=issued_by, lead=doc_id == grant_id, shards=len(docs),
+        )
         batch.create(grant_ref(principal, doc_id), fields)
         _ledger(batch, principal=principal, grant_id=grant_id, shard=doc_id, delta=runs, reason="issue", ref=doc_id)
     if idempotency_key_hash is not None:

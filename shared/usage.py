@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from shared import entitlements, store
-from shared.auth import Admin, Identity
+from shared import entitlements, partner_store, store
+from shared.auth import PartnerCaller
 from shared.models import UsageGrant, UsageQuery, UsageResponse, format_time
 
 # The ledger reasons usage counts; any other (an internal move such as a split) nets to zero and counts as nothing.
@@ -38,14 +38,25 @@ def grants_of(docs: list[dict[str, Any]]) -> list[UsageGrant]:
     return [grant for _, grant in sorted(grants, key=lambda item: (item[0], item[1].grant_id))]
 
 
-def usage(caller: Admin | Identity, req: UsageQuery) -> UsageResponse:
-    """GET /api/entitlement/usage (the partner's admin token, or an operator)."""
+def _partner_consumed(docs: list[dict[str, Any]], req: UsageQuery) -> int:
+    """Runs consumed in the range from the grants among `docs` (one partner's): a ledger sum per grant any run left."""
+    start, end = req.from_ or _EPOCH, req.to or dt.datetime.max.replace(tzinfo=dt.UTC)
+    touched = {doc.get("group", doc["grant_id"]) for doc in docs if doc["remaining"] < doc["runs_total"]}
+    return sum(partner_store.ledger_runs(grant_id, CONSUMED, start, end) for grant_id in sorted(touched))
+
+
+def usage(caller: PartnerCaller, req: UsageQuery) -> UsageResponse:
+    """GET /api/entitlement/usage: to a partner, as if the principal had no grants but the partner's own (no bonus ones);
+    to the admin and operators, every grant."""
     docs = store.all_grants(req.principal)
+    partner = caller.partner
+    if partner is not None:
+        docs = [doc for doc in docs if partner_store.issuer_of(doc) == partner]
     return UsageResponse(
         principal=req.principal,
-        balance=entitlements.current_balance(req.principal),
-        consumed=store.count_ledger_entries(req.principal, CONSUMED, req.from_, req.to),
-        bonus=store.count_ledger_entries(req.principal, BONUS, req.from_, req.to),
+        balance=entitlements.balance_for(caller, req.principal),
+        consumed=store.count_ledger_entries(req.principal, CONSUMED, req.from_, req.to) if partner is None else _partner_consumed(docs, req),
+        bonus=store.count_ledger_entries(req.principal, BONUS, req.from_, req.to) if partner is None else 0,
         counted_from=format_time(req.from_) if req.from_ is not None else None,
         counted_to=format_time(req.to) if req.to is not None else None,
         grants=grants_of(docs),

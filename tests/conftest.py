@@ -22,6 +22,8 @@ PROJECT = "gbx-test" + (f"-{os.environ['PYTEST_XDIST_WORKER']}" if os.environ.ge
 AUDIENCE = "https://gbx-test.example"
 ADMIN_TOKEN = "test-admin-token-0123456789"
 OPERATOR = "operator@example.com"
+PARTNER = "partner-a@example.com"
+PARTNER_B = "partner-b@example.com"
 RUNNER = "runner@acme-prod.iam.gserviceaccount.com"
 DIGEST = "0123456789abcdef" * 4
 IMAGE = f"europe-docker.pkg.dev/acme/jobs/render:1.4@sha256:{DIGEST}"
@@ -81,6 +83,7 @@ def service_env(service_dir: Path, issuer: LocalIssuer, firestore_emulator: emul
         config.ENV_CERTS_URL: str(issuer.certs_path),
         config.ENV_ADMIN_TOKEN: ADMIN_TOKEN,
         config.ENV_OPERATORS: OPERATOR,
+        config.ENV_PARTNERS: f"{PARTNER},{PARTNER_B}",
         config.ENV_SIGNER: "kms",
         config.ENV_KMS_ENDPOINT: fake_kms.endpoint,
         config.ENV_KMS_KEY_VERSION: VERSION_1,
@@ -166,12 +169,26 @@ class Api:
             kwargs["json"] = body
         return requests.post(self.base_url + path, headers=all_headers, timeout=60, **kwargs)
 
-    def issue(self, principal: str = RUNNER, runs_total: int = 1, *, key: str | None = None, **fields: Any) -> requests.Response:
-        """Issue runs with the admin token."""
-        headers = {"X-GBX-ADMIN-TOKEN": ADMIN_TOKEN}
+    def issue(self, principal: str = RUNNER, runs_total: int = 1, *, key: str | None = None, partner: str | None = None, **fields: Any) -> requests.Response:
+        """Issue runs with the admin token, or as `partner` (its ID token)."""
+        headers = {"X-GBX-ADMIN-TOKEN": ADMIN_TOKEN} if partner is None else {}
         if key is not None:
             headers["Idempotency-Key"] = key
-        return self.post("/api/entitlement/issue", {"principal": principal, "runs_total": runs_total, **fields}, as_user=None, headers=headers)
+        return self.post("/api/entitlement/issue", {"principal": principal, "runs_total": runs_total, **fields}, as_user=partner, headers=headers)
+
+    def revoke(self, principal: str, grant_id: str, runs: int | None = None, *, partner: str | None = None, key: str | None = None) -> requests.Response:
+        """Revoke runs of a grant with the admin token, or as `partner` (a partner's or operator's ID token)."""
+        headers = {"X-GBX-ADMIN-TOKEN": ADMIN_TOKEN} if partner is None else {}
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        body: dict[str, Any] = {"principal": principal, "grant_id": grant_id} | ({} if runs is None else {"runs": runs})
+        return self.post("/api/entitlement/revoke", body, as_user=partner, headers=headers)
+
+    def get(self, path: str, params: dict[str, Any] | None = None, *, partner: str | None = None, headers: dict[str, str] | None = None) -> requests.Response:
+        """GET with the admin token, or as `partner` (a partner's or operator's ID token)."""
+        all_headers = {"X-GBX-ADMIN-TOKEN": ADMIN_TOKEN} if partner is None else {"Authorization": f"Bearer {self.token(partner)}"}
+        all_headers.update(headers or {})
+        return requests.get(self.base_url + path, params=params, headers=all_headers, timeout=60)
 
     def check(self, run_id: str, as_user: str = RUNNER) -> requests.Response:
         return self.post("/api/entitlement/check", {"run_id": run_id}, as_user=as_user)
@@ -219,7 +236,7 @@ def error_code(response: requests.Response) -> str:
     body = response.json()
     assert set(body) == {"error"}
     # A 409 adds what the caller needs to act on it, and only the fields documented for its code.
-    extra = {"run_id_reused": {"state"}, "already_redeemed": {"redeemed_at", "grant_id"}}.get(body["error"].get("code"), set())
+    extra = {"run_id_reused": {"state"}, "already_redeemed": {"redeemed_at", "grant_id"}, "not_enough_runs": {"remaining"}}.get(body["error"].get("code"), set())
     assert set(body["error"]) == {"code", "message", "status"} | extra
     assert body["error"]["status"] == response.status_code
     assert response.headers.get("X-Request-Id")

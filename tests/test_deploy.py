@@ -49,7 +49,7 @@ DEPLOY_ORDER = [endpoint.name for endpoint in deploy_order()]
 VERIFIERS = [endpoint.name for endpoint in deploy_order() if endpoint.keys is Keys.VERIFY]
 (SIGNER,) = [endpoint.name for endpoint in ENDPOINTS.values() if endpoint.keys is Keys.SIGN]
 # Partners call these with the admin token; only they may read it.
-ADMIN_ENTRIES = {endpoint.name for endpoint in ENDPOINTS.values() if endpoint.caller in (Caller.ADMIN, Caller.ADMIN_OR_OPERATOR)}
+ADMIN_ENTRIES = {endpoint.name for endpoint in ENDPOINTS.values() if endpoint.caller in (Caller.PARTNER, Caller.PARTNER_OR_OPERATOR)}
 # Internal functions (the ledger audit): only gbx-audit may invoke them, through Cloud Run's IAM check; no Hosting rewrite.
 INTERNAL = {endpoint.name for endpoint in ENDPOINTS.values() if endpoint.internal}
 PUBLIC = [entry for entry in FUNCTIONS if entry not in INTERNAL]
@@ -238,7 +238,7 @@ def test_deploy_sh_follows_the_registry_not_a_list_of_its_own(sandbox: dict[str,
         module.write(textwrap.dedent('''
             import dataclasses as _dataclasses
             del ENDPOINTS["check"]
-            ENDPOINTS["public_keys"] = _dataclasses.replace(ENDPOINTS["public_keys"], caller=Caller.ADMIN)
+            ENDPOINTS["public_keys"] = _dataclasses.replace(ENDPOINTS["public_keys"], caller=Caller.PARTNER)
         '''))
     shutil.rmtree(checkout / "functions" / "check")
     result = run_deploy(checkout, DRY_ARGS, path=str(sandbox["path"]))
@@ -354,7 +354,7 @@ def test_firestore_native_database_is_created(dry: Deploy) -> None:
 def test_composite_indexes_come_from_firestore_indexes_json(dry: Deploy) -> None:
     document = json.loads((REPO / "firestore.indexes.json").read_text())
     expected = [
-        ["--collection-group=" + index["collectionGroup"], "--query-scope=" + index["queryScope"].lower()]
+        ["--collection-group=" + index["collectionGroup"], "--query-scope=" + index["queryScope"].lower().replace("_", "-")]
         + [f"--field-config=field-path={f['fieldPath']},order={f['order'].lower()}" for f in index["fields"]]
         for index in document["indexes"]
     ]
@@ -363,11 +363,12 @@ def test_composite_indexes_come_from_firestore_indexes_json(dry: Deploy) -> None
     assert all(f"--project={PROJECT}" in cmd and "--database=(default)" in cmd for cmd in created)
 
 
-def test_firestore_indexes_json_has_only_collection_indexes() -> None:
-    # Which indexes the queries need is tests/test_firestore_indexes.py's; deploy.sh handles this shape only.
+def test_firestore_indexes_json_has_only_composite_indexes() -> None:
+    # Which indexes the queries need is tests/test_firestore_indexes.py's; deploy.sh handles this shape only
+    # (collection indexes, and the export's collection-group ones).
     document = json.loads((REPO / "firestore.indexes.json").read_text())
     assert document["fieldOverrides"] == []
-    assert document["indexes"] and {index["queryScope"] for index in document["indexes"]} == {"COLLECTION"}
+    assert document["indexes"] and {index["queryScope"] for index in document["indexes"]} == {"COLLECTION", "COLLECTION_GROUP"}
 
 
 def test_firebase_json_points_at_the_rules_and_indexes() -> None:
@@ -435,7 +436,7 @@ def test_every_registry_function_is_deployed_as_a_gen2_function(dry: Deploy) -> 
             assert options["set-secrets"] == "GBX_ADMIN_TOKEN=gbx-admin-token:latest"
         else:
             assert not any("secret" in arg for arg in cmd), cmd
-    assert {"issue", "entitlement_usage"} == ADMIN_ENTRIES
+    assert {"issue", "revoke", "entitlement_usage", "export"} == ADMIN_ENTRIES
 
 
 def test_functions_serve_concurrent_requests_on_a_whole_cpu(dry: Deploy) -> None:

@@ -22,8 +22,8 @@ def test_issue_returns_the_grant_and_balance(api: Api) -> None:
     response = api.issue(RUNNER.upper(), 5, plan_id="pro", expires_at=expires)
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"grant_id", "principal", "plan_id", "runs_total", "expires_at", "balance", "replayed"}
-    assert body["principal"] == RUNNER
+    assert set(body) == {"grant_id", "principal", "plan_id", "runs_total", "expires_at", "issued_by", "balance", "replayed"}
+    assert body["principal"] == RUNNER and body["issued_by"] == "admin"
     assert (body["plan_id"], body["runs_total"], body["expires_at"], body["balance"], body["replayed"]) == ("pro", 5, expires, 5, False)
     again = api.issue(RUNNER, 2).json()
     assert again["plan_id"] == "standard" and again["expires_at"] is None and again["balance"] == 7
@@ -41,9 +41,9 @@ def test_issue_requires_the_admin_token(api: Api) -> None:
     assert (missing.status_code, error_code(missing)) == (401, "unauthenticated")
     wrong = api.post("/api/entitlement/issue", body, as_user=None, headers={"X-GBX-ADMIN-TOKEN": ADMIN_TOKEN + "x"})
     assert (wrong.status_code, error_code(wrong)) == (403, "forbidden")
-    # A user's ID token is no admin token.
+    # A runner's ID token verifies, but the runner is no partner.
     user = api.post("/api/entitlement/issue", body)
-    assert (user.status_code, error_code(user)) == (401, "unauthenticated")
+    assert (user.status_code, error_code(user)) == (403, "forbidden")
 
 
 def test_issue_records_the_issuer_of_an_accompanying_id_token(api: Api) -> None:

@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from shared import emulator
+from shared.config import REPO_ROOT
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "firestore.rules"
@@ -31,9 +32,10 @@ DOCUMENTS = [
     "issuances/3c4b5a",
     "redemption_keys/9a8b7c",
     "audits/ledger",
+    "revocations/5d6e7f",
     "not_a_gbx_collection/doc1",
 ]
-COLLECTIONS = ["principals", "grants", "runs", "ledger", "seals", "redemptions", "issuances", "redemption_keys", "audits"]
+COLLECTIONS = ["principals", "grants", "runs", "ledger", "seals", "redemptions", "issuances", "redemption_keys", "audits", "revocations"]
 
 
 def _unsigned_jwt(claims: dict[str, object]) -> str:
@@ -114,13 +116,21 @@ def test_the_server_writes_and_reads_every_collection(documents_url: str) -> Non
         assert response.json()["name"].endswith(f"/documents/{path}")
 
 
-def test_every_collection_the_store_writes_is_listed_here() -> None:
-    from shared import store
+def test_every_collection_the_service_reads_or_writes_is_listed_here() -> None:
+    """Every `collection(NAME)` / `collection_group(NAME)` in shared/ names a constant whose value is listed above."""
+    import importlib
 
-    written = {value for name, value in vars(store).items() if name.isupper() and name in {"PRINCIPALS", "GRANTS", "RUNS", "LEDGER", "SEALS", "REDEMPTIONS", "ISSUANCES", "REDEMPTION_KEYS", "AUDITS"}}
-    collection_calls = set(re.findall(r"collection\((\w+)\)", Path(store.__file__).read_text()))
-    assert collection_calls <= {"PRINCIPALS", "GRANTS", "RUNS", "LEDGER", "SEALS", "REDEMPTIONS", "ISSUANCES", "REDEMPTION_KEYS", "AUDITS"}, collection_calls
-    assert written == set(COLLECTIONS)
+    used: set[str] = set()
+    for path in sorted((REPO_ROOT / "shared").glob("*.py")):
+        names = set(re.findall(r"collection(?:_group)?\((?:store\.)?([A-Z_]+)\)", path.read_text()))
+        if not names:
+            continue
+        module = importlib.import_module(f"shared.{path.stem}")
+        from shared import store
+
+        for name in names:
+            used.add(getattr(module, name, None) or getattr(store, name))
+    assert used == set(COLLECTIONS)
 
 
 def test_every_collection_of_the_contract_has_its_own_block() -> None:

@@ -1,0 +1,152 @@
+"""Firestore access for the partner endpoints: one grant's documents, revocations, and the export's pages.
+
+The grants and ledger collections themselves are described in shared/store.py; this module adds the
+`revocations` collection (the record of each revoke, which makes Idempotency-Key replays exact) and the
+reads that list grants across principals.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from google.cloud import firestore
+from google.cloud.firestore_v1.base_query import FieldFilter
+
+from shared import store
+from shared.auth import ADMIN_ISSUER
+
+REVOCATIONS = "revocations"
+# The ledger reason of a revoked run (the delta is minus the runs taken from the document).
+REVOKE = "revoke"
+
+
+def issuer_of(data: dict[str, Any]) -> str | None:
+    """Who issued a grant document: its `issued_by`; a bonus grant none; one written before the field existed `admin`."""
+    if data.get("plan_id") == store.SEAL_RERUN_PLAN:
+        return None
+    return data.get("issued_by") or ADMIN_ISSUER
+
+
+@dataclass(frozen=True)
+class IssuedGrant:
+    """An issued grant as read: its documents (shards) at one read time, and who issued it."""
+
+    grant_id: str
+    principal: str
+    plan_id: str
+    issued_by: str | None
+    expires_at: dt.datetime | None
+    documents: tuple[store.Grant, ...]
+
+    @property
+    def runs_total(self) -> int:
+        """Runs it was issued with."""
+        return sum(doc.runs_total for doc in self.documents)
+
+    @property
+    def remaining(self) -> int:
+        """Its unused runs (expired or not)."""
+        return sum(doc.remaining for doc in self.documents)
+
+
+def read_grant(principal: str, grant_id: str) -> IssuedGrant | None:
+    """Every document of one issued grant, in one query (one read time), or None when the principal has no such grant."""
+    snaps = store.client().collection(store.PRINCIPALS).document(principal).collection(store.GRANTS).where(
+        filter=FieldFilter("group", "==", grant_id)
+    ).get(**store._rpc())
+    if not snaps:
+        return None
+    return _issued(snaps)
+
+
+def _issued(snaps: list[firestore.DocumentSnapshot]) -> IssuedGrant:
+    documents = tuple(store.grant_from_snapshot(snap) for snap in snaps)
+    lead = next((snap for snap in snaps if snap.id == documents[0].group), snaps[0])
+    data = lead.to_dict() or {}
+    return IssuedGrant(
+        grant_id=documents[0].group,
+        principal=data["principal"],
+        plan_id=data["plan_id"],
+        issued_by=issuer_of(data),
+        expires_at=data.get("expires_at"),
+        documents=documents,
+    )
+
+
+def read_revocation(record_id: str) -> dict[str, Any] | None:
+    """The record of a revoke (by its Idempotency-Key's id, or the request's own id), or None."""
+    snap = store.client().collection(REVOCATIONS).document(record_id).get(**store._rpc())
+    return snap.to_dict() if snap.exists else None
+
+
+def commit_revoke(
+    grant: IssuedGrant, takes: list[tuple[store.Grant, int]], *, revoke_id: str, record_id: str, fingerprint: str, response: dict[str, Any]
+) -> None:
+    """One commit: take `runs` from each document (unchanged since read, else Contended) with its ledger entry, and the
+    revocation's record (create: a second one for the same key fails). A run is never both consumed and revoked: a consume
+    that commits on a document in between moves its update time, and this commit is decided again."""
+    client = store.client()
+    batch = client.batch()
+    for doc, runs in takes:
+        change: dict[str, Any] = {"remaining": firestore.Increment(-runs)}
+        if doc.remaining == runs:
+            change["open"] = False
+        batch.update(store.grant_ref(grant.principal, doc.grant_id), change, option=client.write_option(last_update_time=doc.update_time))
+        store._ledger(batch, principal=grant.principal, grant_id=grant.grant_id, shard=doc.grant_id, delta=-runs, reason=REVOKE, ref=f"{revoke_id}:{doc.grant_id}")
+    batch.create(
+        client.collection(REVOCATIONS).document(record_id),
+        {
+            "revoke_id": revoke_id,
+            "principal": grant.principal,
+            "grant_id": grant.grant_id,
+            "fingerprint": fingerprint,
+            "response": response,
+            "created_at": firestore.SERVER_TIMESTAMP,
+        },
+    )
+    store._commit(batch)
+
+
+# ---------------------------------------------------------------- the export
+
+
+def read_export_page(*, partner: str | None, before: dt.datetime, after: tuple[dt.datetime, str] | None, limit: int) -> list[firestore.DocumentSnapshot]:
+    """Up to `limit` lead grant documents (one per issued grant) of every principal issued before `before` (of `partner`
+    only, when given), in issue order then path, after the cursor `after` (created_at, document path): one query.
+
+    Composite indexes (collection group `grants`): lead ASC, created_at ASC; lead ASC, issued_by ASC, created_at ASC.
+    """
+    query = store.client().collection_group(store.GRANTS).where(filter=FieldFilter("lead", "==", True))
+    if partner is not None:
+        query = query.where(filter=FieldFilter("issued_by", "==", partner))
+    query = query.where(filter=FieldFilter("created_at", "<", before)).order_by("created_at").order_by("__name__").limit(limit)
+    if after is not None:
+        created_at, path = after
+        query = query.start_after({"created_at": created_at, "__name__": store.client().document(path)})
+    return list(query.get(**store._rpc()))
+
+
+def issued_grant_of(lead: firestore.DocumentSnapshot) -> IssuedGrant:
+    """The issued grant a lead document stands for: itself, or (a sharded grant) all its documents, read at once."""
+    data = lead.to_dict() or {}
+    if data.get("shards", 1) <= 1:
+        return _issued([lead])
+    grant = read_grant(data["principal"], data.get("group", lead.id))
+    assert grant is not None, "a lead document's grant has at least the lead"
+    return grant
+
+
+def ledger_runs(grant_id: str, reason: str, start: dt.datetime, end: dt.datetime) -> int:
+    """Runs that left the grant for `reason` with `at` in [start, end), as a positive number: one `sum` aggregation
+    (composite index: grant ASC, reason ASC, at ASC, delta ASC)."""
+    query = (
+        store.client()
+        .collection(store.LEDGER)
+        .where(filter=FieldFilter("grant", "==", grant_id))
+        .where(filter=FieldFilter("reason", "==", reason))
+        .where(filter=FieldFilter("at", ">=", start))
+        .where(filter=FieldFilter("at", "<", end))
+    )
+    return -store._aggregate(query.sum("delta"))
