@@ -1,8 +1,14 @@
-"""Operator tool: give grants written before the fan-out design the fields consume's spending query reads.
+"""Operator tool: give grant documents written by earlier versions the fields this version's queries read.
 
-Grants issued by earlier versions lack `open`, `spend_key` and `slot`, so the indexed query that finds the
-grant to spend first does not see them: their runs would not count. Run this once after deploying the
-functions of this version (it is idempotent; run it again if an older instance issued grants meanwhile).
+- `open`, `spend_key`, `slot` (the fan-out design): without them the indexed query that finds the grant to spend
+  first does not see a grant, so its runs would not count.
+- `issued_by` (partners, v1.1): a grant written before partners existed was the admin's (`admin`; a bonus grant has
+  none), so a partner's per-partner balance, usage and export never count it as theirs.
+- `lead` and `shards`: the export lists issued grants by one indexed query of their lead documents; a grant without
+  them is missing from the export.
+
+Run this once after deploying the functions of this version, before partners use the export (it is idempotent; run
+it again if an older instance issued grants meanwhile).
 """
 
 from __future__ import annotations
@@ -11,9 +17,33 @@ import argparse
 import random
 import sys
 
-from shared import ledger, store
+from collections.abc import Callable
+from typing import Any
+
+from shared import ledger, partner_store, store
 
 PAGE_SIZE = 500
+
+
+def missing_fields(doc_id: str, data: dict[str, Any], *, shards: Callable[[str, str], int]) -> dict[str, Any]:
+    """The fields a grant document lacks, with their values (empty when it has them all); `shards` counts a grant's documents."""
+    fields: dict[str, Any] = {}
+    group = data.get("group", doc_id)
+    if not {"open", "spend_key", "slot"} <= data.keys():
+        fields |= {"group": group, **store.spending_fields(remaining=data["remaining"], expires_at=data.get("expires_at"), slot=random.random())}
+    if data.get("issued_by") is None and data.get("plan_id") != store.SEAL_RERUN_PLAN:
+        fields["issued_by"] = partner_store.issuer_of(data)
+    if "lead" not in data:
+        fields["lead"] = group == doc_id
+    if "shards" not in data:
+        # Only a lead document's count is read (by the export); a shard's is written for uniformity.
+        fields["shards"] = shards(group, data["principal"]) if group == doc_id and "group" in data else 1
+    return fields
+
+
+def _documents_of(group: str, principal: str) -> int:
+    grant = partner_store.read_grant(principal, group)
+    return len(grant.documents) if grant is not None else 1
 
 
 def backfill(*, page_size: int = PAGE_SIZE) -> int:
@@ -24,12 +54,9 @@ def backfill(*, page_size: int = PAGE_SIZE) -> int:
         page = store.read_grant_page(after, page_size)
         for snap in page:
             data = snap.to_dict() or {}
-            if {"open", "spend_key", "slot"} <= data.keys():
+            fields = missing_fields(snap.id, data, shards=_documents_of)
+            if not fields:
                 continue
-            fields = {
-                "group": data.get("group", snap.id),
-                **store.spending_fields(remaining=data["remaining"], expires_at=data.get("expires_at"), slot=random.random()),
-            }
             try:
                 # Preconditioned on the document as read: one that a consume changed meanwhile is left for the next run.
                 store.commit_spending_fields(snap.reference.path, fields, snap.update_time)

@@ -319,7 +319,7 @@ def spending_fields(*, remaining: int, expires_at: dt.datetime | None, slot: flo
 
 
 def commit_spending_fields(path: str, fields: dict[str, Any], update_time: Any) -> None:
-    """Add the spending fields to a grant document an earlier version wrote (unchanged since read, else Contended)."""
+    """Add the fields it lacks to a grant document an earlier version wrote (unchanged since read, else Contended)."""
     batch = client().batch()
     batch.update(client().document(path), fields, option=client().write_option(last_update_time=update_time))
     _commit(batch)

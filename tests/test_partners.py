@@ -385,3 +385,28 @@ def test_a_page_token_works_only_for_its_own_caller_and_query(api: Api) -> None:
     tampered = payload[:-2] + ("A" if payload[-2] != "A" else "B") + payload[-1] + "." + mac
     refused = api.get(EXPORT, {**window, "page_size": "1", "page_token": tampered}, partner=PARTNER)
     assert (refused.status_code, error_code(refused)) == (400, "invalid_request")
+
+
+# ---------------------------------------------------------------- grants written before partners
+
+
+def test_grants_written_before_partners_read_as_the_admins_and_are_backfilled(api: Api) -> None:
+    from shared import backfill
+
+    old = {"principal": RUNNER, "plan_id": "standard", "created_at": dt.datetime.now(dt.UTC), "source": "issue", "ref": None,
+           "expires_at": None, "open": True, "spend_key": store.FAR_FUTURE, "slot": 0.5}
+    # An earlier version's sharded grant of 2 x 4 runs issued with the admin token alone, and a bonus grant.
+    for doc_id, group, plan, slot in (("0" * 32, "0" * 32, "standard", 0.2), ("0" * 32 + "-1", "0" * 32, "standard", 0.7), ("b" * 32, "b" * 32, "seal_rerun", 0.4)):
+        runs = 1 if plan == "seal_rerun" else 4
+        store.grant_ref(RUNNER, doc_id).set({**old, "group": group, "plan_id": plan, "runs_total": runs, "remaining": runs, "slot": slot, "issued_by": None})
+    # Before the backfill: the admin revokes it (issuer read as `admin`); the export does not list it yet.
+    assert api.revoke(RUNNER, "0" * 32, 1).json()["revoked"] == 1
+    assert api.get(EXPORT, _range()).json()["rows"] == []
+    assert backfill.backfill() == 3
+    assert backfill.backfill() == 0
+    docs = {g["grant_id"]: (g["issued_by"], g["lead"], g["shards"]) for g in store.all_grants(RUNNER)}
+    assert docs == {"0" * 32: ("admin", True, 2), "0" * 32 + "-1": ("admin", False, 1), "b" * 32: (None, True, 1)}
+    rows = api.get(EXPORT, _range()).json()["rows"]
+    assert sorted((r["grant_id"], r["issued_by"], r["runs_total"], r["remaining"], r["bonus"]) for r in rows) == [
+        ("0" * 32, "admin", 8, 7, False), ("b" * 32, None, 1, 1, True)]
+    assert api.revoke(RUNNER, "0" * 32, partner=PARTNER).status_code == 404
