@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-
 from collections.abc import Callable
 from typing import Any
 
