@@ -59,7 +59,7 @@ def test_the_readme_walk_runs_as_written(walk_dir: tuple[Path, str, dict[str, st
     lines = result.stdout.splitlines()
     answers: list[Any] = [json.loads(line) if line.startswith("{") else line for line in lines]
     issued, checked, consumed, started, verified, keys, openssl, redeemed, again = answers
-    assert issued["runs_total"] == 3 and issued["replayed"] is False, issued
+    assert issued["runs_total"] == 3 and issued["replayed"] is False and issued["issued_by"] == "partner@gbx.local", issued
     assert checked["available"] is True and checked["state"] == "new" and checked["balance"] == 3, checked
     assert consumed["balance"] == 2, consumed
     assert started["state"] == "started", started
@@ -72,3 +72,25 @@ def test_the_readme_walk_runs_as_written(walk_dir: tuple[Path, str, dict[str, st
     assert (root / "seal.svg").read_text() == bundle["seal_svg"]
     # The offline check uses the published key of the seal's key version, not a key the bundle shipped.
     assert (root / "public_key.pem").read_text() == next(k["pem"] for k in keys["keys"] if k["key"] == bundle["key"])
+
+
+def test_the_partner_walk_of_operations_md_shows_each_partner_its_own_grants(walk_dir: tuple[Path, str, dict[str, str]]) -> None:
+    """docs/operations.md's local-mode partner walk, as written: two partners issue, each sees and revokes only its own."""
+    root, base, env = walk_dir
+    text = (REPO / "docs" / "operations.md").read_text()
+    section = text.split("**In local mode** the partners", 1)[1]
+    match = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert match
+    script = match.group(1)
+    assert script.count("BASE=http://127.0.0.1:8080 ") == 1
+    result = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", script.replace("BASE=http://127.0.0.1:8080 ", f"BASE={base} ")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    issued_a, issued_b, usage_a, export_b, refused, revoked = [json.loads(line) for line in result.stdout.splitlines()]
+    assert (issued_a["issued_by"], issued_b["issued_by"]) == ("partner@gbx.local", "partner2@gbx.local")
+    assert usage_a["balance"] == 5 and [g["grant_id"] for g in usage_a["grants"]] == [issued_a["grant_id"]]
+    assert [r["grant_id"] for r in export_b["rows"]] == [issued_b["grant_id"]]
+    assert refused["error"]["code"] == "not_found"
+    assert (revoked["grant_id"], revoked["revoked"], revoked["remaining"], revoked["balance"]) == (issued_a["grant_id"], 2, 3, 3)
