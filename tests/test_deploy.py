@@ -1670,3 +1670,17 @@ def test_the_restore_drill_s_gcloud_commands_parse_with_the_real_gcloud(tmp_path
                for cmd in commands for result in [real_gcloud(cmd, home, home)]
                if result.returncode != 1 or NO_ACCOUNT not in result.stderr]
     assert refused == [], refused
+
+
+def test_partners_are_onboarded_by_one_flag_that_every_function_carries(sandbox: dict[str, Path]) -> None:
+    partners = "billing@partner-a.iam.gserviceaccount.com,desk@partner-b.example"
+    result = run_deploy(sandbox["checkout"], [*DRY_ARGS, "--partners", partners], path=str(sandbox["path"]), env={"GBX_PARTNERS": "ignored@x.y"})
+    assert result.returncode == 0, result.stderr
+    deploys = result.find("gcloud", "functions", "deploy")
+    assert deploys and all(env_vars(flags(cmd)["set-env-vars"])["GBX_PARTNERS"] == partners for cmd in deploys)
+    # From the environment when the flag is absent; none at all when neither names any.
+    from_env = run_deploy(sandbox["checkout"], DRY_ARGS, path=str(sandbox["path"]), env={"GBX_PARTNERS": "solo@partner.example"})
+    assert {env_vars(flags(cmd)["set-env-vars"]).get("GBX_PARTNERS") for cmd in from_env.find("gcloud", "functions", "deploy")} == {"solo@partner.example"}
+    for bad in ("not-an-email", "a@x.y;GBX_OPERATORS=me@x.y", "a@x.y,b"):
+        refused = run_deploy(sandbox["checkout"], [*DRY_ARGS, f"--partners={bad}"], path=str(sandbox["path"]))
+        assert refused.returncode == 2 and "--partners: not an email address" in refused.stderr, refused.stderr
