@@ -151,7 +151,7 @@ class Api:
         # Without an Idempotency-Key the store keeps no issuance record, so fingerprint and response go unused.
         store.commit_issue(
             principal=request.principal, grant_id=os.urandom(16).hex(), plan_id=request.plan_id, runs_total=runs, expires_at=None,
-            issued_by=None, idempotency_key_hash=None, fingerprint="", response={}, max_shards=1,
+            issued_by="admin", idempotency_key_hash=None, fingerprint="", response={}, max_shards=1,
         )
 
     def consumed(self, principal: str, run_id: str) -> str:
@@ -577,6 +577,12 @@ def cold_cases(api: Api) -> list[ColdCase]:
         "public_keys": lambda i: Request("GET", ENDPOINTS["public_keys"].path, {}),
         "entitlement_usage": lambda i: Request("GET", f"{ENDPOINTS['entitlement_usage'].path}?principal={principal}", {"X-GBX-ADMIN-TOKEN": ADMIN_TOKEN}),
         "ledger_audit": lambda i: Request("POST", ENDPOINTS["ledger_audit"].path, {"Authorization": f"Bearer {api.token('operator@bench.example')}"}),
+        "revoke": lambda i: api.json_request(
+            "revoke", {"principal": f"cold-revoke-{i}@bench.example", "grant_id": api.issue(f"cold-revoke-{i}@bench.example", 5)["grant_id"], "runs": 1}
+        ),
+        "export": lambda i: Request(
+            "GET", f"{ENDPOINTS['export'].path}?from=2020-01-01T00:00:00Z&to=2100-01-01T00:00:00Z&page_size=100", {"X-GBX-ADMIN-TOKEN": ADMIN_TOKEN}
+        ),
     }
     missing = set(ENDPOINTS) - set(preparers)
     if missing:

@@ -38,7 +38,13 @@ class IssuedGrant:
     plan_id: str
     issued_by: str | None
     expires_at: dt.datetime | None
+    created_at: dt.datetime | None
     documents: tuple[store.Grant, ...]
+    # Runs that left its documents by consume and by revoke, and when the last one did; None for a grant with a
+    # document written before these counters existed (then only the ledger can tell).
+    consumed: int | None
+    revoked: int | None
+    spent_at: dt.datetime | None
 
     @property
     def runs_total(self) -> int:
@@ -65,13 +71,20 @@ def _issued(snaps: list[firestore.DocumentSnapshot]) -> IssuedGrant:
     documents = tuple(store.grant_from_snapshot(snap) for snap in snaps)
     lead = next((snap for snap in snaps if snap.id == documents[0].group), snaps[0])
     data = lead.to_dict() or {}
+    all_data = [snap.to_dict() or {} for snap in snaps]
+    counted = all(d.get("counts") is True for d in all_data)
+    spent = [d["spent_at"] for d in all_data if d.get("spent_at") is not None]
     return IssuedGrant(
         grant_id=documents[0].group,
         principal=data["principal"],
         plan_id=data["plan_id"],
         issued_by=issuer_of(data),
         expires_at=data.get("expires_at"),
+        created_at=data.get("created_at"),
         documents=documents,
+        consumed=sum(d["consumed"] for d in all_data) if counted else None,
+        revoked=sum(d["revoked"] for d in all_data) if counted else None,
+        spent_at=max(spent) if spent else None,
     )
 
 
@@ -90,7 +103,7 @@ def commit_revoke(
     client = store.client()
     batch = client.batch()
     for doc, runs in takes:
-        change: dict[str, Any] = {"remaining": firestore.Increment(-runs)}
+        change: dict[str, Any] = {"remaining": firestore.Increment(-runs), "revoked": firestore.Increment(runs), "spent_at": firestore.SERVER_TIMESTAMP}
         if doc.remaining == runs:
             change["open"] = False
         batch.update(store.grant_ref(grant.principal, doc.grant_id), change, option=client.write_option(last_update_time=doc.update_time))

@@ -73,6 +73,9 @@ def revoke(caller: PartnerCaller, req: RevokeRequest, *, idempotency_key: str | 
                 if record["fingerprint"] != fingerprint:
                     raise errors.IdempotencyConflict()
                 return RevokeResponse.model_validate({**record["response"], "replayed": record["revoke_id"] != revoke_id})
+        # The balance first: the grant's documents are read last, right before the commit that is preconditioned on
+        # them, so that the window in which a consume can make this attempt lose its race is one round trip.
+        before = entitlements.balance_for(caller, req.principal)
         grant = partner_store.read_grant(req.principal, req.grant_id)
         if grant is None or not may_see(caller, grant):
             raise errors.NotFound(f"no grant {req.grant_id} of {req.principal}")
@@ -80,10 +83,9 @@ def revoke(caller: PartnerCaller, req: RevokeRequest, *, idempotency_key: str | 
         runs = unused if req.runs is None else req.runs
         if runs > unused:
             raise errors.NotEnoughRuns(f"the grant has {unused} unused runs, fewer than the {runs} asked for; nothing was revoked", remaining=unused)
-        now = _now()
-        counted = grant.expires_at is None or grant.expires_at > now
+        counted = grant.expires_at is None or grant.expires_at > _now()
         # As consume's: the balance read in this attempt, less what this commit takes (an expired grant counts for nothing).
-        balance = entitlements.balance_for(caller, req.principal) - (runs if counted else 0)
+        balance = before - (runs if counted else 0)
         response = RevokeResponse(
             grant_id=grant.grant_id, principal=req.principal, revoked=runs, remaining=unused - runs, balance=max(balance, 0), replayed=False
         )
@@ -142,10 +144,24 @@ def read_page_token(caller: PartnerCaller, req: ExportQuery, token: str) -> tupl
     return dt.datetime.fromisoformat(created_at), path
 
 
+def _counts(grant: IssuedGrant, req: ExportQuery) -> tuple[int, int]:
+    """Runs consumed and revoked from the grant with ledger `at` in [from, to).
+
+    Every run that leaves a document is counted on it (`consumed`, `revoked`) in the commit that writes its ledger
+    entry, which also sets `spent_at` to that commit's time, the entry's `at`. So the ledger is read only when the
+    range cuts through the grant's activity, which lies between its issue (`created_at`) and `spent_at`.
+    """
+    if grant.remaining == grant.runs_total or (grant.spent_at is not None and grant.spent_at < req.from_):
+        return 0, 0  # no run ever left it, or none since `from`
+    inside = grant.created_at is not None and grant.spent_at is not None and grant.created_at >= req.from_ and grant.spent_at < req.to
+    if inside and grant.consumed is not None and grant.revoked is not None:
+        return grant.consumed, grant.revoked
+    return partner_store.ledger_runs(grant.grant_id, CONSUME, req.from_, req.to), partner_store.ledger_runs(grant.grant_id, REVOKE, req.from_, req.to)
+
+
 def _row(grant: IssuedGrant, req: ExportQuery) -> ExportRow:
     """One grant's row: its runs now, and the runs its ledger says were consumed and revoked in [from, to)."""
-    # A grant none of whose runs ever left it has nothing to count in any range: no ledger read.
-    touched = grant.remaining < grant.runs_total
+    consumed, revoked = _counts(grant, req)
     return ExportRow(
         principal=grant.principal,
         grant_id=grant.grant_id,
@@ -154,8 +170,8 @@ def _row(grant: IssuedGrant, req: ExportQuery) -> ExportRow:
         runs_total=grant.runs_total,
         remaining=grant.remaining,
         expires_at=format_time(grant.expires_at) if grant.expires_at is not None else None,
-        consumed=partner_store.ledger_runs(grant.grant_id, CONSUME, req.from_, req.to) if touched else 0,
-        revoked=partner_store.ledger_runs(grant.grant_id, REVOKE, req.from_, req.to) if touched else 0,
+        consumed=consumed,
+        revoked=revoked,
         bonus=grant.plan_id == store.SEAL_RERUN_PLAN,
     )
 

@@ -355,6 +355,12 @@ def _grant_fields(
         "source": source,
         "ref": ref,
         "issued_by": issued_by,
+        # Runs that left the document, by reason, and when the last one did (see write_consume); `counts` marks a
+        # document counted since its issue (an older one's counters, created by its first Increment, miss earlier runs).
+        "counts": True,
+        "consumed": 0,
+        "revoked": 0,
+        "spent_at": None,
     }
 
 
@@ -410,7 +416,9 @@ def write_consume(
     # The update-time precondition is what makes a batch safe; a transaction's own reads lock instead.
     option = client().write_option(last_update_time=grant.update_time) if precondition else None
     # The precondition makes `remaining` as read exact: the last run closes the shard for the spend query.
-    change: dict[str, Any] = {"remaining": firestore.Increment(-1)}
+    # `consumed` and `spent_at` (this commit's time, as the ledger entry's `at`) let the export count a range without
+    # reading the ledger when the range holds all of the document's activity or none of it.
+    change: dict[str, Any] = {"remaining": firestore.Increment(-1), "consumed": firestore.Increment(1), "spent_at": firestore.SERVER_TIMESTAMP}
     if grant.remaining <= 1:
         change["open"] = False
     writer.update(grant_ref(principal, grant.grant_id), change, option=option)

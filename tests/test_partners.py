@@ -268,7 +268,8 @@ def test_usage_by_a_partner_counts_its_own_grants_only(api: Api) -> None:
 
 
 def test_export_lists_the_callers_grants_with_runs_consumed_and_revoked_in_range(api: Api) -> None:
-    a = api.issue(RUNNER, 3, partner=PARTNER).json()["grant_id"]
+    soon = format_time(dt.datetime.now(dt.UTC) + dt.timedelta(days=1))  # spent before PARTNER_B's, which never expires
+    a = api.issue(RUNNER, 3, partner=PARTNER, expires_at=soon).json()["grant_id"]
     b = api.issue(OTHER, 9, partner=PARTNER).json()["grant_id"]
     api.issue(RUNNER, 2, partner=PARTNER_B)
     api.consume("job-1")
@@ -282,7 +283,7 @@ def test_export_lists_the_callers_grants_with_runs_consumed_and_revoked_in_range
     rows = {row["grant_id"]: row for row in body["rows"]}
     assert list(rows) == [a, b]
     assert rows[a] == {"principal": RUNNER, "grant_id": a, "plan_id": "standard", "issued_by": PARTNER, "runs_total": 3, "remaining": 1,
-                       "expires_at": None, "consumed": 2, "revoked": 0, "bonus": False}
+                       "expires_at": soon, "consumed": 2, "revoked": 0, "bonus": False}
     assert (rows[b]["runs_total"], rows[b]["remaining"], rows[b]["consumed"], rows[b]["revoked"]) == (9, 4, 1, 4)
     # A range that ends before anything happened lists nothing; one that starts after counts nothing.
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
@@ -296,6 +297,33 @@ def test_export_lists_the_callers_grants_with_runs_consumed_and_revoked_in_range
     assert len(everything) == 5 and [r["bonus"] for r in everything][-1] is True and everything[-1]["issued_by"] is None
     assert len(api.get(EXPORT, _range()).json()["rows"]) == 5
     assert len(api.get(EXPORT, _range(), partner=PARTNER).json()["rows"]) == 2
+
+
+def test_export_counts_a_range_that_cuts_through_a_grants_activity_from_the_ledger(api: Api) -> None:
+    import time
+
+    grant_id = api.issue(RUNNER, 8, partner=PARTNER).json()["grant_id"]
+    api.consume("job-1")
+    api.revoke(RUNNER, grant_id, 1, partner=PARTNER)
+    time.sleep(0.05)
+    middle = dt.datetime.now(dt.UTC)
+    time.sleep(0.05)
+    api.consume("job-2")
+    api.consume("job-3")
+    api.revoke(RUNNER, grant_id, 2, partner=PARTNER)
+    end = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
+    start = middle - dt.timedelta(minutes=5)
+
+    def counts(low: dt.datetime, high: dt.datetime) -> tuple[int, int]:
+        (row,) = api.get(EXPORT, {"from": format_time(low), "to": format_time(high)}, partner=PARTNER).json()["rows"]
+        return row["consumed"], row["revoked"]
+
+    assert counts(start, end) == (3, 3)  # the whole activity: from the grant's own counters
+    assert counts(middle, end) == (2, 2)  # cuts through it: from the ledger
+    assert counts(start, middle) == (1, 1)
+    assert counts(end, end + dt.timedelta(minutes=1)) == (0, 0)  # after the last run left
+    ledger = store.ledger_for_grant(grant_id)
+    assert sum(-e["delta"] for e in ledger if e["reason"] == "consume" and e["at"] >= middle) == 2
 
 
 def test_export_as_csv_carries_the_next_page_token_in_a_header(api: Api) -> None:
