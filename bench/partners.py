@@ -5,8 +5,7 @@ Run it from the repository root: `python -m bench.partners` (or `make bench`, wh
 1. Revoke ÷ issue: per round, one grant of 1,000,000 runs (240 shard documents) is issued through the app's test
    client and then revoked whole (one request, one commit of 240 documents and 240 ledger entries); the two requests'
    times are compared as medians over the rounds. Goal: revoke ÷ issue ≤ 1.5.
-2. Export paging: 10,000 grants of one partner (spread over 100 principals, a tenth of them with runs consumed, so
-   their rows read the ledger), then repeated walks of 10 pages of 1,000 rows; page 10 ÷ page 1 by median. Goal ≤ 1.5.
+2. Export paging: 10,000 grants of one partner (spread over 100 principals, a fifth of them with a run consumed), then repeated walks of 10 pages of 1,000 rows; page 10 ÷ page 1 by median. Goal ≤ 1.5.
 """
 
 from __future__ import annotations
@@ -22,10 +21,10 @@ from pathlib import Path
 
 from bench import harness
 from bench.latency import Api, Request, service_configured
-from shared import config, entitlements
-from shared.auth import PartnerCaller, Role
+from shared import config, entitlements, store
+from shared.auth import Identity
 from shared.endpoints import ENDPOINTS
-from shared.models import ConsumeRequest, IssueRequest
+from shared.models import ConsumeRequest
 
 PROJECT = "gbx-bench-partners"
 PARTNER = "partner@bench.example"
@@ -57,21 +56,22 @@ def revoke_versus_issue(api: Api, rounds: int) -> tuple[list[float], list[float]
 
 
 def fill(grants: int) -> None:
-    """`grants` one-run grants of PARTNER over PRINCIPALS principals, issued through the service; a tenth consumed."""
-    partner = PartnerCaller(role=Role.PARTNER, email=PARTNER)
+    """`grants` two-run grants of PARTNER over PRINCIPALS principals, each in its own issue commit; a tenth of the runs consumed."""
     principals = [f"customer-{k}@bench.example" for k in range(PRINCIPALS)]
 
     def issue(i: int) -> None:
-        entitlements.issue(partner, IssueRequest(principal=principals[i % PRINCIPALS], runs_total=2))
+        # The issue commit itself (the request's balance read is no part of what the export reads).
+        store.commit_issue(
+            principal=principals[i % PRINCIPALS], grant_id=os.urandom(16).hex(), plan_id="standard", runs_total=2, expires_at=None,
+            issued_by=PARTNER, idempotency_key_hash=None, fingerprint="", response={},
+        )
 
     def consume(i: int) -> None:
-        from shared.auth import Identity
-
         entitlements.consume(Identity(principal=principals[i % PRINCIPALS], operator=False), ConsumeRequest(run_id=f"run-{i}"))
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(issue, range(grants)))
-        list(pool.map(consume, range(grants // 10)))
+        list(pool.map(consume, range(grants // 5)))
 
 
 def page_times(api: Api, walks: int) -> list[list[float]]:
@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             harness.running_emulator(PROJECT, name="partners"),
         ):
             os.environ[config.ENV_PARTNERS] = PARTNER
+            # The emulator reads a whole collection for each query (production reads the index): give it time.
+            os.environ[config.ENV_FIRESTORE_TIMEOUT] = "30"
             config.get_config.cache_clear()
             with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
                 api = Api(issuer)
@@ -125,13 +127,14 @@ def main(argv: list[str] | None = None) -> int:
                 print("Export walks …", file=sys.stderr, flush=True)
                 walks = page_times(api, args.walks)
             os.environ.pop(config.ENV_PARTNERS, None)
+            os.environ.pop(config.ENV_FIRESTORE_TIMEOUT, None)
             issue_ms, revoke_ms = harness.median(issued) * 1000, harness.median(revoked) * 1000
             first_ms = harness.median([w[0] for w in walks]) * 1000
             last_ms = harness.median([w[-1] for w in walks]) * 1000
             print(harness.machine_line())
             print(f"Revoke of every run of a 1,000,000-run grant (240 documents), {args.rounds} rounds:")
             print(f"  issue {issue_ms:.0f} ms, revoke {revoke_ms:.0f} ms (medians): revoke ÷ issue = {revoke_ms / issue_ms:.2f}× (goal ≤ {REVOKE_GOAL}×)")
-            print(f"Export of {GRANTS} grants in pages of {PAGE_SIZE} ({GRANTS // 10} of them with consumed runs), {args.walks} walks:")
+            print(f"Export of {GRANTS} grants in pages of {PAGE_SIZE} ({GRANTS // 5} runs of them consumed), {args.walks} walks:")
             middle = [harness.median([w[k] for w in walks]) * 1000 for k in range(len(walks[0]))]
             print("  page medians (ms): " + ", ".join(f"{t:.0f}" for t in middle))
             print(f"  page {len(walks[0])} ÷ page 1 = {last_ms / first_ms:.2f}× (goal ≤ {PAGE_GOAL}×)")

@@ -308,6 +308,11 @@ def serve(port: int) -> None:
         if stop_requested:
             return  # asked to stop while starting
         print(f"GBX Entitlements (local mode) on http://127.0.0.1:{port}  (GET /healthz; Ctrl-C stops)", flush=True)
+        print(
+            f"Partners: {', '.join(sorted(config.partners))}; operators: {', '.join(sorted(config.operators))}"
+            " (an ID token: .venv/bin/python -m shared.local token EMAIL); admin token: $GBX_ADMIN_TOKEN or local-admin-token",
+            flush=True,
+        )
         # A signal from here on shuts the server down, even one that lands before serve_forever starts.
         running[0].serve_forever()
     except (emulator_module.EmulatorMissing, client_wheel.WheelBuildFailed) as exc:
