@@ -27,6 +27,7 @@ const PUBLIC_KEYS_PATH = "/api/seal/public_keys";
 const VERIFY_PATH = "/v";
 const MAX_LINK_PAYLOAD_BYTES = 16 * 1024;
 const NOT_A_LINK = "not a seal verification link (BASE/v#P.S)";
+const QR_NOT_A_LINK = "the picture's QR code is not a seal verification link (BASE/v#P.S)";
 // Photos are scaled down to this many pixels on their long side before the QR code is searched.
 const MAX_IMAGE_SIDE = 1600;
 // The vendored decoder (tools/refresh-qr-decoder.sh writes this line): its folder's name carries the version,
@@ -974,6 +975,8 @@ async function checkPicture(file) {
     return;
   }
   const outcome = await verifyLink(texts[0]);
+  // Say that the code, not the picture, is the problem (gbx verify PICTURE says the same).
+  if (outcome.checks.document === NOT_A_LINK) outcome.checks.document = QR_NOT_A_LINK;
   outcome.source = "picture";
   if (run === state.sealRun) showResult(outcome);
 }
