@@ -8,6 +8,7 @@ always gives the same bytes.
 from __future__ import annotations
 
 import io
+import random
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -113,10 +114,15 @@ def on_a_desk(svg: bytes) -> bytes:
 def desk_photo(svg: bytes) -> Image.Image:
     """The 1600x1200 photo of a print on a desk (before it is saved): the badge 960 px wide, turned 4 degrees."""
     badge = render(svg, 960).convert("RGBA").rotate(4, resample=Image.Resampling.BICUBIC, expand=True)
-    grain = Image.effect_noise((1600, 1200), 18).convert("RGB")
-    desk = Image.blend(Image.new("RGB", (1600, 1200), DESK), grain, 0.15)
+    desk = empty_desk((1600, 1200))
     desk.paste(badge, ((1600 - badge.width) // 2, (1200 - badge.height) // 2), badge)
     return desk.filter(ImageFilter.GaussianBlur(0.6))
+
+
+def empty_desk(size: tuple[int, int]) -> Image.Image:
+    """A desk's surface: its colour with a fixed grain of noise (seeded, so every run draws the same)."""
+    grain = Image.frombytes("L", size, random.Random(7).randbytes(size[0] * size[1])).filter(ImageFilter.GaussianBlur(1))
+    return Image.blend(Image.new("RGB", size, DESK), grain.convert("RGB"), 0.15)
 
 
 def greyscale_scan(svg: bytes) -> bytes:

@@ -149,7 +149,7 @@ def other_code() -> bytes:
 
 def no_code() -> bytes:
     """A 1600x1200 photo of a desk with nothing on it."""
-    return degrade.jpeg(Image.blend(Image.new("RGB", (1600, 1200), degrade.DESK), Image.effect_noise((1600, 1200), 18).convert("RGB"), 0.15), 85)
+    return degrade.jpeg(degrade.empty_desk((1600, 1200)), 85)
 
 
 @pytest.mark.parametrize(("case", "reason", "codes"), [("no code", NO_CODE, 0), ("two badges", SEVERAL_CODES, 2), ("another code", NOT_A_LINK, 1)])
