@@ -983,9 +983,10 @@ async function checkPicture(file) {
 
 /** The texts of the QR codes in a picture: the browser's BarcodeDetector where it has one, else ZXing-C++. */
 async function readQrCodes(file) {
-  const bitmap = await createImageBitmap(file);
-  performance.mark("qr-decode-start");
+  performance.mark("qr-decode-start"); // the whole read: the picture's own decoding too
+  let bitmap = null;
   try {
+    bitmap = await createImageBitmap(file);
     if ("BarcodeDetector" in globalThis) {
       try {
         if ((await BarcodeDetector.getSupportedFormats()).includes("qr_code")) {
@@ -1000,7 +1001,7 @@ async function readQrCodes(file) {
     const detector = await zxingDetector();
     return (await detector.detect(pixels)).map((code) => code.rawValue);
   } finally {
-    bitmap.close();
+    if (bitmap !== null) bitmap.close();
     performance.measure("qr-decode", "qr-decode-start");
   }
 }
