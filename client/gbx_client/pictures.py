@@ -29,13 +29,15 @@ NOT_A_LINK = "the picture's QR code is not a seal verification link (BASE/v#P.S)
 
 def is_picture(path: Path) -> bool:
     """Whether a SEAL argument names a picture: a .png, .jpg, .jpeg or .webp file, or a file that starts like one."""
+    if path.is_dir():
+        return False
     if path.suffix.lower() in PICTURE_SUFFIXES:
         return True
     try:
         with path.open("rb") as file:
             head = file.read(12)
     except OSError:
-        return False  # a directory, or nothing: load_seal reports it
+        return False  # nothing readable: load_seal reports it
     return head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
