@@ -6,7 +6,8 @@
 // library is used (DOMParser, Web Crypto, TextDecoder, DecompressionStream); nothing the person picks leaves
 // the page, nor does a link's fragment (browsers never send it), and the uploaded SVG is never inserted into
 // the page: everything shown is text read from its payload. Pictures are read with the browser's
-// BarcodeDetector where it has one, else with the vendored jsQR (jsQR.js, loaded only then).
+// BarcodeDetector where it has one, else with ZXing-C++ compiled to WebAssembly (the npm package
+// barcode-detector, vendored in QR_DECODER_DIR and loaded from this origin only when a picture needs it).
 
 const SEAL_NS = "urn:gbx:seal:v1";
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -26,8 +27,12 @@ const PUBLIC_KEYS_PATH = "/api/seal/public_keys";
 const VERIFY_PATH = "/v";
 const MAX_LINK_PAYLOAD_BYTES = 16 * 1024;
 const NOT_A_LINK = "not a seal verification link (BASE/v#P.S)";
+const QR_NOT_A_LINK = "the picture's QR code is not a seal verification link (BASE/v#P.S)";
 // Photos are scaled down to this many pixels on their long side before the QR code is searched.
 const MAX_IMAGE_SIDE = 1600;
+// The vendored decoder (tools/refresh-qr-decoder.sh writes this line): its folder's name carries the version,
+// so Hosting caches its files for a year and a new version is a new path.
+const QR_DECODER_DIR = "./vendor/barcode-detector-3.2.2/";
 const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"];
 const OK = "ok";
 const NOT_CHECKED = "not checked";
@@ -970,38 +975,75 @@ async function checkPicture(file) {
     return;
   }
   const outcome = await verifyLink(texts[0]);
+  // Say that the code, not the picture, is the problem (gbx verify PICTURE says the same).
+  if (outcome.checks.document === NOT_A_LINK) outcome.checks.document = QR_NOT_A_LINK;
   outcome.source = "picture";
   if (run === state.sealRun) showResult(outcome);
 }
 
-/** The texts of the QR codes in a picture: BarcodeDetector where the browser has it, else the vendored jsQR. */
+/** The texts of the QR codes in a picture: the browser's BarcodeDetector where it has one, else ZXing-C++. */
 async function readQrCodes(file) {
-  const bitmap = await createImageBitmap(file);
+  performance.mark("qr-decode-start"); // the whole read: the picture's own decoding too
+  let bitmap = null;
+  try {
+    bitmap = await createImageBitmap(file);
+    if ("BarcodeDetector" in globalThis) {
+      try {
+        if ((await BarcodeDetector.getSupportedFormats()).includes("qr_code")) {
+          const codes = await new BarcodeDetector({ formats: ["qr_code"] }).detect(bitmap);
+          if (codes.length > 0) return codes.map((code) => code.rawValue);
+        }
+      } catch {
+        // Fall through to ZXing: a detector that is present but fails must not hide the code.
+      }
+    }
+    const pixels = pictureData(bitmap);
+    const detector = await zxingDetector();
+    return (await detector.detect(pixels)).map((code) => code.rawValue);
+  } finally {
+    if (bitmap !== null) bitmap.close();
+    performance.measure("qr-decode", "qr-decode-start");
+  }
+}
+
+/** The picture's pixels, at most MAX_IMAGE_SIDE on the long side, on white (a transparent PNG reads as paper). */
+function pictureData(bitmap) {
   const scale = Math.min(1, MAX_IMAGE_SIDE / Math.max(bitmap.width, bitmap.height));
   const width = Math.max(1, Math.round(bitmap.width * scale));
   const height = Math.max(1, Math.round(bitmap.height * scale));
-  if ("BarcodeDetector" in globalThis) {
-    try {
-      if ((await BarcodeDetector.getSupportedFormats()).includes("qr_code")) {
-        const codes = await new BarcodeDetector({ formats: ["qr_code"] }).detect(bitmap);
-        if (codes.length > 0) return codes.map((code) => code.rawValue);
-      }
-    } catch {
-      // Fall through to jsQR: a detector that is present but fails must not hide the code.
-    }
-  }
   const canvas = document.createElement("canvas");
   canvas.width = width;
   canvas.height = height;
   const context = canvas.getContext("2d", { willReadFrequently: true });
-  context.fillStyle = "#ffffff"; // a transparent PNG's background reads as light, like paper
+  context.fillStyle = "#ffffff";
   context.fillRect(0, 0, width, height);
   context.drawImage(bitmap, 0, 0, width, height);
-  bitmap.close();
-  const pixels = context.getImageData(0, 0, width, height);
-  await import("./jsQR.js"); // defines self.jsQR (a UMD bundle); fetched only when a picture needs it
-  const code = globalThis.jsQR(pixels.data, width, height, { inversionAttempts: "attemptBoth" });
-  return code ? [code.data] : [];
+  return context.getImageData(0, 0, width, height);
+}
+
+let zxingDetectorPromise = null;
+
+/** ZXing's BarcodeDetector for QR codes: its module and .wasm loaded once, from this origin, by the first picture. */
+function zxingDetector() {
+  if (zxingDetectorPromise === null) {
+    zxingDetectorPromise = (async () => {
+      performance.mark("qr-decoder-load-start");
+      const { BarcodeDetector: ZXingDetector, prepareZXingModule } = await import(`${QR_DECODER_DIR}ponyfill.js`);
+      // The package would fetch its .wasm from a CDN: it comes from this deployment, next to the module.
+      const wasm = new URL(`${QR_DECODER_DIR}zxing_reader.wasm`, import.meta.url).href;
+      await prepareZXingModule({
+        overrides: { locateFile: (path, prefix) => (path.endsWith(".wasm") ? wasm : prefix + path) },
+        fireImmediately: true,
+      });
+      performance.measure("qr-decoder-load", "qr-decoder-load-start");
+      return new ZXingDetector({ formats: ["qr_code"] });
+    })();
+    // A failed load (offline, say) is tried again by the next picture.
+    zxingDetectorPromise.catch(() => {
+      zxingDetectorPromise = null;
+    });
+  }
+  return zxingDetectorPromise;
 }
 
 /** On /v, the address bar's fragment is a seal: check it (it never leaves the browser). */

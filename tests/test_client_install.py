@@ -76,6 +76,8 @@ def test_client_runs_with_only_its_declared_dependencies(tmp_path: Path) -> None
     }
     payload = canonical_json(claims)
     (tmp_path / "seal.svg").write_text(render_seal_svg(payload=payload, signature=key.sign(payload, ec.ECDSA(hashes.SHA256())), key="k1"))
+    # A picture of a badge: without the pictures extra (zxing-cpp, Pillow) gbx says which extra to install, exit 2.
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
     (tmp_path / "key.pem").write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
     script = f"""
@@ -91,6 +93,7 @@ codes = [
     main(["run", "--url", "http://127.0.0.1:9", "--run-id", "r1", "--image", "r/i@sha256:" + "0" * 64, "--project", "acme-prod",
           "--inputs", {str(site)!r}, "--outputs", {str(tmp_path / "out")!r}, "--seal-dir", {str(tmp_path / "seal")!r},
           "--retry-timeout", "0.2", "--", "true"]),
+    main(["verify", {str(tmp_path / "photo.jpg")!r}, "--public-key", {str(tmp_path / "key.pem")!r}]),
 ]
 stack = {SERVER_STACK!r}
 print(codes, sorted(name for name in sys.modules if any(name == s or name.startswith(s + ".") for s in stack)))
@@ -98,5 +101,6 @@ print(codes, sorted(name for name in sys.modules if any(name == s or name.starts
     # -I: no user site, no PYTHON* variables; -S: no site-packages. Only the package and its dependencies can be imported.
     done = subprocess.run([sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, timeout=120, env={"GBX_ID_TOKEN": "t", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[0, 0, 69] []", done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[0, 0, 69, 2] []", done.stdout + done.stderr
+    assert "the pictures extra (pip install 'gbx-client[pictures]')" in done.stderr.splitlines()[-1]
     assert "gbx: exit 69 (unavailable): check: http://127.0.0.1:9/api/entitlement/check unreachable" in done.stderr

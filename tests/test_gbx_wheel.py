@@ -42,7 +42,10 @@ def test_the_wheel_is_reproducible_and_holds_only_the_client(tmp_path: Path) -> 
         shipped = {name.split("/", 1)[1] for name in names if name.startswith("gbx_client/")}
         assert shipped == {p.name for p in (REPO / "client" / "gbx_client").glob("*.py")}
         metadata = Parser().parsestr(wheel.read(f"{info}/METADATA").decode())
-        assert sorted(metadata.get_all("Requires-Dist") or []) == sorted(CLIENT["dependencies"])
+        # The dependencies, and the pictures extra's (gbx verify PICTURE), installed only when asked for.
+        extras = [f'{requirement}; extra == "{extra}"' for extra, requirements in CLIENT["optional-dependencies"].items() for requirement in requirements]
+        assert sorted(metadata.get_all("Requires-Dist") or []) == sorted(CLIENT["dependencies"] + extras)
+        assert metadata.get_all("Provides-Extra") == ["pictures"]
         assert "gbx = gbx_client.cli:main" in wheel.read(f"{info}/entry_points.txt").decode()
         assert {entry.date_time for entry in wheel.infolist()} == {(1980, 1, 1, 0, 0, 0)}
 

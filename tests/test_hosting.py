@@ -20,10 +20,14 @@ from shared.endpoints import ENDPOINTS
 REPO = Path(__file__).resolve().parent.parent
 HOSTING = json.loads((REPO / "firebase.json").read_text())["hosting"]
 PORTAL = REPO / HOSTING["public"]
-CSP = "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+# 'wasm-unsafe-eval' lets the page compile WebAssembly (the QR decoder, from this origin), and nothing else: no eval().
+CSP = "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 SECURITY = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
-# Nothing of the portal is fingerprinted (no build step), so nothing is cached for long: browsers revalidate.
+# The portal's own files are not fingerprinted (no build step), so they are not cached for long: browsers revalidate.
 STATIC = {**SECURITY, "Cache-Control": "no-cache"}
+# The vendored QR decoder lives in a folder named after its exact version (portal/vendor/barcode-detector-X.Y.Z/):
+# a new version is a new path, so its files (the 1 MB .wasm above all) are fetched once and kept.
+VENDORED = {**SECURITY, "Cache-Control": "public, max-age=31536000, immutable"}
 API = {**SECURITY, "Cache-Control": "no-store"}
 API_PATHS = [endpoint.path for endpoint in ENDPOINTS.values()]
 
@@ -71,9 +75,15 @@ def test_the_verification_links_path_gets_the_portals_headers() -> None:
     assert "/v" not in API_PATHS
 
 
-@pytest.mark.parametrize("path", [*portal_paths(), "/index.html", "/openapi.json"])
+@pytest.mark.parametrize("path", [*(path for path in portal_paths() if not path.startswith("/vendor/")), "/index.html", "/openapi.json"])
 def test_static_files_get_a_strict_csp_and_are_revalidated(path: str) -> None:
     assert headers_for(path) == STATIC
+
+
+@pytest.mark.parametrize("path", [path for path in portal_paths() if path.startswith("/vendor/")])
+def test_vendored_files_are_versioned_by_their_folder_and_cached_for_a_year(path: str) -> None:
+    assert re.fullmatch(r"/vendor/[a-z-]+-[0-9]+\.[0-9]+\.[0-9]+/[^/]+", path), "a vendored file's folder names its exact version"
+    assert headers_for(path) == VENDORED
 
 
 @pytest.mark.parametrize("path", API_PATHS)
@@ -83,9 +93,10 @@ def test_api_answers_are_never_cached(path: str) -> None:
 
 
 def test_the_portal_has_the_files_the_header_rules_expect() -> None:
-    """The no-cache rule covers top-level files; a subfolder would fall back to Hosting's default caching."""
+    """The no-cache rule covers top-level files and the immutable one vendor/'s; another subfolder would fall back to
+    Hosting's default caching."""
     assert {"/index.html", "/app.js", "/style.css"} <= set(portal_paths())
-    assert all(path.count("/") == 1 for path in portal_paths()), "a portal subfolder needs a Cache-Control rule"
+    assert all(path.count("/") == 1 or path.startswith("/vendor/") for path in portal_paths()), "a portal subfolder needs a Cache-Control rule"
 
 
 def test_every_rule_reads_the_same_in_hosting_and_in_the_local_server() -> None:
@@ -104,9 +115,11 @@ def test_the_csp_allows_this_origin_only() -> None:
     directives = dict(directive.strip().split(" ", 1) for directive in CSP.split(";"))
     assert directives["default-src"] == "'self'"
     assert directives["frame-ancestors"] == "'none'", "default-src does not cover framing"
-    for loosening in ("unsafe-inline", "unsafe-eval", "*", "data:", "blob:", "http:", "https:"):
+    # Scripts: this origin's, plus compiling WebAssembly (the QR decoder); never eval() or inline script.
+    assert directives["script-src"] == "'self' 'wasm-unsafe-eval'"
+    for loosening in ("unsafe-inline", "'unsafe-eval'", "*", "data:", "blob:", "http:", "https:"):
         assert loosening not in CSP
-    assert not {"script-src", "style-src", "img-src", "connect-src"} & directives.keys(), "all of them fall back to 'self'"
+    assert not {"style-src", "img-src", "connect-src"} & directives.keys(), "all of them fall back to 'self'"
 
 
 def test_the_local_server_serves_the_portal_with_the_same_headers() -> None:
@@ -117,8 +130,12 @@ def test_the_local_server_serves_the_portal_with_the_same_headers() -> None:
     for path in portal_paths():
         response = client.get(path)
         assert response.status_code == 200, path
-        served = {key: response.headers.get(key) for key in STATIC}
-        assert served == STATIC, path
+        expected = VENDORED if path.startswith("/vendor/") else STATIC
+        served = {key: response.headers.get(key) for key in expected}
+        assert served == expected, path
+        if path.endswith(".wasm"):
+            # What WebAssembly.instantiateStreaming requires (Hosting serves .wasm so too).
+            assert response.headers["Content-Type"] == "application/wasm", path
 
 
 class InlineContent(HTMLParser):

@@ -157,7 +157,9 @@ def build_parser() -> Parser:
     verify_parser.add_argument(
         "seal", metavar="SEAL",
         help="a seal.svg, a seal directory (seal.svg, seal.json, seal.sig, public_key.pem, verify_link.txt), "
-        "or a verification link BASE/v#P.S (the badge's QR code, run_complete's verify_link)",
+        "a verification link BASE/v#P.S (the badge's QR code, run_complete's verify_link), "
+        "or a picture of the badge (PNG, JPEG, WebP: a photo, a scan, a screenshot), whose one QR code is read with zxing-cpp "
+        "(the pictures extra: pip install 'gbx-client[pictures]'); no QR code, several, or one that is not a link: exit 1",
     )
     keys = verify_parser.add_mutually_exclusive_group()
     keys.add_argument("--public-key", metavar="PEM", help="trust this public key (SPKI PEM file) whatever key version the seal names")
@@ -286,10 +288,11 @@ def _verify(args: argparse.Namespace) -> int:
     """gbx verify: print the claims and each check; 0 only when everything asked for verifies."""
     from gbx_client import verify
 
-    seal = verify.link_seal(args.seal) if verify.is_link(args.seal) else verify.load_seal(Path(args.seal))
+    seal = _seal_argument(args.seal)
     if seal.link is not None and not seal.svg:
         # A QR code can point anywhere: say which site the link names; the keys decide what verifies.
-        _say(f"the link points at {_link_site(seal.link)}; checking it against the keys from the options")
+        what = "the picture's QR code" if isinstance(seal.source, Path) else "the link"
+        _say(f"{what} points at {_link_site(seal.link)}; checking it against the keys from the options")
     service = _service(args, args.online) if args.online else None
     keys = _keys(args, seal, service)
     outputs = Path(args.outputs) if args.outputs else None
@@ -306,6 +309,18 @@ def _verify(args: argparse.Namespace) -> int:
         return 0
     _say(f"exit {VERIFY_INVALID} (invalid): {result.first_failure()}")
     return VERIFY_INVALID
+
+
+def _seal_argument(text: str) -> verify.SealFiles:
+    """gbx verify's SEAL: a verification link, a picture of the badge (its QR code's link), a seal.svg or a seal directory."""
+    from gbx_client import pictures, verify  # pictures imports zxing-cpp and Pillow only when it reads one
+
+    if verify.is_link(text):
+        return verify.link_seal(text)
+    path = Path(text)
+    if pictures.is_picture(path):
+        return pictures.picture_seal(path)
+    return verify.load_seal(path)
 
 
 def _keys(args: argparse.Namespace, seal: verify.SealFiles, service: Service | None) -> verify.KeyRing:

@@ -40,6 +40,7 @@ class SealFiles:
     seal_sig: bytes | None = None
     public_key_pem: bytes | None = None
     link: str | None = None  # a seal given as its link BASE/v#P.S (then svg is empty), or a seal directory's link file
+    unreadable: str | None = None  # why a picture holds no seal (no QR code, several, not a link): the document check's failure
 
 
 def is_link(text: str) -> bool:
@@ -164,6 +165,9 @@ def verify_seal(
     checks = dict.fromkeys(names, NOT_CHECKED)
     result = Verification(checks=checks, claims={})
 
+    if seal.unreadable is not None:
+        checks["document"] = seal.unreadable
+        return result
     try:
         # A link is a seal once its fragment inflates: a tampered one fails here or at the signature.
         # A seal given as its link has no svg; a seal directory's link file is checked against its svg below.
