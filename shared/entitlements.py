@@ -46,10 +46,12 @@ def idempotency_key_id(caller: PartnerCaller, endpoint: str, key: str) -> str:
 
 def check(caller: Identity, req: CheckRequest) -> CheckResponse:
     """May this run_id run now? Writes nothing."""
-    # Grants before the run: a run missing *after* an empty balance was read was missing then too,
-    # so a concurrent consume of this very run_id can never make us answer 402.
-    balance = current_balance(caller.principal)
-    run = store.read_run(caller.principal, req.run_id)
+    balance, run = store.at_once(lambda: current_balance(caller.principal), lambda: store.read_run(caller.principal, req.run_id))
+    if run is None and balance < 1:
+        # Read at once, the run may have been read before the balance: a twin consume of this very run_id that took
+        # the last run in between would read as "no run, no balance". A 402 is answered only when the run is still
+        # missing on a read made after the empty balance was read (one more round trip, on this path alone).
+        run = store.read_run(caller.principal, req.run_id)
     if run is not None and run.state != "consumed":
         raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}", state=run.state)
     if run is None and balance < 1:

@@ -221,9 +221,11 @@ def _log_request(*, request: flask.Request, request_id: str, endpoint: str, prin
         "latency_ms": round((time.monotonic() - started) * 1000, 1),
     }
     if writes:
-        # Commits tried and races lost: contention on a principal shows in Cloud Logging.
+        # Commits tried and races lost: contention on a principal shows in Cloud Logging; round trips to Firestore
+        # one after another (reads made at once count as one), what a request's latency is made of.
         entry["commits"] = writes.count("commit")
         entry["races_lost"] = writes.count("contended")
+        entry["round_trips"] = writes.count("read") + writes.count("commit")
     _emit(entry, request)
 
 

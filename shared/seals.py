@@ -144,6 +144,8 @@ class Verification:
     checks: VerifyChecks
     claims: dict[str, Any]
     record: dict[str, Any] | None
+    # The seal's own principal's redemption of it, read with the record (None when absent or not read).
+    redemption: dict[str, Any] | None = None
 
     @property
     def verified(self) -> bool:
@@ -161,9 +163,10 @@ def verify_seal(svg: bytes, link: str | None = None) -> Verification:
     checks = {"document": NOT_CHECKED, "key": NOT_CHECKED, "signature": NOT_CHECKED, "record": NOT_CHECKED}
     claims: dict[str, Any] = {}
     record: dict[str, Any] | None = None
+    redemption: dict[str, Any] | None = None
 
     def done() -> Verification:
-        return Verification(checks=VerifyChecks(**checks), claims=claims, record=record)
+        return Verification(checks=VerifyChecks(**checks), claims=claims, record=record, redemption=redemption)
 
     try:
         # A link is a seal too, once its fragment is inflated: a tampered one is INVALID, not a 400.
@@ -194,7 +197,8 @@ def verify_seal(svg: bytes, link: str | None = None) -> Verification:
         checks["signature"] = "signature does not match the payload"
         return done()
     checks["signature"] = OK
-    record = store.read_seal(claims["seal_id"])
+    # The redemption with the record, in one round trip: verify answers `redeemed` from it.
+    record, redemption = store.read_seal_and_redemption(claims["seal_id"], claims["principal"])
     if record is None:
         checks["record"] = "no seal with this id was issued here"
     elif record["payload"].encode() != payload:
@@ -212,7 +216,7 @@ def verify(caller: Identity, upload: SealUpload) -> VerifyResponse:
     result = verify_seal(upload.svg, upload.link)
     seal_id: str | None = result.claims.get("seal_id")
     # Only a seal that verifies is a seal of ours: an INVALID upload's claims say nothing about redemptions.
-    redeemed = result.verified and seal_id is not None and store.read_redemption(result.claims["principal"], seal_id) is not None
+    redeemed = result.verified and seal_id is not None and result.redemption is not None
     return VerifyResponse(
         status="VERIFIED" if result.verified else "INVALID",
         seal_id=seal_id,
@@ -248,21 +252,21 @@ def redeem_seal_once(caller: Identity, upload: RedeemUpload, *, idempotency_key:
     tried: list[RedeemResponse] = []
 
     def attempt() -> RedeemResponse:
-        # The redemption before the key: both are created in one commit, so a redemption made with this key
-        # and read here has its key record visible on the read after it (the other order could 409 a twin).
-        redemption = store.read_redemption(principal, seal_id)
-        if key_hash is not None:
-            first = store.read_redemption_key(key_hash)
-            if first is not None:
-                if first["seal_id"] != seal_id:
-                    raise errors.IdempotencyConflict("this Idempotency-Key was used to redeem another seal")
-                return RedeemResponse.model_validate({**first["response"], "replayed": first["grant_id"] != grant_id})
+        # The redemption and the key at one read time: both are created in one commit, so a redemption made with
+        # this key shows with its key record (read apart, the key first could 409 a twin).
+        (redemption, first), balance = store.at_once(
+            lambda: store.read_redemption_and_key(principal, seal_id, key_hash), lambda: current_balance(principal)
+        )
+        if first is not None:
+            if first["seal_id"] != seal_id:
+                raise errors.IdempotencyConflict("this Idempotency-Key was used to redeem another seal")
+            return RedeemResponse.model_validate({**first["response"], "replayed": first["grant_id"] != grant_id})
         if redemption is not None:
             if redemption["grant_id"] == grant_id and tried:
                 return tried[-1]
             raise errors.AlreadyRedeemed(redeemed_at=format_time(redemption["at"]), grant_id=redemption["grant_id"])
         # The balance read before the commit plus the run it grants, as issue answers.
-        response = RedeemResponse(seal_id=seal_id, principal=principal, granted_runs=1, grant_id=grant_id, balance=current_balance(principal) + 1, replayed=False)
+        response = RedeemResponse(seal_id=seal_id, principal=principal, granted_runs=1, grant_id=grant_id, balance=balance + 1, replayed=False)
         tried.append(response)
         store.commit_redeem(principal, seal_id, grant_id, key_hash=key_hash, response=response.model_dump(mode="json"))
         return response

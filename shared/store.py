@@ -9,6 +9,7 @@ import hashlib
 import random
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -40,18 +41,39 @@ REDEMPTION_KEYS = "redemption_keys"
 _TRANSIENT = gretry.if_exception_type(gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError)
 
 
-def _rpc() -> dict[str, Any]:
-    """Timeout and retry of one read: retried on transient errors within the configured budget."""
+def _bounds() -> dict[str, Any]:
     config = get_config()
     retry = gretry.Retry(initial=0.1, maximum=1.0, multiplier=2.0, timeout=config.firestore_retry_seconds, predicate=_TRANSIENT)
     return {"retry": retry, "timeout": config.firestore_timeout_seconds}
 
 
+def _rpc() -> dict[str, Any]:
+    """Timeout and retry of one read: retried on transient errors within the configured budget. Each call is one
+    round trip of the request (see `at_once` for reads that go together)."""
+    _note("read")
+    return _bounds()
+
+
 def _commit_rpc() -> dict[str, Any]:
     """A commit is retried only on UNAVAILABLE (the request never reached Firestore, or a retry meets our own
     write and fails as Contended); a deadline may mean it was applied, which only a re-read can tell."""
-    rpc = _rpc()
+    rpc = _bounds()
     return {**rpc, "retry": rpc["retry"].with_predicate(gretry.if_exception_type(gexc.ServiceUnavailable))}
+
+
+# Reads that do not depend on each other go out together: one round trip instead of several.
+_READERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="gbx-read")
+
+
+def at_once(*reads: Callable[[], Any]) -> list[Any]:
+    """Run independent reads side by side and return their results in order: one round trip of the request.
+
+    The pool's threads do not carry the request's record, so the reads note nothing themselves; the group notes one
+    round trip. Reads at once see no common snapshot: a caller whose decision depends on the order of two reads
+    (this one read before that one) must re-read what it needs afterwards (see entitlements.check)."""
+    _note("read")
+    futures = [_READERS.submit(read) for read in reads]
+    return [future.result() for future in futures]
 
 
 # Plan (and ledger reason) of the one-run grant a redeemed seal gives.
@@ -270,8 +292,8 @@ def read_run(principal: str, run_id: str) -> Run | None:
     return Run(record=RunRecord.model_validate(snap.to_dict() or {}), update_time=snap.update_time)
 
 
-# What the optimistic writes of the current request did, when someone records it: "commit" per commit
-# tried, "contended" per lost race, "uncertain" per lost reply. Each request (thread) has its own.
+# What the current request did to Firestore, when someone records it: "read" per read round trip, "commit" per
+# commit tried, "contended" per lost race, "uncertain" per lost reply. Each request (thread) has its own.
 _recorded: ContextVar[list[str] | None] = ContextVar("gbx_store_recorded", default=None)
 
 
@@ -475,15 +497,31 @@ def commit_run_complete(principal: str, run: Run, *, outputs_sha256: str, comple
     _commit(batch)
 
 
+def _read_documents(refs: list[firestore.DocumentReference]) -> list[dict[str, Any] | None]:
+    """Several documents in one request (one round trip, one consistent read time), in the order asked; None where absent."""
+    found = {snap.reference.path: snap for snap in client().get_all(refs, **_rpc())}
+    return [found[ref.path].to_dict() if ref.path in found and found[ref.path].exists else None for ref in refs]
+
+
+def read_seal_and_redemption(seal_id: str, principal: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The seal record and `principal`'s redemption of it, read together (verify needs both)."""
+    seal, redemption = _read_documents([client().collection(SEALS).document(seal_id), client().collection(REDEMPTIONS).document(redemption_id(principal, seal_id))])
+    return seal, redemption
+
+
+def read_redemption_and_key(principal: str, seal_id: str, key_id: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """`principal`'s redemption of a seal and (with an Idempotency-Key) the key's record, at one read time: both are
+    created in one commit, so either both or neither show."""
+    refs = [client().collection(REDEMPTIONS).document(redemption_id(principal, seal_id))]
+    if key_id is not None:
+        refs.append(client().collection(REDEMPTION_KEYS).document(key_id))
+    found = _read_documents(refs)
+    return found[0], (found[1] if key_id is not None else None)
+
+
 def read_seal(seal_id: str) -> dict[str, Any] | None:
     """The seal record, or None."""
     snap = client().collection(SEALS).document(seal_id).get(**_rpc())
-    return snap.to_dict() if snap.exists else None
-
-
-def read_redemption(principal: str, seal_id: str) -> dict[str, Any] | None:
-    """`principal`'s redemption of the seal, or None."""
-    snap = client().collection(REDEMPTIONS).document(redemption_id(principal, seal_id)).get(**_rpc())
     return snap.to_dict() if snap.exists else None
 
 
@@ -495,12 +533,6 @@ def grant_exists(principal: str, grant_id: str) -> bool:
 def redemption_key_id(caller: str, idempotency_key: str) -> str:
     """Document id of a redeem Idempotency-Key: keys are the caller's own (the ID token's principal), so namespaced by it."""
     return sha256_hex(f"{caller}|{idempotency_key}")
-
-
-def read_redemption_key(key_id: str) -> dict[str, Any] | None:
-    """The redemption an Idempotency-Key made, or None."""
-    snap = client().collection(REDEMPTION_KEYS).document(key_id).get(**_rpc())
-    return snap.to_dict() if snap.exists else None
 
 
 def commit_redeem(principal: str, seal_id: str, grant_id: str, *, key_hash: str | None = None, response: dict[str, Any] | None = None) -> None:
