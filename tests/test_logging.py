@@ -63,7 +63,25 @@ def test_log_lines_count_the_commits_each_request_tried(api: Api, capfd: pytest.
     # Every commit tried either charged its request's run or lost a race: nothing is counted twice or missed.
     assert sum(line.get("commits", 0) for line in lines) == 5 + sum(line.get("races_lost", 0) for line in lines)
     assert all(line["commits"] >= 1 for line in lines if line["status"] == 200)
-    # A request that wrote nothing (a check) says nothing about commits.
+    # A request that wrote nothing (a check) tried no commit. Its reads went out at once, and on the way to a 402
+    # (the balance is spent) it reads the run once more.
     api.check("job-0")
     (check,) = [line for line in _log_lines(capfd.readouterr().out) if line["endpoint"] == "check"]
-    assert "commits" not in check
+    assert (check["status"], check["commits"], check["round_trips"]) == (402, 0, 2)
+
+
+def test_log_lines_count_the_round_trips_made_one_after_another(api: Api, capfd: pytest.CaptureFixture[str]) -> None:
+    api.issue(RUNNER, 3)
+    svg = api.sealed_run("job-1")["seal_svg"]
+    capfd.readouterr()
+    api.verify(svg)
+    api.redeem(svg)
+    api.check("job-2")
+    api.issue(RUNNER, 0)  # refused before any read
+    lines = {line["endpoint"]: line for line in _log_lines(capfd.readouterr().out)}
+    # verify: the seal record and its redemption in one request; redeem: that, then the redemption, its key and the
+    # balance at once, then the commit; check: the balance and the run at once.
+    assert lines["seal_verify"]["round_trips"] == 1
+    assert (lines["redeem_seal_once"]["round_trips"], lines["redeem_seal_once"]["commits"]) == (3, 1)
+    assert lines["check"]["round_trips"] == 1
+    assert "round_trips" not in lines["issue"]
