@@ -21,7 +21,7 @@ import pydantic
 from google.cloud import firestore
 
 from bench import harness
-from shared import emulator, entitlements, errors, store
+from shared import emulator, entitlements, errors, ledger_store, store
 from shared.auth import Identity, PartnerCaller, Role
 from shared.http import UNAVAILABLE_ERRORS
 from shared.models import ConsumeRequest, IssueRequest
@@ -239,7 +239,7 @@ def design_invariants(principal: str, grant_id: str, runs: int, outcomes: list[O
     remaining = sum(g["remaining"] for g in grants)
     if remaining != runs - len(ok):
         problems.append(f"grant remaining {remaining} != {runs} - {len(ok)} successes")
-    ledger = store.ledger_for_grant(grant_id)
+    ledger = ledger_store.ledger_for_grant(grant_id)
     for g in grants:
         shard_sum = sum(e["delta"] for e in ledger if e["shard"] == g["grant_id"])
         if shard_sum != g["remaining"]:
@@ -387,7 +387,7 @@ def transaction_invariants(principal: str, grant_id: str, runs: int, outcomes: l
     remaining = sum(g["remaining"] for g in grants)
     if len(grants) != 1 or remaining != runs - ok:
         problems.append(f"grant remaining {remaining} (in {len(grants)} documents) != {runs} - {ok} successes")
-    ledger = store.ledger_for_grant(grant_id)
+    ledger = ledger_store.ledger_for_grant(grant_id)
     if sum(e["delta"] for e in ledger) != remaining:
         problems.append(f"ledger sum {sum(e['delta'] for e in ledger)} != grant remaining {remaining}")
     if sum(e["reason"] == "consume" for e in ledger) != ok:

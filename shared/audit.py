@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from shared import errors, store
+from shared import errors, ledger_store, store
 from shared.auth import Identity
 from shared.config import get_config
 from shared.models import AuditResponse, LedgerMismatch, format_time
@@ -43,7 +43,7 @@ def check_documents(snaps: Sequence[Any]) -> list[LedgerMismatch]:
         data = snap.to_dict() or {}
         # The principal is the one the document is filed under (principals/{p}/grants/{id}).
         principal = snap.reference.parent.parent.id
-        expected = store.ledger_sum_for_shard(principal, snap.id, read_time)
+        expected = ledger_store.ledger_sum_for_shard(principal, snap.id, read_time)
         found = data.get("remaining")
         if found == expected:
             return None
@@ -61,7 +61,7 @@ def run_audit(*, page_size: int, budget_seconds: float) -> AuditResponse:
     from shared.http import log  # only the endpoint logs; the ledger tool shares check_documents, not this
 
     started = time.monotonic()
-    state, update_time = store.read_audit_state()
+    state, update_time = ledger_store.read_audit_state()
     cursor: str | None = state.get("cursor")
     if cursor is None:
         pass_started_at, pass_checked, pass_mismatches = format_time(_now()), 0, 0
@@ -103,7 +103,7 @@ def run_audit(*, page_size: int, budget_seconds: float) -> AuditResponse:
         saved = {**saved, "pass_started_at": None, "pass_checked_grants": 0, "pass_mismatches": 0,
                  "last_pass": {"started_at": pass_started_at, "finished_at": saved["saved_at"], "checked_grants": pass_checked, "mismatches": pass_mismatches}}
     try:
-        store.commit_audit_state(saved, update_time)
+        ledger_store.commit_audit_state(saved, update_time)
     except store.Contended:
         # Another audit call saved the cursor meanwhile (overlapping calls): its cursor stands; what this call found is logged.
         log({"severity": "WARNING", "message": "ledger audit: another audit call moved the cursor meanwhile; this call's cursor is dropped"})

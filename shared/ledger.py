@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import google.auth.exceptions
 from google.api_core import exceptions as gexc
 
-from shared import config, store
+from shared import config, ledger_store, store
 from shared.audit import check_documents
 from shared.models import format_time
 
@@ -53,7 +53,7 @@ def audit(principal: str, limit: int) -> tuple[list[dict[str, Any]], list[dict[s
     problems = [
         f"grant {m.grant_id} (document {m.shard}): ledger sums to {m.expected}, grant holds {m.found}" for m in check_documents(snaps)
     ]
-    return grants, store.ledger_for_principal(principal, limit), problems
+    return grants, ledger_store.ledger_for_principal(principal, limit), problems
 
 
 PROJECT_HELP = f"Google Cloud project (default: ${config.ENV_PROJECT}; on the emulator, local mode's {config.LOCAL_PROJECT!r})"

@@ -149,17 +149,3 @@ def issued_grant_of(lead: firestore.DocumentSnapshot) -> IssuedGrant:
     grant = read_grant(data["principal"], data.get("group", lead.id))
     assert grant is not None, "a lead document's grant has at least the lead"
     return grant
-
-
-def ledger_runs(grant_id: str, reason: str, start: dt.datetime, end: dt.datetime) -> int:
-    """Runs that left the grant for `reason` with `at` in [start, end), as a positive number: one `sum` aggregation
-    (composite index: grant ASC, reason ASC, at ASC, delta ASC)."""
-    query = (
-        store.client()
-        .collection(store.LEDGER)
-        .where(filter=FieldFilter("grant", "==", grant_id))
-        .where(filter=FieldFilter("reason", "==", reason))
-        .where(filter=FieldFilter("at", ">=", start))
-        .where(filter=FieldFilter("at", "<", end))
-    )
-    return -store._aggregate(query.sum("delta"))

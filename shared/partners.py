@@ -18,7 +18,7 @@ import secrets
 
 from google.cloud.firestore import DocumentSnapshot
 
-from shared import entitlements, errors, partner_store, store
+from shared import entitlements, errors, ledger_store, partner_store, store
 from shared.auth import PartnerCaller
 from shared.config import get_config
 from shared.models import ExportQuery, ExportResponse, ExportRow, RevokeRequest, RevokeResponse, format_time
@@ -156,7 +156,7 @@ def _counts(grant: IssuedGrant, req: ExportQuery) -> tuple[int, int]:
     inside = grant.created_at is not None and grant.spent_at is not None and grant.created_at >= req.from_ and grant.spent_at < req.to
     if inside and grant.consumed is not None and grant.revoked is not None:
         return grant.consumed, grant.revoked
-    return partner_store.ledger_runs(grant.grant_id, CONSUME, req.from_, req.to), partner_store.ledger_runs(grant.grant_id, REVOKE, req.from_, req.to)
+    return ledger_store.ledger_runs(grant.grant_id, CONSUME, req.from_, req.to), ledger_store.ledger_runs(grant.grant_id, REVOKE, req.from_, req.to)
 
 
 def _row(grant: IssuedGrant, req: ExportQuery) -> ExportRow:

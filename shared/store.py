@@ -557,24 +557,6 @@ def commit_redeem(principal: str, seal_id: str, grant_id: str, *, key_hash: str 
     _commit(batch)
 
 
-def ledger_for_principal(principal: str, limit: int = 100) -> list[dict[str, Any]]:
-    """A principal's ledger, newest first (composite index: principal ASC, at DESC)."""
-    query = (
-        client()
-        .collection(LEDGER)
-        .where(filter=FieldFilter("principal", "==", principal))
-        .order_by("at", direction=firestore.Query.DESCENDING)
-        .limit(limit)
-    )
-    return [snap.to_dict() or {} for snap in query.get(**_rpc())]
-
-
-def ledger_for_grant(grant_id: str) -> list[dict[str, Any]]:
-    """An issued grant's ledger (all its shards), oldest first (composite index: grant ASC, at ASC)."""
-    query = client().collection(LEDGER).where(filter=FieldFilter("grant", "==", grant_id)).order_by("at")
-    return [snap.to_dict() or {} for snap in query.get(**_rpc())]
-
-
 def all_grants(principal: str) -> list[dict[str, Any]]:
     """Every grant document of a principal, spent or not, as dicts with their `grant_id` (usage, tools and tests)."""
     return [{"grant_id": snap.id, **(snap.to_dict() or {})} for snap in read_principal_grant_docs(principal)]
@@ -618,9 +600,6 @@ def optimistic(attempt: Callable[[], T], *, max_attempts: int = MAX_ATTEMPTS) ->
 
 
 # ---------------------------------------------------------------- ledger audit and usage (read-only, but the audit's cursor)
-# The audit's cursor and pass totals: one document, written once per audit call.
-AUDITS = "audits"
-LEDGER_AUDIT = "ledger"
 
 
 def read_grant_page(after: str | None, limit: int) -> list[firestore.DocumentSnapshot]:
@@ -636,46 +615,3 @@ def read_principal_grant_docs(principal: str) -> list[firestore.DocumentSnapshot
     return list(_grants(principal).get(**_rpc()))
 
 
-def ledger_sum_for_shard(principal: str, shard: str, read_time: dt.datetime | None = None) -> int:
-    """The sum of the deltas of the principal's ledger entries on one grant document, as of `read_time`: one `sum`
-    aggregation (composite index: principal ASC, shard ASC, delta ASC)."""
-    query = (
-        client()
-        .collection(LEDGER)
-        .where(filter=FieldFilter("principal", "==", principal))
-        .where(filter=FieldFilter("shard", "==", shard))
-    )
-    return _aggregate(query.sum("delta"), read_time=read_time)
-
-
-def count_ledger_entries(principal: str, reason: str, start: dt.datetime | None, end: dt.datetime | None) -> int:
-    """How many of the principal's ledger entries have this reason, with `at` in [start, end): one `count` aggregation
-    (composite index: principal ASC, reason ASC, at ASC)."""
-    query = (
-        client()
-        .collection(LEDGER)
-        .where(filter=FieldFilter("principal", "==", principal))
-        .where(filter=FieldFilter("reason", "==", reason))
-    )
-    if start is not None:
-        query = query.where(filter=FieldFilter("at", ">=", start))
-    if end is not None:
-        query = query.where(filter=FieldFilter("at", "<", end))
-    return _aggregate(query.count())
-
-
-def read_audit_state() -> tuple[dict[str, Any], Any]:
-    """The ledger audit's cursor and pass totals (empty before the first audit), with the update time to precondition on."""
-    snap = client().collection(AUDITS).document(LEDGER_AUDIT).get(**_rpc())
-    return (snap.to_dict() or {}, snap.update_time) if snap.exists else ({}, None)
-
-
-def commit_audit_state(state: dict[str, Any], update_time: Any) -> None:
-    """Save the audit's cursor and totals, unless another audit call saved them since they were read (then Contended)."""
-    batch = client().batch()
-    ref = client().collection(AUDITS).document(LEDGER_AUDIT)
-    if update_time is None:
-        batch.create(ref, state)
-    else:
-        batch.update(ref, state, option=client().write_option(last_update_time=update_time))
-    _commit(batch)

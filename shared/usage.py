@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from shared import entitlements, partner_store, store
+from shared import entitlements, ledger_store, partner_store, store
 from shared.auth import PartnerCaller
 from shared.models import UsageGrant, UsageQuery, UsageResponse, format_time
 
@@ -42,7 +42,7 @@ def _partner_consumed(docs: list[dict[str, Any]], req: UsageQuery) -> int:
     """Runs consumed in the range from the grants among `docs` (one partner's): a ledger sum per grant any run left."""
     start, end = req.from_ or _EPOCH, req.to or dt.datetime.max.replace(tzinfo=dt.UTC)
     touched = {doc.get("group", doc["grant_id"]) for doc in docs if doc["remaining"] < doc["runs_total"]}
-    return sum(partner_store.ledger_runs(grant_id, CONSUMED, start, end) for grant_id in sorted(touched))
+    return sum(ledger_store.ledger_runs(grant_id, CONSUMED, start, end) for grant_id in sorted(touched))
 
 
 def usage(caller: PartnerCaller, req: UsageQuery) -> UsageResponse:
@@ -55,8 +55,8 @@ def usage(caller: PartnerCaller, req: UsageQuery) -> UsageResponse:
     return UsageResponse(
         principal=req.principal,
         balance=entitlements.balance_for(caller, req.principal),
-        consumed=store.count_ledger_entries(req.principal, CONSUMED, req.from_, req.to) if partner is None else _partner_consumed(docs, req),
-        bonus=store.count_ledger_entries(req.principal, BONUS, req.from_, req.to) if partner is None else 0,
+        consumed=ledger_store.count_ledger_entries(req.principal, CONSUMED, req.from_, req.to) if partner is None else _partner_consumed(docs, req),
+        bonus=ledger_store.count_ledger_entries(req.principal, BONUS, req.from_, req.to) if partner is None else 0,
         counted_from=format_time(req.from_) if req.from_ is not None else None,
         counted_to=format_time(req.to) if req.to is not None else None,
         grants=grants_of(docs),

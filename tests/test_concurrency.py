@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from shared import store
+from shared import ledger_store, store
 from tests.conftest import RUNNER, Api
 
 
@@ -26,7 +26,7 @@ def test_40_consumers_of_10_runs(api: Api) -> None:
     assert all(r.json()["error"]["code"] == "entitlement_exhausted" for r in responses if r.status_code == 402)
     shards = store.all_grants(RUNNER)  # 10 runs: two shards of 5
     assert len(shards) == 2 and {g["remaining"] for g in shards} == {0} and {g["open"] for g in shards} == {False}
-    ledger = store.ledger_for_grant(grant_id)
+    ledger = ledger_store.ledger_for_grant(grant_id)
     assert sum(e["delta"] for e in ledger) == 10 - 10
     assert sorted(e["reason"] for e in ledger) == ["consume"] * 10 + ["issue"] * 2
     charged = {r.json()["run_id"] for r in responses if r.status_code == 200}
@@ -40,7 +40,7 @@ def test_20_consumes_of_one_run_id_charge_once(api: Api) -> None:
     assert [r.status_code for r in responses] == [200] * 20
     assert sorted(r.json()["replayed"] for r in responses) == [False] + [True] * 19
     assert sum(g["remaining"] for g in store.all_grants(RUNNER)) == 4
-    assert sum(e["delta"] for e in store.ledger_for_grant(grant_id)) == 4
+    assert sum(e["delta"] for e in ledger_store.ledger_for_grant(grant_id)) == 4
 
 
 def test_concurrent_issues_with_one_idempotency_key_make_one_grant(api: Api) -> None:
@@ -51,7 +51,7 @@ def test_concurrent_issues_with_one_idempotency_key_make_one_grant(api: Api) -> 
     assert sorted(r.json()["replayed"] for r in responses) == [False] + [True] * 9
     grants = store.all_grants(RUNNER)
     assert [g["runs_total"] for g in grants] == [7]
-    assert [e["delta"] for e in store.ledger_for_principal(RUNNER)] == [7]
+    assert [e["delta"] for e in ledger_store.ledger_for_principal(RUNNER)] == [7]
 
 
 def test_concurrent_consumes_across_several_grants(api: Api) -> None:
@@ -61,7 +61,7 @@ def test_concurrent_consumes_across_several_grants(api: Api) -> None:
     assert sorted(r.status_code for r in responses) == [200] * 12 + [402] * 18
     for grant in store.all_grants(RUNNER):
         assert grant["remaining"] == 0
-        assert sum(e["delta"] for e in store.ledger_for_grant(grant["grant_id"])) == 0
+        assert sum(e["delta"] for e in ledger_store.ledger_for_grant(grant["grant_id"])) == 0
 
 
 def test_retries_racing_for_the_last_run_all_replay(api: Api) -> None:
@@ -83,7 +83,7 @@ def test_100_consumers_of_a_sharded_grant_spread_over_its_shards(api: Api) -> No
     assert sorted(r.status_code for r in responses) == [200] * 96 + [402] * 4
     shards = store.all_grants(RUNNER)
     assert len(shards) == 24 and {g["group"] for g in shards} == {group}
-    entries = store.ledger_for_grant(group)
+    entries = ledger_store.ledger_for_grant(group)
     for shard in shards:
         assert shard["remaining"] == 0
         assert sum(e["delta"] for e in entries if e["shard"] == shard["grant_id"]) == 0
@@ -119,7 +119,7 @@ def test_many_concurrent_lifecycles_on_one_instance(api: Api, capfd: pytest.Capt
     assert len({r["seal_id"] for r in results}) == 12
     for principal in principals:
         assert api.check("next", as_user=principal).json()["balance"] == 1
-        assert sum(e["delta"] for e in store.ledger_for_principal(principal)) == 1
+        assert sum(e["delta"] for e in ledger_store.ledger_for_principal(principal)) == 1
     lines = capfd.readouterr().out.split("\n")
     assert lines[-1] == ""
     entries = [json.loads(line) for line in lines[:-1]]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from shared import store
+from shared import ledger_store, store
 from tests.conftest import ADMIN_TOKEN, RUNNER, Api, error_code
 
 OTHER = "other@acme-prod.iam.gserviceaccount.com"
@@ -31,7 +31,7 @@ def test_issue_returns_the_grant_and_balance(api: Api) -> None:
 
 def test_issue_writes_one_ledger_entry_per_grant(api: Api) -> None:
     grant_id = api.issue(RUNNER, 4).json()["grant_id"]
-    entries = store.ledger_for_grant(grant_id)
+    entries = ledger_store.ledger_for_grant(grant_id)
     assert [(e["delta"], e["reason"], e["principal"]) for e in entries] == [(4, "issue", RUNNER)]
 
 
@@ -216,8 +216,8 @@ def test_ledger_sums_to_unused_runs_per_grant(api: Api) -> None:
     api.consume("job-0")  # a replay charges nothing
     (grant,) = store.all_grants(RUNNER)
     assert grant["remaining"] == 1
-    assert sum(e["delta"] for e in store.ledger_for_grant(g1)) == 1
-    assert [e["reason"] for e in store.ledger_for_principal(RUNNER)].count("consume") == 2
+    assert sum(e["delta"] for e in ledger_store.ledger_for_grant(g1)) == 1
+    assert [e["reason"] for e in ledger_store.ledger_for_principal(RUNNER)].count("consume") == 2
 
 
 def test_ledger_tool_prints_grants_and_entries_and_checks_sums(api: Api, capsys) -> None:
@@ -261,13 +261,13 @@ def test_large_grants_are_sharded_and_the_ledger_holds_per_shard(api: Api) -> No
     assert {g["open"] for g in shards.values()} == {True} and len({g["slot"] for g in shards.values()}) == 25
     assert {g["spend_key"] for g in shards.values()} == {store.FAR_FUTURE}
     # The ledger names the issued grant (as the contract's data model does) and the shard it touched.
-    entries = store.ledger_for_grant(grant_id)
+    entries = ledger_store.ledger_for_grant(grant_id)
     assert sorted((e["shard"], e["reason"], e["delta"]) for e in entries) == sorted((g, "issue", s["runs_total"]) for g, s in shards.items())
     assert api.check("x").json()["balance"] == 101
     api.consume("job-1")
     run = store.read_run(RUNNER, "job-1").record.model_dump()
     assert run["grant_id"] == grant_id and run["shard"] in shards
-    assert sum(e["delta"] for e in store.ledger_for_grant(grant_id)) == 100
+    assert sum(e["delta"] for e in ledger_store.ledger_for_grant(grant_id)) == 100
     from shared import ledger
 
     assert ledger.audit(RUNNER, 10)[2] == []

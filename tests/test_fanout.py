@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from shared import entitlements, store
+from shared import entitlements, ledger_store, store
 from tests.conftest import RUNNER, Api, error_code
 
 
@@ -34,7 +34,7 @@ def _together(count: int, call: Callable[[int], list[requests.Response]]) -> lis
 def _assert_ledger_exact(principal: str) -> None:
     """Every shard's ledger sums to its unused runs, and no run_id was charged twice."""
     grants = store.all_grants(principal)
-    entries = store.ledger_for_principal(principal, limit=100_000)
+    entries = ledger_store.ledger_for_principal(principal, limit=100_000)
     for grant in grants:
         assert sum(e["delta"] for e in entries if e["shard"] == grant["grant_id"]) == grant["remaining"]
         assert grant["open"] is (grant["remaining"] > 0)
@@ -55,7 +55,7 @@ def test_200_concurrent_consumers_of_one_principal_end_exact(api: Api) -> None:
     assert Counter(r.status_code for r in responses) == {200: 400}
     assert all(r.json()["replayed"] is False and 0 <= r.json()["balance"] <= 399 for r in responses)
     assert {g["remaining"] for g in store.all_grants(RUNNER)} == {0}
-    assert sum(e["delta"] for e in store.ledger_for_grant(group)) == 0
+    assert sum(e["delta"] for e in ledger_store.ledger_for_grant(group)) == 0
     _assert_ledger_exact(RUNNER)
     assert api.check("next").status_code == 402
 

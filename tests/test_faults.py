@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from shared import config, store
+from shared import config, ledger_store, store
 from tests.conftest import RUNNER, Api, error_code
 
 
@@ -63,7 +63,7 @@ def test_a_redeem_whose_commit_outlives_its_deadline_is_answered_as_applied(api:
     assert (plain.status_code, error_code(plain)) == (409, "already_redeemed")
     assert plain.json()["error"]["grant_id"] == grant_id
     assert [g["grant_id"] for g in store.all_grants(RUNNER) if g["plan_id"] == store.SEAL_RERUN_PLAN] == [grant_id]
-    assert [e["delta"] for e in store.ledger_for_grant(grant_id)] == [1]
+    assert [e["delta"] for e in ledger_store.ledger_for_grant(grant_id)] == [1]
 
 
 def test_a_consume_whose_commit_outlives_its_deadline_charges_once(api: Api, stall_next_commit: Callable[[], list[str]]) -> None:

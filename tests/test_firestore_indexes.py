@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from shared import store
+from shared import ledger_store, store
 from shared.config import REPO_ROOT
 from tests.conftest import RUNNER, Api
 
@@ -13,18 +13,18 @@ OTHER = "other@acme-prod.iam.gserviceaccount.com"
 # Each composite query of the service, by the index it needs: (collection, ((field, order), ...)) -> "module:function"
 # (module shared.store when not named). Collection-group indexes are marked with a leading "*" on the collection.
 QUERIES = {
-    ("ledger", (("principal", "ASCENDING"), ("at", "DESCENDING"))): "ledger_for_principal",
-    ("ledger", (("grant", "ASCENDING"), ("at", "ASCENDING"))): "ledger_for_grant",
+    ("ledger", (("principal", "ASCENDING"), ("at", "DESCENDING"))): "ledger_store:ledger_for_principal",
+    ("ledger", (("grant", "ASCENDING"), ("at", "ASCENDING"))): "ledger_store:ledger_for_grant",
     ("grants", (("open", "ASCENDING"), ("spend_key", "ASCENDING"), ("created_at", "ASCENDING"), ("group", "ASCENDING"))): "read_first_to_spend",
     ("grants", (("open", "ASCENDING"), ("spend_key", "ASCENDING"), ("slot", "ASCENDING"))): "read_open_shard_at",
     ("grants", (("open", "ASCENDING"), ("spend_key", "ASCENDING"), ("slot", "DESCENDING"))): "read_open_shard_at",
     # sum(delta) reads the summed field from the index too.
-    ("ledger", (("principal", "ASCENDING"), ("shard", "ASCENDING"), ("delta", "ASCENDING"))): "ledger_sum_for_shard",
-    ("ledger", (("principal", "ASCENDING"), ("reason", "ASCENDING"), ("at", "ASCENDING"))): "count_ledger_entries",
+    ("ledger", (("principal", "ASCENDING"), ("shard", "ASCENDING"), ("delta", "ASCENDING"))): "ledger_store:ledger_sum_for_shard",
+    ("ledger", (("principal", "ASCENDING"), ("reason", "ASCENDING"), ("at", "ASCENDING"))): "ledger_store:count_ledger_entries",
     ("grants", (("issued_by", "ASCENDING"), ("spend_key", "ASCENDING"))): "read_partner_balance",
     ("*grants", (("lead", "ASCENDING"), ("created_at", "ASCENDING"))): "partner_store:read_export_page",
     ("*grants", (("lead", "ASCENDING"), ("issued_by", "ASCENDING"), ("created_at", "ASCENDING"))): "partner_store:read_export_page",
-    ("ledger", (("grant", "ASCENDING"), ("reason", "ASCENDING"), ("at", "ASCENDING"), ("delta", "ASCENDING"))): "partner_store:ledger_runs",
+    ("ledger", (("grant", "ASCENDING"), ("reason", "ASCENDING"), ("at", "ASCENDING"), ("delta", "ASCENDING"))): "ledger_store:ledger_runs",
 }
 
 
@@ -50,12 +50,12 @@ def test_each_indexed_query_runs_and_orders_as_its_index(api: Api) -> None:
     api.issue(OTHER, 1)
     api.consume("job-1")
     api.consume("job-2")
-    newest_first = store.ledger_for_principal(RUNNER)
+    newest_first = ledger_store.ledger_for_principal(RUNNER)
     assert [(e["reason"], e["delta"]) for e in newest_first] == [("consume", -1), ("consume", -1), ("issue", 3)]
     assert [e["at"] for e in newest_first] == sorted((e["at"] for e in newest_first), reverse=True)
     assert {e["principal"] for e in newest_first} == {RUNNER}
-    assert len(store.ledger_for_principal(RUNNER, limit=1)) == 1
-    oldest_first = store.ledger_for_grant(first)
+    assert len(ledger_store.ledger_for_principal(RUNNER, limit=1)) == 1
+    oldest_first = ledger_store.ledger_for_grant(first)
     assert [e["delta"] for e in oldest_first] == [3, -1, -1]
     assert {e["grant"] for e in oldest_first} == {first}
 

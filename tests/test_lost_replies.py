@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from shared import store
+from shared import ledger_store, store
 from tests.conftest import RUNNER, Api, error_code
 
 
@@ -44,7 +44,7 @@ def test_issue_without_key_is_not_issued_twice(api: Api, lose_next_reply: Callab
     assert lost and response.status_code == 200
     assert response.json()["replayed"] is False
     assert [g["grant_id"] for g in store.all_grants(RUNNER)] == [response.json()["grant_id"]]
-    assert [e["delta"] for e in store.ledger_for_principal(RUNNER)] == [5]
+    assert [e["delta"] for e in ledger_store.ledger_for_principal(RUNNER)] == [5]
 
 
 def test_issue_with_key_answers_as_the_first_issue(api: Api, lose_next_reply: Callable[[], list[str]]) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import requests
 
-from shared import audit, config, store
+from shared import audit, config, ledger_store, store
 from shared.models import USAGE_CSV_COLUMNS, format_time
 from tests.conftest import ADMIN_TOKEN, OPERATOR, RUNNER, Api, error_code
 
@@ -126,7 +126,7 @@ def test_the_audit_pages_and_resumes_from_its_cursor(api: Api, monkeypatch: pyte
     config.get_config.cache_clear()
     try:
         calls = [audit_call(api).json() for _ in range(4)]
-        state, _ = store.read_audit_state()
+        state, _ = ledger_store.read_audit_state()
         following = audit_call(api).json()
     finally:
         monkeypatch.undo()
@@ -151,13 +151,13 @@ def test_one_call_checks_page_after_page_within_its_budget(api: Api) -> None:
 def test_overlapping_calls_keep_one_cursor(api: Api) -> None:
     """Two calls that read the same cursor: the second to save it loses the race and leaves the first's cursor."""
     honest_history(api)
-    store.commit_audit_state({"cursor": None}, None)
-    state, update_time = store.read_audit_state()
+    ledger_store.commit_audit_state({"cursor": None}, None)
+    state, update_time = ledger_store.read_audit_state()
     first = audit.run_audit(page_size=3, budget_seconds=0)
     # A call that read the state before `first` saved it: its save is refused, its findings stand.
     with pytest.raises(store.Contended):
-        store.commit_audit_state({"cursor": "principals/x/grants/y"}, update_time)
-    assert first.pass_checked_grants == 3 and store.read_audit_state()[0]["cursor"] is not None
+        ledger_store.commit_audit_state({"cursor": "principals/x/grants/y"}, update_time)
+    assert first.pass_checked_grants == 3 and ledger_store.read_audit_state()[0]["cursor"] is not None
 
 
 def test_a_consume_racing_the_audit_is_never_a_mismatch(api: Api) -> None:
@@ -247,7 +247,7 @@ def test_usage_sums_a_sharded_grant_and_lists_other_principals_nothing(api: Api)
 
 def test_from_and_to_bound_the_counts_by_ledger_time(api: Api) -> None:
     lifecycle(api)
-    entries = sorted(store.ledger_for_principal(RUNNER), key=lambda e: e["at"])
+    entries = sorted(ledger_store.ledger_for_principal(RUNNER), key=lambda e: e["at"])
     assert [e["reason"] for e in entries] == ["issue", "consume", "consume", "consume", "seal_rerun"]
     second, last = entries[2]["at"], entries[4]["at"]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from shared import audit, store
+from shared import audit, ledger_store, store
 from shared.models import format_time
 from tests.conftest import OPERATOR, PARTNER, PARTNER_B, RUNNER, Api, error_code
 
@@ -28,7 +28,7 @@ def _range(minutes: int = 10) -> dict[str, str]:
 
 
 def _revoked_runs(grant_id: str) -> int:
-    return -sum(e["delta"] for e in store.ledger_for_grant(grant_id) if e["reason"] == "revoke")
+    return -sum(e["delta"] for e in ledger_store.ledger_for_grant(grant_id) if e["reason"] == "revoke")
 
 
 def _audit_is_clean() -> None:
@@ -207,7 +207,7 @@ def test_revoke_racing_40_consumers_of_one_sharded_grant_never_gives_a_run_twice
     left = sum(g["remaining"] for g in store.all_grants(RUNNER))
     assert consumed + revoked[0] + left == runs
     assert _revoked_runs(grant_id) == revoked[0]
-    runs_recorded = [e for e in store.ledger_for_grant(grant_id) if e["reason"] == "consume"]
+    runs_recorded = [e for e in ledger_store.ledger_for_grant(grant_id) if e["reason"] == "consume"]
     assert len(runs_recorded) == consumed
     _audit_is_clean()
 
@@ -322,7 +322,7 @@ def test_export_counts_a_range_that_cuts_through_a_grants_activity_from_the_ledg
     assert counts(middle, end) == (2, 2)  # cuts through it: from the ledger
     assert counts(start, middle) == (1, 1)
     assert counts(end, end + dt.timedelta(minutes=1)) == (0, 0)  # after the last run left
-    ledger = store.ledger_for_grant(grant_id)
+    ledger = ledger_store.ledger_for_grant(grant_id)
     assert sum(-e["delta"] for e in ledger if e["reason"] == "consume" and e["at"] >= middle) == 2
 
 

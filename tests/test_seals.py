@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gbx_client.seal_format import b64url_decode, b64url_encode, canonical_json, parse_seal_svg, render_seal_svg
-from shared import config, signing, store
+from shared import config, ledger_store, signing, store
 from tests.conftest import IMAGE, OPERATOR, RUNNER, Api, error_code
 from tests.kms_server import VERSION_1, VERSION_2, FakeKms
 
@@ -337,7 +337,7 @@ def test_redeem_once(api: Api) -> None:
     grants = [g for g in store.all_grants(RUNNER) if g["plan_id"] == "seal_rerun"]
     assert [g["grant_id"] for g in grants] == [grant_id]
     assert [(g["runs_total"], g["remaining"], g["expires_at"]) for g in grants] == [(1, 1, None)]
-    assert sum(e["delta"] for e in store.ledger_for_grant(grants[0]["grant_id"])) == 1
+    assert sum(e["delta"] for e in ledger_store.ledger_for_grant(grants[0]["grant_id"])) == 1
     assert api.consume("bonus-run").status_code == 200
 
 
@@ -386,7 +386,7 @@ def test_20_concurrent_redeems_grant_one_run(api: Api) -> None:
     assert all(error_code(r) == "already_redeemed" for r in responses if r.status_code == 409)
     reruns = [g for g in store.all_grants(RUNNER) if g["plan_id"] == "seal_rerun"]
     assert len(reruns) == 1
-    assert [e["reason"] for e in store.ledger_for_principal(RUNNER)].count("seal_rerun") == 1
+    assert [e["reason"] for e in ledger_store.ledger_for_principal(RUNNER)].count("seal_rerun") == 1
     assert len(list(store.client().collection("redemptions").get())) == 1
 
 
