@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from shared import errors, ledger_store, store
+from shared import errors, ledger_store, partner_store, store
 from shared.auth import Identity
 from shared.config import get_config
 from shared.models import AuditResponse, LedgerMismatch, format_time
@@ -72,6 +72,10 @@ def run_audit(*, page_size: int, budget_seconds: float) -> AuditResponse:
     while True:
         page = store.read_grant_page(cursor, page_size)
         found += check_documents(page)
+        for snap in page:
+            # A revoke's fence that outlived its revoke (it died between fence and commit): its runs back into spending.
+            if (snap.to_dict() or {}).get("fence") and partner_store.lift_stale_fence(snap, _now()):
+                log({"severity": "WARNING", "message": f"lifted a stale revoke fence on {snap.reference.path}", "event": "stale_fence_lifted"})
         checked += len(page)
         if len(page) < page_size:
             complete = True

@@ -8,7 +8,7 @@ reads that list grants across principals.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.cloud import firestore
@@ -45,6 +45,8 @@ class IssuedGrant:
     consumed: int | None
     revoked: int | None
     spent_at: dt.datetime | None
+    # Documents a revoke took out of spending (see commit_fence), by the revoke's id.
+    fenced: dict[str, str] = field(default_factory=dict)
 
     @property
     def runs_total(self) -> int:
@@ -85,6 +87,7 @@ def _issued(snaps: list[firestore.DocumentSnapshot]) -> IssuedGrant:
         consumed=sum(d["consumed"] for d in all_data) if counted else None,
         revoked=sum(d["revoked"] for d in all_data) if counted else None,
         spent_at=max(spent) if spent else None,
+        fenced={snap.id: d["fence"]["revoke"] for snap, d in zip(snaps, all_data, strict=True) if d.get("fence")},
     )
 
 
@@ -99,15 +102,26 @@ def commit_revoke(
 ) -> None:
     """One commit: take `runs` from each document (unchanged since read, else Contended) with its ledger entry, and the
     revocation's record (create: a second one for the same key fails). A run is never both consumed and revoked: a consume
-    that commits on a document in between moves its update time, and this commit is decided again."""
+    that commits on a document in between moves its update time, and this commit is decided again. Documents this revoke
+    fenced are put back into spending (those with runs left) in the same commit."""
     client = store.client()
     batch = client.batch()
-    for doc, runs in takes:
-        change: dict[str, Any] = {"remaining": firestore.Increment(-runs), "revoked": firestore.Increment(runs), "spent_at": firestore.SERVER_TIMESTAMP}
-        if doc.remaining == runs:
+    taken = {doc.grant_id: runs for doc, runs in takes}
+    for doc in grant.documents:
+        runs = taken.get(doc.grant_id, 0)
+        fenced = grant.fenced.get(doc.grant_id) == revoke_id
+        if not runs and not fenced:
+            continue
+        change: dict[str, Any] = {}
+        if runs:
+            change |= {"remaining": firestore.Increment(-runs), "revoked": firestore.Increment(runs), "spent_at": firestore.SERVER_TIMESTAMP}
+        if fenced:
+            change |= {"open": doc.remaining > runs, "fence": firestore.DELETE_FIELD}
+        elif doc.remaining == runs:
             change["open"] = False
         batch.update(store.grant_ref(grant.principal, doc.grant_id), change, option=client.write_option(last_update_time=doc.update_time))
-        store._ledger(batch, principal=grant.principal, grant_id=grant.grant_id, shard=doc.grant_id, delta=-runs, reason=REVOKE, ref=f"{revoke_id}:{doc.grant_id}")
+        if runs:
+            store._ledger(batch, principal=grant.principal, grant_id=grant.grant_id, shard=doc.grant_id, delta=-runs, reason=REVOKE, ref=f"{revoke_id}:{doc.grant_id}")
     batch.create(
         client.collection(REVOCATIONS).document(record_id),
         {
@@ -120,6 +134,56 @@ def commit_revoke(
         },
     )
     store._commit(batch)
+
+
+# How long a fence may stand before the ledger audit puts its documents back into spending (a revoke that died
+# between its fence and its commit; a live one finishes in well under a second).
+FENCE_SECONDS = 60
+
+
+def commit_fence(grant: IssuedGrant, *, revoke_id: str, now: dt.datetime) -> None:
+    """Take the grant's documents that hold runs out of spending (`open: false`), marked with this revoke, so that no
+    consume can move them while the revoke decides: its next commit cannot lose a race to a consumer.
+
+    No precondition, so it cannot lose a race itself; it changes no balance (no ledger entry) and makes any consume
+    that read these documents before it fail its own precondition and draw elsewhere."""
+    client = store.client()
+    batch = client.batch()
+    fence = {"revoke": revoke_id, "until": now + dt.timedelta(seconds=FENCE_SECONDS)}
+    for doc in grant.documents:
+        if doc.remaining > 0:
+            batch.update(store.grant_ref(grant.principal, doc.grant_id), {"open": False, "fence": fence})
+    store._commit(batch)
+
+
+def commit_unfence(grant: IssuedGrant, *, revoke_id: str | None = None) -> None:
+    """Put fenced documents (this revoke's, or every one) back into spending, each unchanged since read."""
+    client = store.client()
+    batch = client.batch()
+    for doc in grant.documents:
+        if doc.grant_id in grant.fenced and revoke_id in (None, grant.fenced[doc.grant_id]):
+            batch.update(
+                store.grant_ref(grant.principal, doc.grant_id),
+                {"open": doc.remaining > 0, "fence": firestore.DELETE_FIELD},
+                option=client.write_option(last_update_time=doc.update_time),
+            )
+    store._commit(batch)
+
+
+def lift_stale_fence(snap: firestore.DocumentSnapshot, now: dt.datetime) -> bool:
+    """Put a grant document back into spending when a revoke's fence on it outlived FENCE_SECONDS (the revoke died
+    between its fence and its commit); preconditioned on the document as read. True when it did."""
+    data = snap.to_dict() or {}
+    fence = data.get("fence")
+    if not fence or fence["until"] > now:
+        return False
+    batch = store.client().batch()
+    batch.update(snap.reference, {"open": data["remaining"] > 0, "fence": firestore.DELETE_FIELD}, option=store.client().write_option(last_update_time=snap.update_time))
+    try:
+        store._commit(batch)
+    except (store.Contended, store.CommitUncertain):
+        return False  # changed meanwhile (its revoke finished), or unknown: the next audit looks again
+    return True
 
 
 # ---------------------------------------------------------------- the export

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import concurrent.futures
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -55,8 +56,17 @@ def _takes(grant: IssuedGrant, runs: int) -> list[tuple[store.Grant, int]]:
     return takes
 
 
+# Races a revoke loses to consumers before it fences the grant's documents (see partner_store.commit_fence).
+FENCE_AFTER_LOST_RACES = 3
+
+
 def revoke(caller: PartnerCaller, req: RevokeRequest, *, idempotency_key: str | None = None) -> RevokeResponse:
-    """Take back all (or exactly `runs`) unused runs of one grant, in one commit with their ledger entries."""
+    """Take back all (or exactly `runs`) unused runs of one grant, in one commit with their ledger entries.
+
+    The commit is preconditioned on every document it takes from, so under a fan-out on that very grant it can lose
+    races to consumers; after a few, the revoke fences the documents (no consume can take from them meanwhile), and its
+    next commit, which also lifts the fence, cannot lose to one. Whatever ends the request otherwise lifts the fence too.
+    """
     fingerprint = _fingerprint(req)
     # One id for every attempt: a commit applied but unanswered is recognised on the re-read, never revoked twice.
     revoke_id = secrets.token_hex(16)
@@ -65,6 +75,7 @@ def revoke(caller: PartnerCaller, req: RevokeRequest, *, idempotency_key: str | 
     else:
         record_id = store.sha256_hex(f"revoke|{revoke_id}")
     tried: list[RevokeResponse] = []
+    fenced: list[IssuedGrant] = []
 
     def attempt() -> RevokeResponse:
         if idempotency_key is not None or tried:
@@ -79,6 +90,11 @@ def revoke(caller: PartnerCaller, req: RevokeRequest, *, idempotency_key: str | 
         grant = partner_store.read_grant(req.principal, req.grant_id)
         if grant is None or not may_see(caller, grant):
             raise errors.NotFound(f"no grant {req.grant_id} of {req.principal}")
+        if len(tried) >= FENCE_AFTER_LOST_RACES and not fenced:
+            partner_store.commit_fence(grant, revoke_id=revoke_id, now=_now())
+            fenced.append(grant)
+            grant = partner_store.read_grant(req.principal, req.grant_id)
+            assert grant is not None, "a fence deletes nothing"
         unused = grant.remaining
         runs = unused if req.runs is None else req.runs
         if runs > unused:
@@ -95,7 +111,20 @@ def revoke(caller: PartnerCaller, req: RevokeRequest, *, idempotency_key: str | 
         )
         return response
 
-    return store.optimistic(attempt)
+    try:
+        return store.optimistic(attempt)
+    finally:
+        if fenced:
+            _lift_fence(req, revoke_id)
+
+
+def _lift_fence(req: RevokeRequest, revoke_id: str) -> None:
+    """After the revoke ended (its commit lifted the fence), or failed: lift what is left of its fence, best effort (the
+    ledger audit lifts a fence older than partner_store.FENCE_SECONDS)."""
+    with contextlib.suppress(Exception):
+        grant = partner_store.read_grant(req.principal, req.grant_id)
+        if grant is not None and revoke_id in grant.fenced.values():
+            partner_store.commit_unfence(grant, revoke_id=revoke_id)
 
 
 # ---------------------------------------------------------------- the export

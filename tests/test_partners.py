@@ -438,3 +438,50 @@ def test_grants_written_before_partners_read_as_the_admins_and_are_backfilled(ap
     assert sorted((r["grant_id"], r["issued_by"], r["runs_total"], r["remaining"], r["bonus"]) for r in rows) == [
         ("0" * 32, "admin", 8, 7, False), ("b" * 32, None, 1, 1, True)]
     assert api.revoke(RUNNER, "0" * 32, partner=PARTNER).status_code == 404
+
+
+def test_a_revoke_that_keeps_losing_races_fences_the_grant_and_wins(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three commits lost to consumers, then the fence: consumers draw elsewhere, the revoke's commit lifts it."""
+    soon = format_time(dt.datetime.now(dt.UTC) + dt.timedelta(days=1))  # spent first, so the consumers below race the revoke
+    grant_id = api.issue(RUNNER, 40, partner=PARTNER, expires_at=soon).json()["grant_id"]
+    other = api.issue(RUNNER, 5, partner=PARTNER_B).json()["grant_id"]
+    real_commit = store._commit
+    lost: list[int] = []
+
+    def consume_first(batch: Any) -> Any:
+        # Before each of the revoke's first three commits a consumer lands on the grant: the revoke loses its race.
+        if len(lost) < 3 and any("/revocations/" in write.update.name for write in batch._write_pbs):
+            lost.append(1)
+            monkeypatch.setattr(store, "_commit", real_commit)
+            assert api.consume(f"race-{len(lost)}").status_code == 200
+            monkeypatch.setattr(store, "_commit", consume_first)
+        return real_commit(batch)
+
+    monkeypatch.setattr(store, "_commit", consume_first)
+    response = api.revoke(RUNNER, grant_id, partner=PARTNER)
+    monkeypatch.setattr(store, "_commit", real_commit)
+    assert response.status_code == 200, response.text
+    assert len(lost) == 3
+    docs = [g for g in store.all_grants(RUNNER) if g["group"] == grant_id]
+    assert all("fence" not in g and g["remaining"] == 0 and g["open"] is False for g in docs)
+    consumed_here = sum(1 for e in ledger_store.ledger_for_grant(grant_id) if e["reason"] == "consume")
+    assert response.json()["revoked"] + consumed_here == 40
+    # The other grant was never fenced, and spending goes on from it.
+    assert api.consume("after").status_code == 200
+    assert store.read_run(RUNNER, "after").record.grant_id == other
+    _audit_is_clean()
+
+
+def test_a_stale_fence_is_lifted_by_the_ledger_audit(api: Api) -> None:
+    from shared import partner_store
+
+    grant_id = api.issue(RUNNER, 8, partner=PARTNER).json()["grant_id"]
+    grant = partner_store.read_grant(RUNNER, grant_id)
+    assert grant is not None
+    # A revoke that fenced the grant and died: nothing can be spent from it meanwhile.
+    partner_store.commit_fence(grant, revoke_id="dead", now=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=partner_store.FENCE_SECONDS + 1))
+    assert api.consume("job-1").status_code == 402
+    _audit_is_clean()
+    docs = [g for g in store.all_grants(RUNNER) if g["group"] == grant_id]
+    assert all("fence" not in g and g["open"] is True for g in docs)
+    assert api.consume("job-1").status_code == 200
