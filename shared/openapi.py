@@ -119,13 +119,13 @@ def build() -> dict[str, Any]:
         paths[endpoint.path] = {endpoint.method.lower(): operation}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "GBX Entitlements", "version": "1.0.0", "description": "Meters and seals runs of a licensed containerised job. Generated from shared/endpoints.py and shared/models.py by `make openapi`."},
+        "info": {"title": "GBX Entitlements", "version": "1.1.0", "description": "Meters and seals runs of a licensed containerised job. Generated from shared/endpoints.py and shared/models.py by `make openapi`."},
         "paths": paths,
         "components": {
             "schemas": {**schema["$defs"], "SealClaims": models.seal_claims_schema()},
             "securitySchemes": {
                 "googleIdToken": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": "Google-signed OIDC ID token whose audience is the service URL."},
-                "adminToken": {"type": "apiKey", "in": "header", "name": "X-GBX-ADMIN-TOKEN"},
+                "adminToken": {"type": "apiKey", "in": "header", "name": "X-GBX-ADMIN-TOKEN", "description": "The deployment's admin secret: the admin, who may do what any partner may, on every grant. Partners (GBX_PARTNERS) send their own ID token instead."},
             },
         },
     }
