@@ -64,28 +64,38 @@ def check(caller: Identity, req: CheckRequest) -> CheckResponse:
 def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
     """Charge one run for run_id, exactly once however often and however concurrently it is asked.
 
-    Each attempt reads the first open shard in spending order (one indexed query of one document), the run
-    record, one open shard drawn at random among all those that expire with it (another), the balance (one
-    aggregation), and commits on the drawn shard, preconditioned on its update time. A lost race draws
-    again: hundreds of consumers of one principal spread over the shards instead of re-reading them all.
-    Grants that expire at the same moment are spent in any order.
+    Each attempt makes three round trips, one after another: (1) at once, the first open shard in spending order
+    (one indexed query of one document), the run record and the balance (one aggregation); (2) one open shard drawn
+    at random among all those that expire with the first (another query of one document: it needs the first's
+    expiry); (3) the commit on the drawn shard, preconditioned on its update time. A lost race draws again: hundreds
+    of consumers of one principal spread over the shards instead of re-reading them all. Grants that expire at the
+    same moment are spent in any order.
     """
     principal = caller.principal
     # Marks this request's charge, so that its own commit, applied but unanswered, reads back as not replayed.
     charge_id = secrets.token_hex(12)
 
+    def answer_for(run: store.Run, balance: int) -> ConsumeResponse:
+        # Our own charge (applied, reply lost) is ours whatever happened to the run since.
+        replayed = run.record.charge_id != charge_id
+        if replayed and run.state != "consumed":
+            raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}", state=run.state)
+        return ConsumeResponse(run_id=req.run_id, principal=principal, balance=balance, state="consumed", replayed=replayed)
+
     def attempt() -> ConsumeResponse:
         now = _now()
-        # Grants before the run (see check): a retry racing its twin for the last run replays, never 402s.
-        first = store.read_first_to_spend(principal, now)
-        run = store.read_run(principal, req.run_id)
+        first, run, balance = store.at_once(
+            lambda: store.read_first_to_spend(principal, now), lambda: store.read_run(principal, req.run_id), lambda: store.read_balance(principal, now)
+        )
         if run is not None:
-            # Our own charge (applied, reply lost) is ours whatever happened to the run since.
-            replayed = run.record.charge_id != charge_id
-            if replayed and run.state != "consumed":
-                raise errors.RunIdReused(f"run_id {req.run_id!r} is already {run.state}", state=run.state)
-            return ConsumeResponse(run_id=req.run_id, principal=principal, balance=current_balance(principal), state="consumed", replayed=replayed)
+            return answer_for(run, balance)
         if first is None:
+            # Read at once, the run may have been read before the grants: a twin retry that took the last run in
+            # between reads as "no run, no grant". 402 only when the run is still missing on a read made after the
+            # grants were read empty (as check does); a retry racing its twin for the last run replays, never 402s.
+            run = store.read_run(principal, req.run_id)
+            if run is not None:
+                return answer_for(run, balance)
             raise errors.EntitlementExhausted(f"no runs left for {caller.principal}")
         if not first.usable(now):
             # Marked open with no runs left (written by a version that did not keep `open`): close it, read again.
@@ -95,8 +105,9 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
         drawn = store.read_open_shard_at(principal, first.spend_key, random.random(), upwards=random.random() < 0.5)
         # Past the last slot (or a shard that ran dry since the query's index read it): the first one, as read.
         grant = drawn if drawn is not None and drawn.usable(now) else first
-        # Read after the charged shard, whose precondition holds at the commit: it counts this run, so ≥ 1.
-        balance = store.read_balance(principal, now)
+        # The balance as read with the first shard, before this charge's commit; the charged shard (whose precondition
+        # holds at the commit) is part of it, so it counts at least that shard's runs, whatever a read at once missed.
+        balance = max(balance, grant.remaining)
         store.commit_consume(principal, req.run_id, grant, charge_id=charge_id, consumed_at=now)
         return ConsumeResponse(run_id=req.run_id, principal=principal, balance=balance - 1, state="consumed", replayed=False)
 
