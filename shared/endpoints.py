@@ -12,7 +12,6 @@ cold start imports only the service it serves.
 
 from __future__ import annotations
 
-import argparse
 import enum
 import functools
 import importlib
@@ -192,6 +191,8 @@ def hosting_rewrites(region: str) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     """Print the registry for deploy.sh: one tab-separated line per function, or the Hosting rewrites as JSON."""
+    import argparse  # the command line only: a function's cold start does not import it
+
     parser = argparse.ArgumentParser(prog="python -m shared.endpoints", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command")
     commands.add_parser(
