@@ -38,7 +38,7 @@ from tests.conftest import AUDIENCE, IMAGE, RUNNER, Api, error_code
 
 PROJECT = "acme-prod"
 GBX = shutil.which("gbx", path=os.path.dirname(sys.executable))
-SEAL_FILES = {"seal.json", "seal.sig", "seal.svg", "public_key.pem", "verify_link.txt", "VERIFY.md"}
+SEAL_FILES = {"seal.json", "seal.sig", "seal.svg", "public_key.pem", "verify_link.txt", "VERIFY.md", "seal.tlog-proof"}
 # Small bounds keep fault scenarios fast; the defaults (120 s, 65 s) are for production.
 FAST = ["--retry-timeout", "4", "--attempt-timeout", "10"]
 

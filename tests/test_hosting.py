@@ -25,7 +25,7 @@ SECURITY = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
 # Nothing of the portal is fingerprinted (no build step), so nothing is cached for long: browsers revalidate.
 STATIC = {**SECURITY, "Cache-Control": "no-cache"}
 API = {**SECURITY, "Cache-Control": "no-store"}
-API_PATHS = [endpoint.path for endpoint in ENDPOINTS.values()]
+API_PATHS = [endpoint.path for endpoint in ENDPOINTS.values() if endpoint.path.startswith("/api/")]
 
 
 def portal_paths() -> list[str]:
@@ -80,6 +80,14 @@ def test_static_files_get_a_strict_csp_and_are_revalidated(path: str) -> None:
 def test_api_answers_are_never_cached(path: str) -> None:
     """Hosting's CDN must never keep an API answer (the functions say no-store themselves too)."""
     assert headers_for(path) == API
+
+
+@pytest.mark.parametrize("path", ["/log/checkpoint", "/log/tile/0/000", "/log/tile/entries/x001/000.p/7"])
+def test_the_seal_log_keeps_its_own_caching(path: str) -> None:
+    """Hosting adds no Cache-Control to the seal log: its function says it (no-cache for the checkpoint, a week and
+    immutable for tiles), and Hosting's CDN follows it."""
+    assert any(e.path == "/log/" for e in ENDPOINTS.values())
+    assert headers_for(path) == SECURITY
 
 
 def test_the_portal_has_the_files_the_header_rules_expect() -> None:

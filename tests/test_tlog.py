@@ -225,3 +225,21 @@ def test_entry_bundles() -> None:
     assert tlog.parse_entry_bundle(bundle) == entries
     with pytest.raises(tlog.LogFormatError):
         tlog.parse_entry_bundle(bundle[:-1])
+
+
+SHARED = json.loads((Path(__file__).parent / "vectors" / "tlog.json").read_text())["vectors"]
+
+
+@pytest.mark.parametrize("vector", SHARED, ids=lambda v: v["name"])
+def test_shared_vectors(vector: dict[str, Any]) -> None:
+    """The vectors the portal's tlog.js is held to (tests/test_portal_log.py): the same outcome here."""
+    proof = base64.b64decode(vector["proof_b64"])
+    seal = vector["seal_json"].encode()
+    if vector["result"] == "ok":
+        verifier = tlog.parse_vkey(vector["vkey"])
+        checkpoint = tlog.verify_proof(proof, entry=tlog.entry_hash(seal), verifier=verifier)
+        assert f"entry {tlog.parse_proof(proof).index + 1} of {checkpoint.size}" == vector["logged"]
+        return
+    expected = tlog.LogFormatError if vector["result"] == "format" else tlog.LogVerificationError
+    with pytest.raises(expected):
+        tlog.verify_proof(proof, entry=tlog.entry_hash(seal), verifier=tlog.parse_vkey(vector["vkey"]))

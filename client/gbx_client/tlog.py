@@ -373,7 +373,7 @@ class NoteVerifier:
 
 def parse_vkey(vkey: str) -> NoteVerifier:
     """A verifier key `name+hexid+base64(type||key)`; LogFormatError unless it is a consistent Ed25519 vkey."""
-    parts = vkey.strip().split("+")
+    parts = vkey.strip().split("+", 2)  # base64 may hold "+" too
     if len(parts) != 3 or not re.fullmatch(r"[0-9a-f]{8}", parts[1]):
         raise LogFormatError("a vkey is name+<8 hex digits>+<base64>")
     name, hex_id, material = parts
