@@ -1,4 +1,4 @@
-"""Run every benchmark in order (`python -m bench`, `make bench`): contention, fan-out, latency, and hashing when present."""
+"""Run every benchmark in order (`python -m bench`, `make bench`): contention, fan-out, latency, the seal log, and hashing when present."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from bench import harness
 
 # In order; a module that is not in this checkout is skipped (bench.hash belongs to the runner client's work).
-BENCHMARKS = ("bench.contention", "bench.fanout", "bench.latency", "bench.hash")
+BENCHMARKS = ("bench.contention", "bench.fanout", "bench.latency", "bench.sealog", "bench.hash")
 OPTIONAL = frozenset({"bench.hash"})
 
 
