@@ -14,6 +14,7 @@ Integration, without a server that runs forever (see docs/design.md, "The seal l
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import random
 import re
@@ -21,6 +22,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+
+from google.api_core import exceptions as gexc
 
 from gbx_client import tlog
 from shared import errors, log_store, store
@@ -116,12 +119,14 @@ def integrate_batch() -> int:
     size = state.size + len(entries)
     root = tlog.TileHashes(_tile_reader(tiles), size).root()
     note = sign_checkpoint(tlog.Checkpoint(origin(), size, root))
+    sequenced = [(seal_id, state.size + i, entry) for i, (seal_id, entry) in enumerate(pending)]
     log_store.commit_integration(
         state=state,
         new_state={"size": size, "root": root, "checkpoint": note, "updated_at": _now()},
-        sequenced=[(seal_id, state.size + i, entry) for i, (seal_id, entry) in enumerate(pending)],
+        sequenced=sequenced,
         tiles=tiles,
     )
+    _note_sequenced({seal_id: index for seal_id, index, _ in sequenced})
     return len(entries)
 
 
@@ -139,14 +144,16 @@ def integrate(*, until: float, holder: str | None = None) -> int:
         while time.monotonic() < until:
             added = integrate_batch()
             total += added
-            if added < BATCH:
-                break
+            if added == 0:
+                break  # nothing waits (entries committed during a batch are taken by the next one)
             if not log_store.try_lease(holder, seconds=LEASE_SECONDS, now=_now()):
                 break
-    except (store.Contended, store.CommitUncertain, errors.Unavailable) as exc:
+    except (store.Contended, store.CommitUncertain, errors.Unavailable, gexc.GoogleAPIError) as exc:
+        # Another integrator first, a lost reply, KMS or Firestore unavailable: nothing of this batch was written.
         _log_warning(f"seal log: integration stopped ({type(exc).__name__}); its entries wait for the next integrator")
     finally:
-        log_store.release_lease(holder, now=_now())
+        with contextlib.suppress(gexc.GoogleAPIError):
+            log_store.release_lease(holder, now=_now())
     return total
 
 
@@ -156,17 +163,62 @@ def _log_warning(message: str) -> None:
     log({"severity": "WARNING", "message": message, "event": "seal_log"})
 
 
+# Within one instance, the seals its own integrations sequenced are announced to the threads waiting for them, and one
+# thread at a time tries the lease: hundreds of completions on one instance then cost one integrator, not hundreds of
+# pollers. Waiters still read their own index now and then, for what other instances sequence.
+_sequenced: dict[str, int] = {}
+_sequenced_changed = threading.Condition()
+_lease_attempt = threading.Lock()
+_last_attempt = [0.0]
+MAX_REMEMBERED = 10_000
+
+
+def _note_sequenced(indexes: dict[str, int]) -> None:
+    with _sequenced_changed:
+        if len(_sequenced) > MAX_REMEMBERED:
+            _sequenced.clear()
+        _sequenced.update(indexes)
+        _sequenced_changed.notify_all()
+
+
+def _try_integrating(until: float) -> int:
+    """Integrate unless another thread of this instance tried within the last poll interval (or is integrating now)."""
+    if not _lease_attempt.acquire(blocking=False):
+        return 0
+    try:
+        if time.monotonic() - _last_attempt[0] < POLL_SECONDS[0]:
+            return 0
+        added = integrate(until=until)
+        _last_attempt[0] = time.monotonic()
+        return added
+    finally:
+        _lease_attempt.release()
+
+
 def wait_until_sequenced(seal_id: str, *, seconds: float) -> int | None:
     """The seal's index once it is in a published checkpoint, integrating when nobody else does; None after `seconds`."""
     until = time.monotonic() + seconds
+    next_read = 0.0
     while True:
-        index = log_store.read_index(seal_id)
+        with _sequenced_changed:
+            index = _sequenced.get(seal_id)
+        now = time.monotonic()
+        if index is None and now >= next_read:
+            next_read = now + random.uniform(*POLL_SECONDS)
+            with contextlib.suppress(gexc.GoogleAPIError):  # Firestore slow or down: look again, until `seconds` pass
+                index = log_store.read_index(seal_id)
         if index is not None:
             return index
-        if time.monotonic() >= until:
+        if now >= until:
             return None
-        if integrate(until=until) == 0:
-            time.sleep(random.uniform(*POLL_SECONDS))
+        try:
+            added = _try_integrating(until)
+        except gexc.GoogleAPIError:
+            added = 0
+        if added == 0:
+            with _sequenced_changed:
+                if seal_id not in _sequenced:
+                    _sequenced_changed.wait(timeout=max(0.0, min(random.uniform(*POLL_SECONDS), until - now)))
 
 
 def integrate_in_background(seal_id: str) -> threading.Thread:

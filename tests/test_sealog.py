@@ -296,3 +296,16 @@ def test_the_audit_checks_the_log(api: Api) -> None:
     store.client().collection(log_store.LOG_ENTRIES).document(bundles[1]["seal_id"]).delete()
     problems = _audit(api)["problems"]
     assert f"seal {bundles[1]['seal_id']} is not in the log" in problems
+
+
+def test_the_scheduled_catch_up_integrates_what_waits(api: Api) -> None:
+    """POST /api/log/integrate (Cloud Scheduler as gbx-audit, or an operator): sequences what waits; a runner is 403."""
+    from tests.conftest import OPERATOR
+
+    expected = dict(_pending(5, "catchup"))
+    assert api.post("/api/log/integrate", as_user=RUNNER).status_code == 403
+    response = api.post("/api/log/integrate", as_user=OPERATOR)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"integrated": 5, "size": 5}
+    assert api.post("/api/log/integrate", as_user=OPERATOR).json() == {"integrated": 0, "size": 5}
+    _check_tree(vkey(api), expected)
