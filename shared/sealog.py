@@ -141,7 +141,8 @@ def integrate(*, until: float, holder: str | None = None) -> int:
         return 0
     total = 0
     try:
-        while time.monotonic() < until:
+        # At least one batch once the lease is ours (taking it may have taken long), then more until `until`.
+        while total == 0 or time.monotonic() < until:
             added = integrate_batch()
             total += added
             if added == 0:

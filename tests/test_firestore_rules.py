@@ -31,9 +31,16 @@ DOCUMENTS = [
     "issuances/3c4b5a",
     "redemption_keys/9a8b7c",
     "audits/ledger",
+    "log_pending/seal1",
+    "log_entries/seal1",
+    "log_tiles/0.0",
+    "log/state",
     "not_a_gbx_collection/doc1",
 ]
-COLLECTIONS = ["principals", "grants", "runs", "ledger", "seals", "redemptions", "issuances", "redemption_keys", "audits"]
+COLLECTIONS = ["principals", "grants", "runs", "ledger", "seals", "redemptions", "issuances", "redemption_keys", "audits",
+               "log_pending", "log_entries", "log_tiles", "log"]
+# The seal log's collections beyond the one the store writes with the seal (shared/log_store.py writes them).
+LOG_COLLECTIONS = {"log_entries", "log_tiles", "log"}
 
 
 def _unsigned_jwt(claims: dict[str, object]) -> str:
@@ -115,12 +122,16 @@ def test_the_server_writes_and_reads_every_collection(documents_url: str) -> Non
 
 
 def test_every_collection_the_store_writes_is_listed_here() -> None:
-    from shared import store
+    from shared import log_store, store
 
-    written = {value for name, value in vars(store).items() if name.isupper() and name in {"PRINCIPALS", "GRANTS", "RUNS", "LEDGER", "SEALS", "REDEMPTIONS", "ISSUANCES", "REDEMPTION_KEYS", "AUDITS"}}
+    names = {"PRINCIPALS", "GRANTS", "RUNS", "LEDGER", "SEALS", "REDEMPTIONS", "ISSUANCES", "REDEMPTION_KEYS", "AUDITS", "LOG_PENDING"}
+    written = {value for name, value in vars(store).items() if name.isupper() and name in names}
     collection_calls = set(re.findall(r"collection\((\w+)\)", Path(store.__file__).read_text()))
-    assert collection_calls <= {"PRINCIPALS", "GRANTS", "RUNS", "LEDGER", "SEALS", "REDEMPTIONS", "ISSUANCES", "REDEMPTION_KEYS", "AUDITS"}, collection_calls
-    assert written == set(COLLECTIONS)
+    assert collection_calls <= names, collection_calls
+    log_calls = set(re.findall(r"collection\((\w+)\)", Path(log_store.__file__).read_text()))
+    assert log_calls <= {"LOG", "LOG_ENTRIES", "LOG_TILES", "LOG_PENDING", "store.SEALS"}, log_calls
+    assert {log_store.LOG, log_store.LOG_ENTRIES, log_store.LOG_TILES} == LOG_COLLECTIONS
+    assert written | LOG_COLLECTIONS == set(COLLECTIONS)
 
 
 def test_every_collection_of_the_contract_has_its_own_block() -> None:
