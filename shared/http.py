@@ -199,7 +199,10 @@ def _parse_path(endpoint: Endpoint) -> Any:
     """A parser of the path below the endpoint's own (`/log/tile/0/000` -> `tile/0/000`), as the request model's `path`."""
 
     def parse(request: flask.Request, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
-        return model.model_validate({"path": request.path[len(endpoint.path):]})
+        # Through Hosting (and make run) the path is the public one, /log/...; at the function's own URL it is what follows it.
+        path = request.path
+        below = path[len(endpoint.path):] if path.startswith(endpoint.path) else path.lstrip("/")
+        return model.model_validate({"path": below})
 
     return parse
 

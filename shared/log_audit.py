@@ -7,7 +7,7 @@ entry bundle and hash tile the tree needs, every sequenced seal's index and ever
 from __future__ import annotations
 
 from gbx_client import tlog
-from shared import log_store, sealog, store
+from shared import log_store, sealog
 from shared.models import LogAudit
 
 PAGE = 1000
@@ -59,9 +59,9 @@ def check_log() -> LogAudit:
     if len(indexed) != size:
         problems.append(f"{len(indexed)} seals are indexed in the log, the checkpoint has {size} entries")
     seals, pending, after = 0, 0, None
-    while ids := log_store.read_seal_ids_page(after, PAGE):
-        after = ids[-1]
-        for seal_id in ids:
+    while page_of_seals := log_store.read_seal_payloads_page(after, PAGE):
+        after = page_of_seals[-1][0]
+        for seal_id, payload in page_of_seals:
             seals += 1
             if seal_id not in indexed:
                 if log_store.is_pending(seal_id):
@@ -70,8 +70,7 @@ def check_log() -> LogAudit:
                     problems.append(f"seal {seal_id} is not in the log")
                 continue
             index = indexed.pop(seal_id)
-            record = store.read_seal(seal_id)
-            if record is not None and (index >= len(entries) or entries[index] != tlog.entry_hash(record["payload"].encode())):
+            if index >= len(entries) or entries[index] != tlog.entry_hash(payload.encode()):
                 problems.append(f"seal {seal_id}: entry {index} of the log is not its seal.json's hash")
     for seal_id, index in sorted(indexed.items(), key=lambda item: item[1]):
         problems.append(f"entry {index} names seal {seal_id}, which has no seal record")

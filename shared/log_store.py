@@ -139,9 +139,9 @@ def read_entries_page(after: str | None, limit: int) -> list[tuple[str, int]]:
     return [(snap.id, int((snap.to_dict() or {})["index"])) for snap in query.get(**_rpc())]
 
 
-def read_seal_ids_page(after: str | None, limit: int) -> list[str]:
-    """Up to `limit` seal ids in id order after `after` (the audit's walk of seal records)."""
-    query = client().collection(store.SEALS).order_by("__name__").select([]).limit(limit)
+def read_seal_payloads_page(after: str | None, limit: int) -> list[tuple[str, str]]:
+    """Up to `limit` seal records (seal_id, seal.json) in id order after `after` (the audit's walk: one query per page)."""
+    query = client().collection(store.SEALS).order_by("__name__").select(["payload"]).limit(limit)
     if after is not None:
         query = query.start_after({"__name__": client().collection(store.SEALS).document(after)})
-    return [snap.id for snap in query.get(**_rpc())]
+    return [(snap.id, str((snap.to_dict() or {}).get("payload", ""))) for snap in query.get(**_rpc())]

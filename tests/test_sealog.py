@@ -309,3 +309,17 @@ def test_the_scheduled_catch_up_integrates_what_waits(api: Api) -> None:
     assert response.json() == {"integrated": 5, "size": 5}
     assert api.post("/api/log/integrate", as_user=OPERATOR).json() == {"integrated": 0, "size": 5}
     _check_tree(vkey(api), expected)
+
+
+def test_the_function_answers_below_its_own_url_too(api: Api) -> None:
+    """Behind Hosting the path is /log/checkpoint; at the function's own URL it is /checkpoint: both are the checkpoint."""
+    import flask
+
+    from shared.http import function
+
+    entry = function("seal_log")
+    for path in ("/log/checkpoint", "/checkpoint"):
+        with flask.Flask("direct").test_request_context(path):
+            response = entry(flask.request)
+        assert response.status_code == 200, path
+        assert response.get_data().startswith(b"gbx-test.example/log\n0\n")
