@@ -323,3 +323,39 @@ def test_the_function_answers_below_its_own_url_too(api: Api) -> None:
             response = entry(flask.request)
         assert response.status_code == 200, path
         assert response.get_data().startswith(b"gbx-test.example/log\n0\n")
+
+
+def test_a_real_firestore_stall_mid_integration_leaves_one_tree(api: Api, stoppable_db: Any, short_firestore_budgets: None,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The emulator is stopped (SIGSTOP) as the integration commit goes out and resumed after its deadline: whether the
+    commit landed or not, the next integrator ends with every entry in the tree once, and the tiles hash to its root."""
+    import os
+    import signal
+
+    expected = dict(_pending(150, "stall"))
+    verifier = vkey(api)
+    pid = stoppable_db.process.pid
+    stall_seconds = store.get_config().firestore_timeout_seconds + 1.5
+    real_commit = log_store._commit
+    timers: list[threading.Timer] = []
+
+    def stall_then_commit(batch: Any) -> Any:
+        if len(batch._write_pbs) < 10 or timers:
+            return real_commit(batch)  # the lease's commits, and anything after the one stalled
+        os.kill(pid, signal.SIGSTOP)
+        timer = threading.Timer(stall_seconds, os.kill, (pid, signal.SIGCONT))
+        timers.append(timer)
+        timer.start()
+        return real_commit(batch)
+
+    monkeypatch.setattr(log_store, "_commit", stall_then_commit)
+    try:
+        sealog.integrate(until=time.monotonic() + 5)
+        assert timers, "the integration commit went out to a stopped emulator"
+    finally:
+        for timer in timers:
+            timer.join()
+        os.kill(pid, signal.SIGCONT)
+    monkeypatch.setattr(log_store, "_commit", real_commit)
+    sealog.integrate(until=time.monotonic() + 30)
+    _check_tree(verifier, expected)
