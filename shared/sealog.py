@@ -196,11 +196,11 @@ def _try_integrating(until: float) -> int:
         _lease_attempt.release()
 
 
-def wait_until_sequenced(seal_id: str, *, seconds: float) -> int | None:
-    """The seal's index once it is in a published checkpoint, integrating when nobody else does; None after `seconds`."""
+def wait_until_sequenced(seal_id: str, *, seconds: float, stop: threading.Event | None = None) -> int | None:
+    """The seal's index once it is in a published checkpoint, integrating when nobody else does; None after `seconds` (or once `stop` is set)."""
     until = time.monotonic() + seconds
     next_read = 0.0
-    while True:
+    while stop is None or not stop.is_set():
         with _sequenced_changed:
             index = _sequenced.get(seal_id)
         now = time.monotonic()
@@ -220,6 +220,7 @@ def wait_until_sequenced(seal_id: str, *, seconds: float) -> int | None:
             with _sequenced_changed:
                 if seal_id not in _sequenced:
                     _sequenced_changed.wait(timeout=max(0.0, min(random.uniform(*POLL_SECONDS), until - now)))
+    return None
 
 
 def integrate_in_background(seal_id: str) -> threading.Thread:
@@ -227,7 +228,7 @@ def integrate_in_background(seal_id: str) -> threading.Thread:
 
     def work() -> None:
         try:
-            wait_until_sequenced(seal_id, seconds=BACKGROUND_SECONDS)
+            wait_until_sequenced(seal_id, seconds=BACKGROUND_SECONDS, stop=_stopping)
         except Exception as exc:  # noqa: BLE001 - a background thread has nobody to raise to: log it, the catch-up integrates
             _log_warning(f"seal log: background integration of {seal_id} failed ({type(exc).__name__}: {exc})")
 
@@ -240,6 +241,18 @@ def integrate_in_background(seal_id: str) -> threading.Thread:
 
 _background: set[threading.Thread] = set()
 _background_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+def stop_background(timeout: float = 30.0) -> bool:
+    """Make this process's background integrations give up waiting, and wait for them to end (tests: none outlives its test)."""
+    _stopping.set()
+    with _sequenced_changed:
+        _sequenced_changed.notify_all()
+    try:
+        return join_background(timeout)
+    finally:
+        _stopping.clear()
 
 
 def join_background(timeout: float) -> bool:

@@ -13,7 +13,7 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from shared import auth, config, emulator, log_signing, signing, store
+from shared import auth, config, emulator, log_signing, sealog, signing, store
 from shared.local import LocalIssuer
 from tests.kms_server import LOG_VERSION_1, VERSION_1, FakeKms, fake_kms_server
 
@@ -124,6 +124,8 @@ def short_firestore_budgets(service_env: None, monkeypatch: pytest.MonkeyPatch) 
 @pytest.fixture
 def db(firestore_emulator: emulator.Emulator, service_env: None) -> emulator.Emulator:
     """An empty Firestore for this test."""
+    # No seal log integration of an earlier test runs on into this one's database (or into its KMS calls).
+    sealog.stop_background()
     firestore_emulator.clear()
     return firestore_emulator
 
