@@ -47,6 +47,7 @@ PROOF_WAIT_SECONDS = 10.0
 CHECKPOINT_CACHE = "no-cache"
 TILE_CACHE = "public, max-age=604800, immutable"
 PROOF_CACHE = "no-store"
+ENTRY_BYTES = 2 + tlog.HASH_SIZE  # an entry in a bundle: its big-endian uint16 length and its 32 bytes
 
 
 def _now() -> dt.datetime:
@@ -97,7 +98,8 @@ def _grow_bundles(size: int, entries: list[bytes]) -> dict[str, bytes]:
         doc_id = log_store.tile_doc_id(tlog.ENTRIES, position // tlog.TILE_WIDTH)
         if doc_id not in changed:
             existing = log_store.read_tile(tlog.ENTRIES, position // tlog.TILE_WIDTH) if position % tlog.TILE_WIDTH else b""
-            changed[doc_id] = bytearray(existing or b"")
+            # The bundle as of the state read (a rival integrator may have grown it since: then our commit fails anyway).
+            changed[doc_id] = bytearray((existing or b"")[: (position % tlog.TILE_WIDTH) * ENTRY_BYTES])
         changed[doc_id] += tlog.entry_bundle([entry])
     return {doc_id: bytes(data) for doc_id, data in changed.items()}
 
@@ -316,7 +318,7 @@ def seal_log(resource: LogPath) -> LogResource:
     if width > available:
         raise errors.NotFound("no such tile in the log's latest checkpoint")
     data = log_store.read_tile(level, index)
-    unit = 34 if level == tlog.ENTRIES else tlog.HASH_SIZE  # an entry is its 2-byte length and 32 bytes
+    unit = ENTRY_BYTES if level == tlog.ENTRIES else tlog.HASH_SIZE
     if data is None or len(data) < width * unit:
         raise errors.NotFound("no such tile in the log's latest checkpoint")
     return LogResource(body=data[: width * unit], media_type="application/octet-stream", cache_control=TILE_CACHE)
