@@ -74,6 +74,12 @@ def read_index(seal_id: str) -> int | None:
     return int((snap.to_dict() or {})["index"]) if snap.exists else None
 
 
+def read_indexes(seal_ids: list[str]) -> dict[str, int]:
+    """The indexes of those of `seal_ids` that are sequenced: one batched read for all the seals an instance waits for."""
+    refs = [client().collection(LOG_ENTRIES).document(seal_id) for seal_id in seal_ids]
+    return {snap.id: int((snap.to_dict() or {})["index"]) for snap in client().get_all(refs, **_rpc()) if snap.exists}
+
+
 def read_tile(level: int | str, index: int) -> bytes | None:
     """A tile's bytes as of the latest checkpoint (a partial tile holds what is integrated), or None."""
     snap = client().collection(LOG_TILES).document(tile_doc_id(level, index)).get(**_rpc())

@@ -166,13 +166,14 @@ def _log_warning(message: str) -> None:
     log({"severity": "WARNING", "message": message, "event": "seal_log"})
 
 
-# Within one instance, the seals its own integrations sequenced are announced to the threads waiting for them, and one
-# thread at a time tries the lease: hundreds of completions on one instance then cost one integrator, not hundreds of
-# pollers. Waiters still read their own index now and then, for what other instances sequence.
+# Within one instance, one thread at a time (the leader) works for all the threads waiting for their seals: it tries
+# the lease and integrates, or else reads the indexes of every waiting seal in one batched read; the others wait to be
+# told. Hundreds of completions on one instance then cost one integrator and a read or two per poll interval, not
+# hundreds of pollers (which would slow Firestore for everyone, run_complete included).
 _sequenced: dict[str, int] = {}
+_waiting: dict[str, int] = {}  # seal id -> how many threads wait for it
 _sequenced_changed = threading.Condition()
-_lease_attempt = threading.Lock()
-_last_attempt = [0.0]
+_leader = threading.Lock()
 MAX_REMEMBERED = 10_000
 
 
@@ -184,45 +185,47 @@ def _note_sequenced(indexes: dict[str, int]) -> None:
         _sequenced_changed.notify_all()
 
 
-def _try_integrating(until: float) -> int:
-    """Integrate unless another thread of this instance tried within the last poll interval (or is integrating now)."""
-    if not _lease_attempt.acquire(blocking=False):
-        return 0
-    try:
-        if time.monotonic() - _last_attempt[0] < POLL_SECONDS[0]:
-            return 0
-        added = integrate(until=until)
-        _last_attempt[0] = time.monotonic()
-        return added
-    finally:
-        _lease_attempt.release()
+def _lead(until: float) -> None:
+    """One round of the leader: integrate if the lease is free; else (or when nothing was added) look up every waiting seal."""
+    added = integrate(until=until)
+    if added:
+        return
+    with _sequenced_changed:
+        waiting = [seal_id for seal_id in _waiting if seal_id not in _sequenced]
+    if waiting:
+        _note_sequenced(log_store.read_indexes(waiting))
 
 
 def wait_until_sequenced(seal_id: str, *, seconds: float, stop: threading.Event | None = None) -> int | None:
     """The seal's index once it is in a published checkpoint, integrating when nobody else does; None after `seconds` (or once `stop` is set)."""
     until = time.monotonic() + seconds
-    next_read = 0.0
-    while stop is None or not stop.is_set():
-        with _sequenced_changed:
-            index = _sequenced.get(seal_id)
-        now = time.monotonic()
-        if index is None and now >= next_read:
-            next_read = now + random.uniform(*POLL_SECONDS)
-            with contextlib.suppress(gexc.GoogleAPIError):  # Firestore slow or down: look again, until `seconds` pass
-                index = log_store.read_index(seal_id)
-        if index is not None:
-            return index
-        if now >= until:
-            return None
-        try:
-            added = _try_integrating(until)
-        except gexc.GoogleAPIError:
-            added = 0
-        if added == 0:
+    with _sequenced_changed:
+        _waiting[seal_id] = _waiting.get(seal_id, 0) + 1
+    try:
+        while stop is None or not stop.is_set():
+            with _sequenced_changed:
+                index = _sequenced.get(seal_id)
+            if index is not None:
+                return index
+            now = time.monotonic()
+            if now >= until:
+                return None
+            if _leader.acquire(blocking=False):
+                try:
+                    _lead(until)
+                except gexc.GoogleAPIError:
+                    pass  # Firestore slow or down: the next round tries again, until `seconds` pass
+                finally:
+                    _leader.release()
             with _sequenced_changed:
                 if seal_id not in _sequenced:
-                    _sequenced_changed.wait(timeout=max(0.0, min(random.uniform(*POLL_SECONDS), until - now)))
-    return None
+                    _sequenced_changed.wait(timeout=max(0.0, min(random.uniform(*POLL_SECONDS), until - time.monotonic())))
+        return None
+    finally:
+        with _sequenced_changed:
+            _waiting[seal_id] -= 1
+            if not _waiting[seal_id]:
+                del _waiting[seal_id]
 
 
 def integrate_in_background(seal_id: str) -> threading.Thread:
