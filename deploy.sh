@@ -54,12 +54,19 @@ readonly BUILD_ROLES=(roles/logging.logWriter roles/artifactregistry.writer role
 # identity given roles/run.invoker on them. It needs no other role.
 readonly AUDIT_SA_NAME=gbx-audit
 readonly AUDIT_SCHEDULE='0 * * * *' # hourly, on the hour (UTC)
+# The seal log's catch-up integrator (gbx-log-integrate), also internal: every minute.
+readonly LOG_INTEGRATE_FUNCTION=gbx-log-integrate
+readonly LOG_INTEGRATE_SCHEDULE='* * * * *'
+# run_complete integrates its seal's log entry after answering: its service keeps CPU between requests for that.
+readonly LOG_WRITER_FUNCTION=gbx-run-complete
 # The log-based metric counting the audit's mismatch lines, and the alert policies' display names (found by them).
 readonly MISMATCH_METRIC=gbx-ledger-mismatches
 readonly MISMATCH_POLICY='GBX ledger mismatch'
 readonly ERRORS_POLICY='GBX 5xx rate'
 readonly KEY_RING=gbx
 readonly KEY=seal
+# The seal log's checkpoint key: Ed25519, its own key (never the seal key); the functions sign with its version 1.
+readonly LOG_KEY=seal-log
 readonly SECRET=gbx-admin-token
 DATABASE=${GBX_FIRESTORE_DATABASE:-(default)}
 # Request concurrency: a request spends most of its time waiting on Firestore or KMS, so one instance
@@ -184,6 +191,7 @@ SA_EMAIL="$SA_NAME@$PROJECT.iam.gserviceaccount.com"
 BUILD_SA_EMAIL="$BUILD_SA_NAME@$PROJECT.iam.gserviceaccount.com"
 AUDIT_SA_EMAIL="$AUDIT_SA_NAME@$PROJECT.iam.gserviceaccount.com"
 KEY_NAME="projects/$PROJECT/locations/$REGION/keyRings/$KEY_RING/cryptoKeys/$KEY"
+LOG_KEY_VERSION="projects/$PROJECT/locations/$REGION/keyRings/$KEY_RING/cryptoKeys/$LOG_KEY/cryptoKeyVersions/1"
 export CLOUDSDK_CORE_DISABLE_PROMPTS=1 # a prompt would hang CI; every answer is in the flags
 
 # fd 3 is the operator's stdout, so commands are shown even from inside $(...).
@@ -483,6 +491,20 @@ fi
 retry run gcloud kms keys add-iam-policy-binding "$KEY" --keyring="$KEY_RING" --location="$REGION" --project="$PROJECT" \
   --member="serviceAccount:$SA_EMAIL" --role=roles/cloudkms.signerVerifier --condition=None --format=none
 
+# --- 6b. The seal log's key: EC_SIGN_ED25519, signing checkpoints only (C2SP signed-note, type 0x01). A log's key is
+# its identity (the vkey monitors keep), so it is not rotated like the seal key: the functions sign with version 1.
+# Until that version is generated, checkpoints wait (503 to the signer) and the seals' entries with them.
+log_key_algorithm=$(probe gcloud kms keys describe "$LOG_KEY" --keyring="$KEY_RING" --location="$REGION" --project="$PROJECT" \
+  --format='value(versionTemplate.algorithm)')
+if [[ -z $log_key_algorithm ]]; then
+  run gcloud kms keys create "$LOG_KEY" --keyring="$KEY_RING" --location="$REGION" --project="$PROJECT" \
+    --purpose=asymmetric-signing --default-algorithm=ec-sign-ed25519
+elif [[ $log_key_algorithm != EC_SIGN_ED25519 ]]; then
+  die "$LOG_KEY exists with algorithm $log_key_algorithm; the seal log needs EC_SIGN_ED25519"
+fi
+retry run gcloud kms keys add-iam-policy-binding "$LOG_KEY" --keyring="$KEY_RING" --location="$REGION" --project="$PROJECT" \
+  --member="serviceAccount:$SA_EMAIL" --role=roles/cloudkms.signerVerifier --condition=None --format=none
+
 # Sign with the newest ENABLED version; trust every ENABLED version, so that seals signed before a
 # rotation keep verifying (a disabled or destroyed version no longer yields its public key).
 # A version that is still PENDING_GENERATION (a new key, or a rotation moments ago) is waited for,
@@ -579,6 +601,7 @@ DEPLOY_AUDIENCES=$(audiences)
 # GBX_PUBLIC_URL: the base URL that seals' verification links (BASE/v#P.S, the badge's QR code) point at.
 env_vars="^;^GOOGLE_CLOUD_PROJECT=$PROJECT;GBX_ISSUER=$PROJECT;GBX_PUBLIC_URL=$BASE_URL"
 env_vars+=";GBX_KMS_KEY_VERSION=$SIGNING_VERSION;GBX_TRUSTED_KEY_VERSIONS=$TRUSTED_VERSIONS"
+env_vars+=";GBX_LOG_KEY_VERSION=$LOG_KEY_VERSION"
 if [[ -n $OPERATORS ]]; then env_vars+=";GBX_OPERATORS=$OPERATORS"; fi
 if [[ -n $PARTNERS ]]; then env_vars+=";GBX_PARTNERS=$PARTNERS"; fi
 env_vars+=";THREADS=$CONCURRENCY"
@@ -609,6 +632,10 @@ for i in "${!ENTRIES[@]}"; do
       ${cpu_boost[@]+"${cpu_boost[@]}"}
     retry run gcloud run services add-iam-policy-binding "$name" --region="$REGION" --project="$PROJECT" \
       --member="serviceAccount:$AUDIT_SA_EMAIL" --role=roles/run.invoker --format=none
+  elif [[ $name == "$LOG_WRITER_FUNCTION" ]]; then
+    # CPU between requests: the seal's log entry is integrated by a thread that runs on after the answer.
+    run gcloud run services update "$name" --region="$REGION" --project="$PROJECT" --no-invoker-iam-check \
+      --no-cpu-throttling ${cpu_boost[@]+"${cpu_boost[@]}"}
   else
     run gcloud run services update "$name" --region="$REGION" --project="$PROJECT" --no-invoker-iam-check \
       ${cpu_boost[@]+"${cpu_boost[@]}"} # (set -u calls an empty array unbound before bash 4.4)
@@ -640,9 +667,11 @@ for i in "${!ENTRIES[@]}"; do
   [[ ${ACCESS[$i]} == internal ]] || continue
   name=${NAMES[$i]}
   url="https://$REGION-$PROJECT.cloudfunctions.net/$name"
-  job_flags=(--location="$REGION" --project="$PROJECT" --schedule="$AUDIT_SCHEDULE" --time-zone=Etc/UTC
+  schedule=$AUDIT_SCHEDULE every=hourly
+  if [[ $name == "$LOG_INTEGRATE_FUNCTION" ]]; then schedule=$LOG_INTEGRATE_SCHEDULE every="every minute"; fi
+  job_flags=(--location="$REGION" --project="$PROJECT" --schedule="$schedule" --time-zone=Etc/UTC
     --uri="$url" --http-method=POST --oidc-service-account-email="$AUDIT_SA_EMAIL" --oidc-token-audience="$url"
-    --attempt-deadline="${TIMEOUTS[$i]}s" --description="GBX: $name, hourly (see docs/operations.md)")
+    --attempt-deadline="${TIMEOUTS[$i]}s" --description="GBX: $name, $every (see docs/operations.md)")
   job_found=$(probe gcloud scheduler jobs describe "$name" --location="$REGION" --project="$PROJECT" --format='value(name)')
   if [[ -z $job_found ]]; then
     run gcloud scheduler jobs create http "$name" "${job_flags[@]}"

@@ -9,6 +9,8 @@
 // BarcodeDetector where it has one, else with ZXing-C++ compiled to WebAssembly (the npm package
 // barcode-detector, vendored in QR_DECODER_DIR and loaded from this origin only when a picture needs it).
 
+import { LogFormatError, LogVerificationError, loggedText, verifyProof } from "./tlog.js";
+
 const SEAL_NS = "urn:gbx:seal:v1";
 const SVG_NS = "http://www.w3.org/2000/svg";
 const XHTML_NS = "http://www.w3.org/1999/xhtml";
@@ -589,6 +591,7 @@ async function verifyElement(element, result) {
     return result;
   }
   result.claims = claims;
+  result.payload = payload; // the seal log's entry is its hash
   if (claims.get("key") !== element.key) {
     checks.document = "payload key differs from the seal element's key";
     return result;
@@ -875,6 +878,51 @@ function showResult(result) {
   }
   $("result").dataset.state = "done";
   showOutputsComparison();
+  checkLog(result, state.sealRun);
+}
+
+// --- the seal log -----------------------------------------------------------------
+
+const LOG_PROOF_PATH = "/api/log/proof";
+
+/** After the offline checks: fetch the seal's tlog-proof and check it here (Web Crypto Ed25519 and SHA-256) against the
+ * log key this site publishes; the `log` line says `entry N of M`, or why not. It never changes the verdict above. */
+async function checkLog(result, run) {
+  const line = $("log-line");
+  if (result.checks.signature !== OK || !result.payload || !result.claims) return;
+  const show = (outcome, text) => {
+    if (run !== state.sealRun) return;
+    line.dataset.result = outcome;
+    line.querySelector(".check-reason").textContent = text;
+    line.hidden = false;
+  };
+  show("pending", "checking the seal log…");
+  line.dataset.state = "checking";
+  try {
+    const keys = await (await fetch(PUBLIC_KEYS_PATH, { cache: "no-store", credentials: "omit", headers: { Accept: "application/json" } })).json();
+    const vkey = keys && keys.log && keys.log.vkey;
+    if (typeof vkey !== "string") {
+      show("unavailable", "this site publishes no log key");
+    } else {
+      const url = `${LOG_PROOF_PATH}?seal_id=${encodeURIComponent(String(result.claims.get("seal_id")))}`;
+      const response = await fetch(url, { cache: "no-store", credentials: "omit" });
+      if (response.status === 404) {
+        show("failed", "not in this site's seal log");
+      } else if (!response.ok) {
+        show("unavailable", `the seal log did not answer (HTTP ${response.status}); try again later`);
+      } else {
+        const { index, size } = await verifyProof(new Uint8Array(await response.arrayBuffer()), result.payload, vkey);
+        show("ok", loggedText(index, size));
+      }
+    }
+  } catch (error) {
+    if (error instanceof LogFormatError || error instanceof LogVerificationError) {
+      show("failed", `the log's proof does not verify: ${error.message}`);
+    } else {
+      show("unavailable", `the seal log could not be checked (${error.message})`);
+    }
+  }
+  if (run === state.sealRun) line.dataset.state = "done";
 }
 
 /** Say which site made the checks (a QR code can point anywhere) and, for a link, which site it names. */
@@ -909,6 +957,7 @@ function startCheck(description) {
   $("verdict").dataset.verdict = "";
   $("verdict-detail").textContent = "";
   $("verified-by").hidden = true;
+  $("log-line").hidden = true;
   $("checked-file").textContent = description;
   showChecks({ document: NOT_CHECKED, key: NOT_CHECKED, signature: NOT_CHECKED });
   $("claims-block").hidden = true;

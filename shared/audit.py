@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from shared import errors, ledger_store, partner_store, store
+from shared import errors, ledger_store, log_audit, partner_store, store
 from shared.auth import Identity
 from shared.config import get_config
 from shared.models import AuditResponse, LedgerMismatch, format_time
@@ -113,7 +113,10 @@ def run_audit(*, page_size: int, budget_seconds: float) -> AuditResponse:
         log({"severity": "WARNING", "message": "ledger audit: another audit call moved the cursor meanwhile; this call's cursor is dropped"})
     except store.CommitUncertain as exc:
         raise errors.Unavailable() from exc
+    # The seal log is checked whole once per pass, by the call that completes it.
+    log_check = log_audit.check_log() if complete else None
     return AuditResponse(
+        log=log_check,
         checked_grants=checked,
         mismatches=found[:MAX_LISTED],
         pass_complete=complete,

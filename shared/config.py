@@ -29,6 +29,7 @@ ENV_AUDITORS = "GBX_AUDITORS"
 ENV_FIRESTORE_DATABASE = "GBX_FIRESTORE_DATABASE"
 ENV_AUDIT_PAGE_SIZE = "GBX_AUDIT_PAGE_SIZE"
 ENV_AUDIT_BUDGET = "GBX_AUDIT_BUDGET_SECONDS"
+ENV_LOG_KEY_VERSION = "GBX_LOG_KEY_VERSION"
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 GOOGLE_ISSUERS = ("accounts.google.com", "https://accounts.google.com")
@@ -72,6 +73,7 @@ class Config(BaseModel):
     auditors: frozenset[str] = Field(description="Identities that may call the ledger audit besides the operators (the scheduler's service account).")
     audit_page_size: int = Field(ge=1, le=1000, description="Grant documents the ledger audit reads per page.")
     audit_budget_seconds: float = Field(gt=0, description="How long one ledger audit call checks pages before it saves its cursor and answers.")
+    log_key_version: str = Field(description="The EC_SIGN_ED25519 CryptoKeyVersion that signs the seal log's checkpoints (kms signer); never the seal key.")
 
 
 def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
@@ -110,6 +112,7 @@ def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
         audit_page_size=int(env.get(ENV_AUDIT_PAGE_SIZE) or 300),
         # deploy.sh gives the audit function a 30-minute timeout; a call stops checking well before it.
         audit_budget_seconds=float(env.get(ENV_AUDIT_BUDGET) or 1500.0),
+        log_key_version=env.get(ENV_LOG_KEY_VERSION, ""),
     )
 
 

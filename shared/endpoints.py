@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from shared import errors, models
+from shared import errors, log_models, models
 from shared.errors import ApiError
 
 FUNCTION_PREFIX = "gbx-"
@@ -45,6 +45,7 @@ class Body(enum.Enum):
     JSON = "json"
     SEAL = "seal"  # a seal.svg, raw (image/svg+xml) or as the multipart field `seal`
     QUERY = "query"  # no body: the request model is read from the query string
+    PATH = "path"  # no body: the endpoint serves every path below its own, given to the request model as `path`
     NONE = "none"
 
 
@@ -83,6 +84,8 @@ class Endpoint:
     internal: bool = False
     # The function's timeout in seconds (gen2 HTTP functions allow up to 3600).
     timeout: int = 60
+    # What a 200 answers when it is not the response model as JSON (the seal log's resources: models.LogResource).
+    media_type: str = "application/json"
 
     @property
     def function_name(self) -> str:
@@ -95,7 +98,7 @@ class Endpoint:
         implied: list[type[ApiError]] = [errors.MethodNotAllowed, errors.Unavailable, ApiError]
         if self.body in (Body.JSON, Body.SEAL):
             implied += [errors.InvalidRequest, errors.PayloadTooLarge, errors.UnsupportedMediaType]
-        if self.body is Body.QUERY:
+        if self.body in (Body.QUERY, Body.PATH):
             implied.append(errors.InvalidRequest)
         if self.body is Body.SEAL:
             implied.append(errors.InvalidSeal)
@@ -172,6 +175,20 @@ ENDPOINTS: dict[str, Endpoint] = {
             "shared.partners:export", Caller.PARTNER_OR_OPERATOR, models.ExportResponse, models.ExportQuery, body=Body.QUERY, csv=True,
         ),
         Endpoint(
+            "log_proof", "/api/log/proof", "GET", "A c2sp.org/tlog-proof@v1 that the seal is in the seal log (waits up to 10 s for a seal not yet integrated)",
+            "shared.sealog:log_proof", Caller.ANYONE, log_models.LogResource, log_models.LogProofQuery, body=Body.QUERY,
+            errors=(errors.NotFound,), media_type="text/plain",
+        ),
+        Endpoint(
+            "seal_log", "/log/", "GET", "The seal log as C2SP tlog-tiles serves it: /log/checkpoint, /log/tile/<L>/<N>[.p/<W>], /log/tile/entries/<N>[.p/<W>]",
+            "shared.sealog:seal_log", Caller.ANYONE, log_models.LogResource, log_models.LogPath, body=Body.PATH,
+            errors=(errors.NotFound,), media_type="application/octet-stream",
+        ),
+        Endpoint(
+            "log_integrate", "/api/log/integrate", "POST", "Sequence the seal log's waiting entries into a new signed checkpoint (the scheduled catch-up)",
+            "shared.sealog:log_integrate", Caller.OPERATOR, log_models.LogIntegrateResponse, body=Body.NONE, internal=True,
+        ),
+        Endpoint(
             "ledger_audit", "/api/ledger/audit", "POST", "Check the next pages of grant documents against their ledger (a pass resumes where the last call stopped)",
             "shared.audit:ledger_audit", Caller.OPERATOR, models.AuditResponse, body=Body.NONE, internal=True, timeout=1800,
         ),
@@ -186,7 +203,12 @@ def deploy_order() -> list[Endpoint]:
 
 def hosting_rewrites(region: str) -> list[dict[str, Any]]:
     """Firebase Hosting rewrites: each contract path to its gen2 function's Cloud Run service (internal ones excepted)."""
-    return [{"source": e.path, "run": {"serviceId": e.function_name, "region": region}} for e in ENDPOINTS.values() if not e.internal]
+    return [{"source": route_glob(e), "run": {"serviceId": e.function_name, "region": region}} for e in ENDPOINTS.values() if not e.internal]
+
+
+def route_glob(endpoint: Endpoint) -> str:
+    """The Hosting glob of an endpoint: its path, or every path below it (`/log/**`) for one that serves a subtree."""
+    return endpoint.path + "**" if endpoint.body is Body.PATH else endpoint.path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -195,6 +195,26 @@ def _parse_query(request: flask.Request, model: type[pydantic.BaseModel]) -> pyd
     return model.model_validate(fields)
 
 
+def _parse_path(endpoint: Endpoint) -> Any:
+    """A parser of the path below the endpoint's own (`/log/tile/0/000` -> `tile/0/000`), as the request model's `path`."""
+
+    def parse(request: flask.Request, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
+        # Through Hosting (and make run) the path is the public one, /log/...; at the function's own URL it is what follows it.
+        path = request.path
+        below = path[len(endpoint.path):] if path.startswith(endpoint.path) else path.lstrip("/")
+        return model.model_validate({"path": below})
+
+    return parse
+
+
+def _resource_response(resource: Any, request_id: str) -> flask.Response:
+    """A log resource (checkpoint, tile, proof) as it is, with its media type and caching."""
+    response = flask.Response(resource.body, status=200, mimetype=None, content_type=resource.media_type)
+    response.headers[REQUEST_ID_HEADER] = request_id
+    response.headers["Cache-Control"] = resource.cache_control
+    return response
+
+
 def _prefers_csv(request: flask.Request) -> bool:
     """True when the Accept header ranks text/csv above JSON (JSON when it names neither, or no Accept is sent)."""
     return request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv"
@@ -280,7 +300,7 @@ def handle(request: flask.Request, endpoint: Endpoint) -> flask.Response:
             args.append(caller)
         if endpoint.body is not Body.NONE:
             assert endpoint.request is not None
-            parse = {Body.JSON: _parse_json, Body.SEAL: _parse_seal, Body.QUERY: _parse_query}[endpoint.body]
+            parse = {Body.JSON: _parse_json, Body.SEAL: _parse_seal, Body.QUERY: _parse_query, Body.PATH: _parse_path(endpoint)}[endpoint.body]
             try:
                 args.append(parse(request, endpoint.request))
             except pydantic.ValidationError as exc:
@@ -295,7 +315,9 @@ def handle(request: flask.Request, endpoint: Endpoint) -> flask.Response:
             kwargs["idempotency_key"] = key
         with store.recording_attempts() as writes:
             result = endpoint.run(*args, **kwargs)
-        if endpoint.csv and _prefers_csv(request):
+        if endpoint.media_type != "application/json":
+            response = _resource_response(result, request_id)
+        elif endpoint.csv and _prefers_csv(request):
             response = _csv_response(result.csv(), request_id)  # type: ignore[attr-defined]
             # A paged answer's next page token travels in a header beside the CSV rows.
             response.headers.update(getattr(result, "csv_headers", dict)())

@@ -36,7 +36,7 @@ from werkzeug.routing import Rule
 from shared import client_wheel, errors, openapi
 from shared import config as config_module
 from shared import emulator as emulator_module
-from shared.endpoints import ENDPOINTS
+from shared.endpoints import ENDPOINTS, Body
 from shared.files import write_once
 from shared.http import error_response
 
@@ -207,11 +207,13 @@ def create_app() -> flask.Flask:
         if function is None:
             continue
 
-        def view(function: Callable[[flask.Request], Any] = function) -> Any:
+        def view(function: Callable[[flask.Request], Any] = function, **_path: str) -> Any:
             return function(flask.request)
 
         # A rule without methods matches every method, as functions-framework routes them: the function answers 405.
-        app.url_map.add(Rule(endpoint.path, endpoint=endpoint.name))
+        # An endpoint of a subtree (the seal log's /log/) serves every path below its own, as Hosting's /log/** does.
+        rule = endpoint.path + "<path:subpath>" if endpoint.body is Body.PATH else endpoint.path
+        app.url_map.add(Rule(rule, endpoint=endpoint.name))
         app.view_functions[endpoint.name] = view
     # These rules match every method, so that an unknown path is 404 whatever the method, and a known one 405.
     static_routes: list[tuple[str, str, Callable[..., Any]]] = [

@@ -293,10 +293,18 @@ class PublicKeyInfo(Model):
     pem: str = Field(description="SPKI PEM public key.")
 
 
+class LogKeyInfo(Model):
+    """The seal log's identity: its checkpoints' origin and the verifier key that signs them."""
+
+    origin: str = Field(description="The log's origin (the base URL without scheme, plus /log): every checkpoint's first line.")
+    vkey: str = Field(description="The signed-note verifier key of its checkpoints: origin+hex(key ID)+base64(0x01 || Ed25519 public key).")
+
+
 class PublicKeysResponse(Model):
     """200 from public_keys."""
 
     keys: list[PublicKeyInfo]
+    log: LogKeyInfo | None = Field(default=None, description="The seal log's origin and checkpoint key (absent while its key cannot be read).")
 
 
 class LedgerMismatch(Model):
@@ -309,6 +317,17 @@ class LedgerMismatch(Model):
     found: int = Field(description="What the document holds: its `remaining`.")
 
 
+class LogAudit(Model):
+    """The seal log's part of an audit pass: every seal in the log exactly once, the tiles hashing to the latest checkpoint."""
+
+    size: int = Field(description="Entries in the log's latest checkpoint.")
+    seals: int = Field(description="Seal records checked.")
+    pending: int = Field(description="Seals whose entries wait to be integrated (not a problem: the next checkpoint covers them).")
+    problems: list[str] = Field(description="What disagrees (at most 100 listed; every one is logged): a seal missing from the log or in it twice, "
+                                            "tiles that do not hash to the checkpoint's root, a checkpoint that does not verify.")
+    problem_count: int = Field(description="How many problems were found.")
+
+
 class AuditResponse(Model):
     """200 from the ledger audit: what this call checked, and where the pass it belongs to stands."""
 
@@ -318,6 +337,7 @@ class AuditResponse(Model):
     pass_started_at: str = Field(description="When the pass this call belongs to started.")
     pass_checked_grants: int = Field(description="Grant documents checked by the pass so far, this call included.")
     pass_mismatches: int = Field(description="Mismatches found by the pass so far, this call included.")
+    log: LogAudit | None = Field(default=None, description="The seal log's check, run by the call that completes a pass.")
 
 
 class UsageQuery(Model):

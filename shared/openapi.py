@@ -46,6 +46,9 @@ def _responses(endpoint: Endpoint) -> dict[str, Any]:
     responses: dict[str, Any] = {
         "200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": REF.format(model=endpoint.response.__name__)}}}}
     }
+    if endpoint.media_type != "application/json":
+        # The seal log's resources are served as they are: a signed note or a tlog-proof (text), a tile (bytes).
+        responses["200"] = {"description": endpoint.summary, "content": {endpoint.media_type: {"schema": {"type": "string", "format": "binary"}}}}
     if endpoint.csv:
         # Answered when the Accept header ranks text/csv above application/json.
         responses["200"]["content"]["text/csv"] = {
@@ -74,6 +77,9 @@ def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
     if endpoint.request is not None and "principal" in endpoint.request.model_fields and endpoint.body is Body.SEAL:
         parameters.append({"name": "principal", "in": "query", "required": False, "schema": {"type": "string", "pattern": models.PRINCIPAL_PATTERN},
                            "description": "Operators only: the principal to act for."})
+    if endpoint.body is Body.PATH:
+        parameters.append({"name": "path", "in": "path", "required": True, "schema": {"type": "string"},
+                           "description": "The resource below the path: checkpoint, tile/<L>/<N>[.p/<W>] or tile/entries/<N>[.p/<W>] (C2SP tlog-tiles)."})
     if endpoint.body is Body.QUERY:
         assert endpoint.request is not None
         schema = endpoint.request.model_json_schema(ref_template=REF)
@@ -99,7 +105,7 @@ def _security(endpoint: Endpoint) -> list[dict[str, list[str]]]:
 def build() -> dict[str, Any]:
     """The whole OpenAPI document."""
     json_models = [e.request for e in ENDPOINTS.values() if e.request is not None and e.body is Body.JSON]
-    used = {e.response for e in ENDPOINTS.values()} | set(json_models) | {models.ErrorBody}
+    used = {e.response for e in ENDPOINTS.values() if e.media_type == "application/json"} | set(json_models) | {models.ErrorBody}
     _, schema = models_json_schema([(m, "serialization" if m.__name__.endswith(("Response", "Bundle", "Body")) else "validation") for m in sorted(used, key=lambda m: m.__name__)], ref_template=REF)
     paths: dict[str, Any] = {}
     for endpoint in ENDPOINTS.values():
@@ -116,7 +122,7 @@ def build() -> dict[str, Any]:
             operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"$ref": REF.format(model=endpoint.request.__name__)}}}}
         elif endpoint.body is Body.SEAL:
             operation["requestBody"] = _seal_body(endpoint)
-        paths[endpoint.path] = {endpoint.method.lower(): operation}
+        paths[openapi_path(endpoint)] = {endpoint.method.lower(): operation}
     return {
         "openapi": "3.1.0",
         "info": {"title": "GBX Entitlements", "version": "1.1.0", "description": "Meters and seals runs of a licensed containerised job. Generated from shared/endpoints.py and shared/models.py by `make openapi`."},
@@ -129,6 +135,11 @@ def build() -> dict[str, Any]:
             },
         },
     }
+
+
+def openapi_path(endpoint: Endpoint) -> str:
+    """The endpoint's path in the document: `/log/{path}` for one that serves every path below its own."""
+    return endpoint.path + "{path}" if endpoint.body is Body.PATH else endpoint.path
 
 
 def render() -> str:

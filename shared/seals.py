@@ -20,7 +20,7 @@ from gbx_client.seal_format import (
     render_seal_svg,
     verify_link,
 )
-from shared import errors, store
+from shared import errors, sealog, store
 from shared.auth import Identity
 from shared.config import get_config
 from shared.entitlements import current_balance
@@ -134,7 +134,10 @@ def run_complete(caller: Identity, req: RunCompleteRequest) -> SealBundle:
         store.commit_run_complete(principal, run, outputs_sha256=req.outputs_sha256, completed_at=completed_at, seal=record)
         return _bundle(record)
 
-    return store.optimistic(attempt)
+    bundle = store.optimistic(attempt)
+    # The seal's log entry was created with it: sequenced after this answer, never before it (see shared/sealog.py).
+    sealog.integrate_in_background(bundle.seal_id)
+    return bundle
 
 
 @dataclass(frozen=True)
@@ -276,4 +279,9 @@ def redeem_seal_once(caller: Identity, upload: RedeemUpload, *, idempotency_key:
 
 def public_keys() -> PublicKeysResponse:
     """The trusted seal signing keys, for offline verification."""
-    return PublicKeysResponse(keys=[PublicKeyInfo.model_validate({"key": k.key, "alg": k.alg, "pem": k.pem}) for k in get_signer().public_keys()])
+    keys = [PublicKeyInfo.model_validate({"key": k.key, "alg": k.alg, "pem": k.pem}) for k in get_signer().public_keys()]
+    try:
+        log = sealog.log_key_info()
+    except RuntimeError:
+        log = None  # a deployment without a log key (GBX_LOG_KEY_VERSION unset) publishes none; it logs why when integrating
+    return PublicKeysResponse(keys=keys, log=log)

@@ -33,6 +33,8 @@ SEALS = "seals"
 REDEMPTIONS = "redemptions"
 ISSUANCES = "issuances"
 REDEMPTION_KEYS = "redemption_keys"
+# The seal log's entries waiting to be sequenced (shared/log_store.py holds the rest of the log's access).
+LOG_PENDING = "log_pending"
 
 
 # Every Firestore call is bounded: the client's defaults retry reads for 300 s and commits for 60 s,
@@ -494,6 +496,9 @@ def commit_run_complete(principal: str, run: Run, *, outputs_sha256: str, comple
         option=client().write_option(last_update_time=run.update_time),
     )
     batch.create(client().collection(SEALS).document(seal["seal_id"]), {**seal, "created_at": firestore.SERVER_TIMESTAMP})
+    # The seal's log entry (SHA-256 of seal.json), created with the seal: once per seal, never for a retry.
+    entry = hashlib.sha256(seal["payload"].encode()).hexdigest()
+    batch.create(client().collection(LOG_PENDING).document(seal["seal_id"]), {"entry": entry, "at": firestore.SERVER_TIMESTAMP})
     _commit(batch)
 
 

@@ -13,9 +13,9 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from shared import auth, config, emulator, signing, store
+from shared import auth, config, emulator, log_signing, sealog, signing, store
 from shared.local import LocalIssuer
-from tests.kms_server import VERSION_1, FakeKms, fake_kms_server
+from tests.kms_server import LOG_VERSION_1, VERSION_1, FakeKms, fake_kms_server
 
 # One project per xdist worker: workers sharing one emulator (firebase emulators:exec) clear only their own data.
 PROJECT = "gbx-test" + (f"-{os.environ['PYTEST_XDIST_WORKER']}" if os.environ.get("PYTEST_XDIST_WORKER") else "")
@@ -87,6 +87,7 @@ def service_env(service_dir: Path, issuer: LocalIssuer, firestore_emulator: emul
         config.ENV_SIGNER: "kms",
         config.ENV_KMS_ENDPOINT: fake_kms.endpoint,
         config.ENV_KMS_KEY_VERSION: VERSION_1,
+        config.ENV_LOG_KEY_VERSION: LOG_VERSION_1,
         config.ENV_LOCAL_DIR: str(service_dir / "local"),
         config.ENV_ISSUER: "gbx-test",
         config.ENV_PUBLIC_URL: AUDIENCE,
@@ -126,6 +127,8 @@ def short_firestore_budgets(service_env: None, monkeypatch: pytest.MonkeyPatch) 
 @pytest.fixture
 def db(firestore_emulator: emulator.Emulator, service_env: None) -> emulator.Emulator:
     """An empty Firestore for this test."""
+    # No seal log integration of an earlier test runs on into this one's database (or into its KMS calls).
+    sealog.stop_background()
     firestore_emulator.clear()
     return firestore_emulator
 
@@ -227,6 +230,7 @@ def api(server_url: str, issuer: LocalIssuer, db: emulator.Emulator, kms: FakeKm
     """The service over HTTP, on an empty database, with fresh KMS keys (and the signer's key cache emptied)."""
     config.get_config.cache_clear()
     signing.get_signer.cache_clear()
+    log_signing.get_log_signer.cache_clear()
     auth.verified_tokens.clear()
     return Api(base_url=server_url, issuer=issuer)
 

@@ -32,7 +32,7 @@ import pytest
 
 from shared import client_wheel
 from shared import config as config_module
-from shared.endpoints import ENDPOINTS, Caller, Keys, deploy_order, hosting_rewrites
+from shared.endpoints import ENDPOINTS, Caller, Keys, deploy_order, hosting_rewrites, route_glob
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT = "gbx-demo"
@@ -327,6 +327,7 @@ def test_runtime_service_account_is_created_with_least_privilege(dry: Deploy) ->
     assert granted_to(dry, SA_EMAIL) == {
         ("projects", PROJECT, "roles/datastore.user"),
         ("kms", "seal", "roles/cloudkms.signerVerifier"),
+        ("kms", "seal-log", "roles/cloudkms.signerVerifier"),
         ("secrets", "gbx-admin-token", "roles/secretmanager.secretAccessor"),
     }
     grants = [cmd for cmd in dry.commands if "add-iam-policy-binding" in cmd]
@@ -386,8 +387,7 @@ def test_rules_are_deployed_with_the_firebase_cli_last(dry: Deploy) -> None:
 
 def test_seal_key_is_an_ec_p256_signing_key(dry: Deploy) -> None:
     assert dry.find("gcloud", "kms", "keyrings", "create")[0][4] == "gbx"
-    (create,) = dry.find("gcloud", "kms", "keys", "create")
-    assert create[4] == "seal"
+    (create,) = [cmd for cmd in dry.find("gcloud", "kms", "keys", "create") if cmd[4] == "seal"]
     assert flags(create)["purpose"] == "asymmetric-signing"
     assert flags(create)["default-algorithm"] == "ec-sign-p256-sha256"
     assert flags(create)["keyring"] == "gbx" and flags(create)["location"] == REGION
@@ -395,6 +395,20 @@ def test_seal_key_is_an_ec_p256_signing_key(dry: Deploy) -> None:
     assert flags(listing)["format"] == "value(name,state)", "states, to wait for PENDING_GENERATION"
     assert flags(listing)["sort-by"] == "~createTime"
     assert "placeholder" in dry.stdout
+
+
+def test_the_seal_log_has_an_ed25519_key_of_its_own(dry: Deploy) -> None:
+    """EC_SIGN_ED25519 for checkpoints, never the seal key; the runtime may sign with it; every function knows its version 1."""
+    (create,) = [cmd for cmd in dry.find("gcloud", "kms", "keys", "create") if cmd[4] == "seal-log"]
+    assert flags(create)["default-algorithm"] == "ec-sign-ed25519" and flags(create)["purpose"] == "asymmetric-signing"
+    assert flags(create)["keyring"] == "gbx" and flags(create)["location"] == REGION
+    version = f"projects/{PROJECT}/locations/{REGION}/keyRings/gbx/cryptoKeys/seal-log/cryptoKeyVersions/1"
+    for cmd in dry.find("gcloud", "functions", "deploy"):
+        assert env_vars(flags(cmd)["set-env-vars"])["GBX_LOG_KEY_VERSION"] == version
+    # run_complete integrates after its answer: its service keeps CPU between requests.
+    (update,) = [cmd for cmd in dry.find("gcloud", "run", "services", "update", FUNCTIONS["run_complete"]) if "--no-invoker-iam-check" in cmd]
+    assert "--no-cpu-throttling" in update
+    assert not [cmd for cmd in dry.commands if "--no-cpu-throttling" in cmd and cmd[4] != FUNCTIONS["run_complete"]]
 
 
 def test_admin_token_secret_is_generated_without_ever_showing_it(dry: Deploy) -> None:
@@ -491,21 +505,22 @@ def test_each_function_skips_the_invoker_iam_check_right_after_its_deploy(dry: D
     for entry, position in zip(DEPLOY_ORDER, deploys, strict=True):
         following = dry.commands[position + 1]
         check = "--invoker-iam-check" if entry in INTERNAL else "--no-invoker-iam-check"
+        throttling = ["--no-cpu-throttling"] if entry == "run_complete" else []
         assert following == ["gcloud", "run", "services", "update", FUNCTIONS[entry], f"--region={REGION}",
-                             f"--project={PROJECT}", check]
+                             f"--project={PROJECT}", check, *throttling]
     assert len([cmd for cmd in dry.commands if "--no-invoker-iam-check" in cmd]) == len(PUBLIC)
 
 
 def test_only_the_audit_account_may_invoke_the_internal_functions(dry: Deploy) -> None:
     """Cloud Run's IAM check stays on for the audit, whose one invoker is gbx-audit; Hosting has no rewrite to it."""
-    assert {"ledger_audit"} == INTERNAL
+    assert {"ledger_audit", "log_integrate"} == INTERNAL
     for entry in INTERNAL:
         position = dry.indexes("gcloud", "functions", "deploy", FUNCTIONS[entry])[0]
         assert "--invoker-iam-check" in dry.commands[position + 1]
         assert dry.commands[position + 2] == [
             "gcloud", "run", "services", "add-iam-policy-binding", FUNCTIONS[entry], f"--region={REGION}", f"--project={PROJECT}",
             f"--member=serviceAccount:{AUDIT_SA_EMAIL}", "--role=roles/run.invoker", "--format=none"]
-        assert flags(dry.commands[position])["timeout"] == f"{ENDPOINTS[entry].timeout}s" == "1800s"
+        assert flags(dry.commands[position])["timeout"] == f"{ENDPOINTS[entry].timeout}s" == {"ledger_audit": "1800s", "log_integrate": "60s"}[entry]
     assert granted_to(dry, AUDIT_SA_EMAIL) == {("run", FUNCTIONS[entry], "roles/run.invoker") for entry in INTERNAL}
     assert all(flags(cmd)["timeout"] == "60s" for cmd in dry.find("gcloud", "functions", "deploy") if flags(cmd)["entry-point"] in PUBLIC)
     assert all(env_vars(flags(cmd)["set-env-vars"])["GBX_AUDITORS"] == AUDIT_SA_EMAIL for cmd in dry.find("gcloud", "functions", "deploy"))
@@ -699,9 +714,10 @@ def test_the_effective_hosting_config_rewrites_every_path_to_its_function(dry: D
     hosting = config["hosting"]
     assert hosting["rewrites"] == effective_rewrites(REGION)
     functions = [rule for rule in hosting["rewrites"] if "run" in rule]
-    assert [rule["source"] for rule in functions] == [endpoint.path for endpoint in ENDPOINTS.values() if not endpoint.internal]
+    assert [rule["source"] for rule in functions] == [route_glob(endpoint) for endpoint in ENDPOINTS.values() if not endpoint.internal]
+    assert "/log/**" in [rule["source"] for rule in functions], "the seal log's checkpoint and tiles"
     for rule in functions:
-        (endpoint,) = [e for e in ENDPOINTS.values() if e.path == rule["source"]]
+        (endpoint,) = [e for e in ENDPOINTS.values() if route_glob(e) == rule["source"]]
         assert rule["run"] == {"serviceId": endpoint.function_name, "region": REGION}
         assert rule["run"]["serviceId"] in [cmd[3] for cmd in dry.find("gcloud", "functions", "deploy")]
     assert len({rule["source"] for rule in hosting["rewrites"]}) == len(PUBLIC) + len(TRACKED_REWRITES)
@@ -820,7 +836,7 @@ def fresh_project() -> dict:
     return {
         "calls": [], "apis": [], "service_accounts": [], "bindings": [], "database": None, "indexes": [],
         "database_protection": None, "backup_schedules": {}, "scheduler_jobs": {}, "metrics": {}, "channels": {}, "policies": {},
-        "secrets": {}, "keyrings": [], "key_versions": {}, "generation_polls": 0, "functions": {},
+        "secrets": {}, "keyrings": [], "key_versions": {}, "generation_polls": 0, "functions": {}, "log_keys": [],
         "project_number": PROJECT_NUMBER,
         "firebase_added": True, "taken_sites": [], "sites": [], "firebase_calls": [], "hosting": {}, "rules": None,
     }
@@ -923,6 +939,11 @@ def gcloud(state: dict, argv: list[str], stdin: str, cwd: Path = REPO) -> Answer
             return Answer(words[3] + "\n") if words[3] in state["keyrings"] else missing()
         case ["kms", "keyrings", "create"]:
             state["keyrings"].append(words[3])
+            return Answer()
+        case ["kms", "keys", "describe", *_] if words[3] == "seal-log":
+            return Answer("EC_SIGN_ED25519\n") if "seal-log" in state["log_keys"] else missing()
+        case ["kms", "keys", "create", *_] if words[3] == "seal-log":
+            state["log_keys"].append("seal-log")
             return Answer()
         case ["kms", "keys", "describe"]:
             return Answer("EC_SIGN_P256_SHA256\n") if state["key_versions"] else missing()
@@ -1176,6 +1197,7 @@ def test_first_deployment_creates_everything(first: FirstDeployment) -> None:
         ["project", PROJECT, member, "roles/datastore.user"],
         ["secret", "gbx-admin-token", member, "roles/secretmanager.secretAccessor"],
         ["kms_key", "seal", member, "roles/cloudkms.signerVerifier"],
+        ["kms_key", "seal-log", member, "roles/cloudkms.signerVerifier"],
         *(["project", PROJECT, f"serviceAccount:{BUILD_SA_EMAIL}", role] for role in BUILD_ROLES),
         *(["run_service", FUNCTIONS[entry], f"serviceAccount:{AUDIT_SA_EMAIL}", "roles/run.invoker"] for entry in INTERNAL),
     ])
@@ -1202,6 +1224,7 @@ def test_first_deployment_creates_everything(first: FirstDeployment) -> None:
         assert env == {
             "GOOGLE_CLOUD_PROJECT": PROJECT, "GBX_ISSUER": PROJECT, "GBX_PUBLIC_URL": f"https://{PROJECT}.web.app",
             "GBX_KMS_KEY_VERSION": f"{KEY}/cryptoKeyVersions/1", "GBX_TRUSTED_KEY_VERSIONS": f"{KEY}/cryptoKeyVersions/1",
+            "GBX_LOG_KEY_VERSION": KEY.replace("/cryptoKeys/seal", "/cryptoKeys/seal-log") + "/cryptoKeyVersions/1",
             "GBX_OPERATORS": "ops@example.com", "THREADS": "40", "GBX_AUDITORS": AUDIT_SA_EMAIL,
         }
         assert deployed["secrets"] == ("GBX_ADMIN_TOKEN=gbx-admin-token:latest" if entry in ADMIN_ENTRIES else None)
@@ -1240,8 +1263,9 @@ def test_the_first_deploy_already_accepts_the_deterministic_urls(first: FirstDep
     for position, call in enumerate(state["calls"]):
         if call[:2] == ["functions", "deploy"]:
             check = "--invoker-iam-check" if call[2] in internal else "--no-invoker-iam-check"
+            throttling = ["--no-cpu-throttling"] if call[2] == FUNCTIONS["run_complete"] else []
             assert state["calls"][position + 1] == ["run", "services", "update", call[2], f"--region={REGION}",
-                                                    f"--project={PROJECT}", check]
+                                                    f"--project={PROJECT}", check, *throttling]
 
 
 def test_a_second_deployment_creates_nothing_and_keeps_the_audiences(first: FirstDeployment, deployed: FakeCloud) -> None:
@@ -1256,7 +1280,7 @@ def test_a_second_deployment_creates_nothing_and_keeps_the_audiences(first: Firs
     assert len([call for call in second["calls"] if "--no-invoker-iam-check" in call]) == len(PUBLIC)
     # What exists is updated, not created again: the audit's job, the metric, the policies; the backup schedule is left.
     assert [call[:4] for call in second["calls"] if call[0] in ("scheduler", "logging", "alpha") and "update" in call] == [
-        ["scheduler", "jobs", "update", "http"], ["logging", "metrics", "update", "gbx-ledger-mismatches"],
+        ["scheduler", "jobs", "update", "http"], ["scheduler", "jobs", "update", "http"], ["logging", "metrics", "update", "gbx-ledger-mismatches"],
         ["alpha", "monitoring", "policies", "update"], ["alpha", "monitoring", "policies", "update"]]
     assert second["backup_schedules"] == first.state["backup_schedules"] and second["policies"] == first.state["policies"]
     assert second["secrets"] == first.state["secrets"], "the admin token is not rotated by a redeploy"
@@ -1516,11 +1540,21 @@ def test_the_service_reads_the_database_it_is_configured_with() -> None:
     assert config_module.load_config({"GOOGLE_CLOUD_PROJECT": "p", "GBX_FIRESTORE_DATABASE": "restored-1"}).firestore_database == "restored-1"
 
 
+def test_the_log_catch_up_runs_every_minute(dry: Deploy) -> None:
+    """gbx-log-integrate: the seal log's scheduled integrator, as the audit is scheduled but every minute."""
+    name = FUNCTIONS["log_integrate"]
+    url = f"https://{REGION}-{PROJECT}.cloudfunctions.net/{name}"
+    (job,) = dry.find("gcloud", "scheduler", "jobs", "create", "http", name)
+    assert flags(job)["schedule"] == "* * * * *" and flags(job)["uri"] == url and flags(job)["attempt-deadline"] == "60s"
+    assert flags(job)["oidc-service-account-email"] == AUDIT_SA_EMAIL
+    assert flags(job)["description"] == f"GBX: {name}, every minute (see docs/operations.md)"
+
+
 def test_the_audit_runs_hourly_as_its_own_account_with_oidc(dry: Deploy) -> None:
-    (entry,) = INTERNAL
+    entry = "ledger_audit"
     name = FUNCTIONS[entry]
     url = f"https://{REGION}-{PROJECT}.cloudfunctions.net/{name}"
-    (job,) = dry.find("gcloud", "scheduler", "jobs", "create", "http")
+    (job,) = dry.find("gcloud", "scheduler", "jobs", "create", "http", name)
     assert job[5] == name
     assert flags(job) == {
         "location": REGION, "project": PROJECT, "schedule": "0 * * * *", "time-zone": "Etc/UTC", "uri": url, "http-method": "POST",

@@ -33,9 +33,14 @@ DOCUMENTS = [
     "redemption_keys/9a8b7c",
     "audits/ledger",
     "revocations/5d6e7f",
+    "log_pending/seal1",
+    "log_entries/seal1",
+    "log_tiles/0.0",
+    "log/state",
     "not_a_gbx_collection/doc1",
 ]
-COLLECTIONS = ["principals", "grants", "runs", "ledger", "seals", "redemptions", "issuances", "redemption_keys", "audits", "revocations"]
+COLLECTIONS = ["principals", "grants", "runs", "ledger", "seals", "redemptions", "issuances", "redemption_keys", "audits", "revocations",
+               "log_pending", "log_entries", "log_tiles", "log"]
 
 
 def _unsigned_jwt(claims: dict[str, object]) -> str:

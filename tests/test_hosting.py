@@ -29,7 +29,7 @@ STATIC = {**SECURITY, "Cache-Control": "no-cache"}
 # a new version is a new path, so its files (the 1 MB .wasm above all) are fetched once and kept.
 VENDORED = {**SECURITY, "Cache-Control": "public, max-age=31536000, immutable"}
 API = {**SECURITY, "Cache-Control": "no-store"}
-API_PATHS = [endpoint.path for endpoint in ENDPOINTS.values()]
+API_PATHS = [endpoint.path for endpoint in ENDPOINTS.values() if endpoint.path.startswith("/api/")]
 
 
 def portal_paths() -> list[str]:
@@ -90,6 +90,14 @@ def test_vendored_files_are_versioned_by_their_folder_and_cached_for_a_year(path
 def test_api_answers_are_never_cached(path: str) -> None:
     """Hosting's CDN must never keep an API answer (the functions say no-store themselves too)."""
     assert headers_for(path) == API
+
+
+@pytest.mark.parametrize("path", ["/log/checkpoint", "/log/tile/0/000", "/log/tile/entries/x001/000.p/7"])
+def test_the_seal_log_keeps_its_own_caching(path: str) -> None:
+    """Hosting adds no Cache-Control to the seal log: its function says it (no-cache for the checkpoint, a week and
+    immutable for tiles), and Hosting's CDN follows it."""
+    assert any(e.path == "/log/" for e in ENDPOINTS.values())
+    assert headers_for(path) == SECURITY
 
 
 def test_the_portal_has_the_files_the_header_rules_expect() -> None:

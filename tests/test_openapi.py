@@ -8,7 +8,7 @@ import requests
 
 from shared import openapi
 from shared.config import REPO_ROOT
-from shared.endpoints import ENDPOINTS
+from shared.endpoints import ENDPOINTS, Caller
 from tests.conftest import Api
 
 
@@ -19,21 +19,27 @@ def test_committed_openapi_json_is_fresh() -> None:
 
 def test_every_endpoint_is_described_with_its_schemas_and_auth() -> None:
     document = openapi.build()
-    assert set(document["paths"]) == {e.path for e in ENDPOINTS.values()}
+    assert set(document["paths"]) == {openapi.openapi_path(e) for e in ENDPOINTS.values()}
     schemas = document["components"]["schemas"]
+    public = {openapi.openapi_path(e) for e in ENDPOINTS.values() if e.caller is Caller.ANYONE}
+    resources = {openapi.openapi_path(e): e.media_type for e in ENDPOINTS.values() if e.media_type != "application/json"}
     for path, item in document["paths"].items():
         ((method, operation),) = item.items()
-        assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1] in schemas
+        if path in resources:
+            # The seal log's resources are served as they are; their errors are the API's JSON.
+            assert set(operation["responses"].pop("200")["content"]) == {resources[path]}
+        else:
+            assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1] in schemas
         for status, response in operation["responses"].items():
             ref = response["content"]["application/json"]["schema"]["$ref"]
             assert set(response["content"]) <= {"application/json", "text/csv"}
             assert ref.split("/")[-1] in schemas, (path, status)
         assert "405" in operation["responses"] and "500" in operation["responses"]
-        if path != "/api/seal/public_keys":
+        if path not in public:
             assert operation["security"], path
             assert "401" in operation["responses"]
-            # Only an endpoint that reads nothing from the request (the audit) has no 400.
-            assert ("400" in operation["responses"]) == (path != "/api/ledger/audit"), path
+            # Only an endpoint that reads nothing from the request (the audit, the log's catch-up) has no 400.
+            assert ("400" in operation["responses"]) == (path not in ("/api/ledger/audit", "/api/log/integrate")), path
     issue = document["paths"]["/api/entitlement/issue"]["post"]
     assert "idempotency_conflict" in issue["responses"]["409"]["description"]
     assert schemas["IssueRequest"]["additionalProperties"] is False
@@ -80,10 +86,21 @@ def test_the_document_is_as_strict_as_the_server_on_formats() -> None:
 def test_responses_are_derived_from_the_registry() -> None:
     document = openapi.build()
     for endpoint in ENDPOINTS.values():
-        operation = document["paths"][endpoint.path][endpoint.method.lower()]
+        operation = document["paths"][openapi.openapi_path(endpoint)][endpoint.method.lower()]
         assert operation["operationId"] == endpoint.name
         documented = {int(status) for status in operation["responses"]} - {200}
         assert documented == {error.status for error in endpoint.all_errors}
     conflict = document["paths"]["/api/entitlement/check"]["post"]["responses"]["409"]
     assert "run_id_reused" in conflict["description"]
     assert document["components"]["schemas"]["ErrorDetail"]["properties"]["state"]["anyOf"][0]["enum"] == ["started", "completed"]
+
+
+def test_the_seal_log_is_documented() -> None:
+    """The proof's query and text answer, the tiles' path parameter, the log in public_keys."""
+    document = openapi.build()
+    proof = document["paths"]["/api/log/proof"]["get"]
+    assert [p["name"] for p in proof["parameters"]] == ["seal_id"] and proof["parameters"][0]["required"] is True
+    assert set(proof["responses"]["200"]["content"]) == {"text/plain"} and {"400", "404", "503"} <= set(proof["responses"])
+    tiles = document["paths"]["/log/{path}"]["get"]
+    assert tiles["parameters"][0]["in"] == "path" and set(tiles["responses"]["200"]["content"]) == {"application/octet-stream"}
+    assert "log" in document["components"]["schemas"]["PublicKeysResponse"]["properties"]

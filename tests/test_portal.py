@@ -73,11 +73,13 @@ STRICT_PORTAL_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+# After the offline checks the page asks for the seal's log proof (by its public seal id; see test_portal_log.py).
+LOG_PROOF = ("GET", "/api/log/proof")
 FIREBASE_JSON = Path(__file__).resolve().parent.parent / "firebase.json"
 # The vendored QR decoder (ZXing-C++ as WebAssembly, tools/refresh-qr-decoder.sh): what the page loads for a picture.
 (DECODER_DIR,) = (Path(__file__).resolve().parent.parent / "portal" / "vendor").glob("barcode-detector-*")
 DECODER_FILES = tuple(f"/vendor/{DECODER_DIR.name}/{name}" for name in ("ponyfill.js", "zxing-exported.js", "zxing_reader.wasm"))
-PORTAL_FILES = ("/", "/v", "/app.js", "/style.css", "/favicon.svg", *DECODER_FILES)
+PORTAL_FILES = ("/", "/v", "/app.js", "/tlog.js", "/style.css", "/favicon.svg", *DECODER_FILES)
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 NOT_CHECKED = "not checked"
 STREAM_THRESHOLD = 16 * 1024 * 1024  # app.js hashes larger files with its own streaming SHA-256
@@ -397,7 +399,7 @@ def test_a_genuine_seal_is_verified_and_its_claims_shown_as_the_badge_shows_them
     # Nothing but the published keys (and the page's own files) was asked for: the seal stayed in the browser.
     asked = set(portal.server.take_requests())
     assert ("GET", "/api/seal/public_keys") in asked
-    assert asked <= {("GET", "/api/seal/public_keys")} | {("GET", path) for path in PORTAL_FILES}
+    assert asked <= {("GET", "/api/seal/public_keys"), LOG_PROOF} | {("GET", path) for path in PORTAL_FILES}
     assert severe_console_messages(portal) == []
     save_screenshot(portal, "portal-verified.png")
     save_screenshot(portal, "portal-verified-phone.png", width=390, phone=True)
@@ -967,7 +969,7 @@ def test_a_link_opened_at_v_is_verified_in_the_browser_and_names_the_sites(api: 
     # The fragment never left the browser: only the page's files and the published keys were asked for.
     asked = set(portal.server.take_requests())
     assert ("GET", "/v") in asked and ("GET", "/api/seal/public_keys") in asked
-    assert asked <= {("GET", "/api/seal/public_keys")} | {("GET", path) for path in PORTAL_FILES}
+    assert asked <= {("GET", "/api/seal/public_keys"), LOG_PROOF} | {("GET", path) for path in PORTAL_FILES}
     assert severe_console_messages(portal) == []
     save_screenshot(portal, "portal-link-verified.png")
     save_screenshot(portal, "portal-link-verified-phone.png", width=390, phone=True)
@@ -1028,7 +1030,7 @@ def test_a_picture_of_the_badge_is_read_and_verified(api: Api, portal: Portal, t
     assert by["site"] == portal.url and by["link"] == AUDIENCE
     assert f"Checked by {portal.url}" in by["text"] and f"The link names another site: {AUDIENCE}." in by["text"]
     asked = set(portal.server.take_requests())
-    assert asked <= {("GET", "/api/seal/public_keys")} | {("GET", path) for path in PORTAL_FILES}, "the picture stayed in the browser"
+    assert asked <= {("GET", "/api/seal/public_keys"), LOG_PROOF} | {("GET", path) for path in PORTAL_FILES}, "the picture stayed in the browser"
     assert severe_console_messages(portal) == []
 
 

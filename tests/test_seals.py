@@ -313,10 +313,13 @@ def test_key_rotation(api: Api, kms: FakeKms, monkeypatch: pytest.MonkeyPatch) -
 def test_public_keys(api: Api, kms: FakeKms) -> None:
     response = requests.get(api.base_url + "/api/seal/public_keys", timeout=30)
     assert response.status_code == 200
-    assert response.json() == {"keys": [{"key": VERSION_1, "alg": "ES256", "pem": kms.public_pem(VERSION_1)}]}
+    body = response.json()
+    assert body["keys"] == [{"key": VERSION_1, "alg": "ES256", "pem": kms.public_pem(VERSION_1)}]
+    # The seal log's origin and checkpoint key (its own Ed25519 key, never the seal key): see test_sealog.py.
+    assert set(body["log"]) == {"origin", "vkey"} and body["log"]["vkey"].startswith("gbx-test.example/log+")
     for _ in range(3):
         requests.get(api.base_url + "/api/seal/public_keys", timeout=30)
-    assert kms.calls["GetPublicKey"] == 1  # fetched once, then cached
+    assert kms.calls["GetPublicKey"] == 2  # the seal key and the log key: each fetched once, then cached
     post = requests.post(api.base_url + "/api/seal/public_keys", timeout=30)
     assert (post.status_code, error_code(post)) == (405, "method_not_allowed")
 

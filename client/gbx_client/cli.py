@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -172,7 +173,36 @@ def build_parser() -> Parser:
     verify_parser.add_argument("--outputs", metavar="DIR", help="check that DIR (or a file) holds exactly the sealed outputs")
     verify_parser.add_argument("--online", metavar="URL", help="also ask the service at this base URL (POST /api/seal/verify)")
     verify_parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    verify_parser.add_argument(
+        "--log-key", metavar="VKEY", default=_env("GBX_LOG_KEY"),
+        help="the seal log's verifier key (public_keys' log.vkey) to check seal.tlog-proof with, instead of the --keys "
+        "document's (env GBX_LOG_KEY)",
+    )
+    verify_parser.add_argument(
+        "--require-log", action="store_true",
+        help="INVALID unless the seal comes with a seal.tlog-proof that verifies (checked offline whenever present and a log key is known)",
+    )
     _add_service_options(verify_parser, retry_default="30")
+
+    log_parser = commands.add_parser(
+        "log", help="the seal log: gbx log check monitors it", usage_exit=VERIFY_USAGE,
+        description="The seal log: every seal the deployment signs, in a public append-only Merkle tree (C2SP tlog-tiles).",
+    )
+    log_commands = log_parser.add_subparsers(dest="log_command", required=True)
+    check_parser = log_commands.add_parser(
+        "check", usage_exit=VERIFY_USAGE, help="verify the log's latest checkpoint and its consistency with the one kept in --state",
+        description="A monitor: fetches BASE/log/checkpoint, verifies its signature with the log's key, proves from the log's "
+        "tiles that it extends the checkpoint kept in --state, then keeps the new one there. A missing --state is first use.",
+        epilog="exit codes: 0 consistent (or first use), 1 inconsistent or badly signed (a rewritten history, a split view, "
+        "a damaged --state), 2 usage, 69 the log unreachable",
+    )
+    check_parser.add_argument("--url", metavar="BASE", default=_env("GBX_URL"), help="the deployment's base URL (env GBX_URL)")
+    check_parser.add_argument("--state", metavar="FILE", required=True, help="the last checkpoint this monitor verified (the signed note as served)")
+    check_parser.add_argument(
+        "--log-key", metavar="VKEY", default=_env("GBX_LOG_KEY"),
+        help="the log's verifier key (env GBX_LOG_KEY); default: the one BASE/api/seal/public_keys publishes",
+    )
+    check_parser.add_argument("--retry-timeout", metavar="SECONDS", type=_seconds, default=_seconds("30"), help="give up on an unreachable log after SECONDS (default 30)")
 
     hash_parser = commands.add_parser(
         "hash", help="print the canonical SHA-256 of files or directories",
@@ -201,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         # Reported by the command's own parser, so that it exits with that command's usage code (2 for verify).
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    usage_exit = VERIFY_USAGE if args.command == "verify" else UsageError.exit_code
+    usage_exit = VERIFY_USAGE if args.command in ("verify", "log") else UsageError.exit_code
     try:
         if args.command == "run":
             return _run(args, command)
@@ -209,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _complete(args)
         if args.command == "verify":
             return _verify(args)
+        if args.command == "log":
+            return _log_check(args)
         return _hash(args)
     except GbxError as exc:
         code = usage_exit if isinstance(exc, UsageError) else exc.exit_code
@@ -299,11 +331,20 @@ def _verify(args: argparse.Namespace) -> int:
     if outputs is not None and not outputs.exists():
         raise UsageError(f"--outputs {outputs}: no such file or directory")
     online = (lambda given: _online_check(service, given)) if service is not None else None
-    result = verify.verify_seal(seal, keys, outputs=outputs, online=online)
+    if args.log_key:
+        keys = dataclasses.replace(keys, log_vkey=args.log_key)
+    if seal.tlog_proof is not None and keys.log_vkey is None:
+        _say("seal.tlog-proof not checked: no log key (give --keys or --online, whose public keys name it, or --log-key)")
+    result = verify.verify_seal(seal, keys, outputs=outputs, online=online, require_log=args.require_log)
     if args.json:
-        print(json.dumps({**result.as_json(), "keys": keys.source}, indent=2, sort_keys=True))
+        logged = {"logged": {"entry": result.logged[0] + 1, "of": result.logged[1]}} if result.logged else {}
+        print(json.dumps({**result.as_json(), "keys": keys.source, **logged}, indent=2, sort_keys=True))
     else:
         _print_verification(result, keys.source)
+        if result.logged is not None:
+            from gbx_client.logproof import logged_text
+
+            print(logged_text(*result.logged))
     if result.verified:
         _say(f"exit 0 (verified): seal {result.seal_id}")
         return 0
@@ -321,6 +362,29 @@ def _seal_argument(text: str) -> verify.SealFiles:
     if pictures.is_picture(path):
         return pictures.picture_seal(path)
     return verify.load_seal(path)
+
+
+def _log_check(args: argparse.Namespace) -> int:
+    """gbx log check: 0 consistent (or first use), 1 inconsistent or badly signed."""
+    from gbx_client import logproof
+    from gbx_client.service import RetryPolicy, Service
+
+    if not args.url:
+        raise UsageError("missing --url (or GBX_URL): the deployment's base URL")
+    service = Service(args.url, identity=None, policy=RetryPolicy(timeout=args.retry_timeout), report=_say)
+    vkey = args.log_key or logproof.log_vkey(service)
+    try:
+        result = logproof.check_log(service, Path(args.state), vkey)
+    except logproof.LogInconsistent as exc:
+        print(f"INCONSISTENT  {service.base_url}/log: {exc}")
+        _say(f"exit 1 (inconsistent): {exc}")
+        return 1
+    if result.old_size is None:
+        print(f"OK  first use: kept the checkpoint of {result.new_size} entries in {args.state}")
+    else:
+        print(f"OK  consistent: {result.old_size} -> {result.new_size} entries; kept in {args.state}")
+    _say("exit 0 (consistent)")
+    return 0
 
 
 def _keys(args: argparse.Namespace, seal: verify.SealFiles, service: Service | None) -> verify.KeyRing:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gbx_client import hashing, process, sealdir, verify
+from gbx_client import hashing, logproof, process, sealdir, verify
 from gbx_client.errors import (
     CommandFailed,
     DataError,
@@ -259,6 +259,8 @@ def complete_run(service: Service, seal_dir: Path, run_id: str, outputs_sha256: 
     if guard is not None:
         guard.sealed = True
     say(f"wrote {seal_dir}/ ({', '.join(verify.SEAL_FILES)}); verified offline")
+    # The seal stands without it: a log that lags is said, and the proof can be fetched later.
+    logproof.fetch_proof(service, seal_dir, bundle.seal_id, say)
     return bundle.seal_id
 
 

@@ -88,6 +88,7 @@ class Reply:
     status: int
     body: Any
     text: str
+    content: bytes = b""  # the raw body (the seal log's tiles and notes are not JSON)
 
     @property
     def error_code(self) -> str:
@@ -186,7 +187,7 @@ class Service:
             body = response.json()
         except ValueError:
             body = None
-        return Reply(status=response.status_code, body=body, text=response.text)
+        return Reply(status=response.status_code, body=body, text=response.text, content=response.content)
 
     def _next_chain(self, step: str, deadline: float, problem: str) -> DeadlineRetry:
         """After a chain of attempts_per_chain retries (urllib3 retries by recursion), wait the longest backoff and start another."""

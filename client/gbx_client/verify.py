@@ -41,6 +41,7 @@ class SealFiles:
     public_key_pem: bytes | None = None
     link: str | None = None  # a seal given as its link BASE/v#P.S (then svg is empty), or a seal directory's link file
     unreadable: str | None = None  # why a picture holds no seal (no QR code, several, not a link): the document check's failure
+    tlog_proof: bytes | None = None  # a seal directory's seal.tlog-proof: the seal log's proof that it is logged
 
 
 def is_link(text: str) -> bool:
@@ -60,6 +61,7 @@ class KeyRing:
     source: str
     by_name: dict[str, str] = field(default_factory=dict)
     any_name: str | None = None
+    log_vkey: str | None = None  # the seal log's verifier key, when the keys document (or --log-key) gives it
 
     def find(self, name: str) -> str | None:
         """The PEM for a key name, or None when it is not trusted."""
@@ -72,6 +74,7 @@ class Verification:
 
     checks: dict[str, str]
     claims: dict[str, Any]
+    logged: tuple[int, int] | None = None  # (index, tree size) of a verified seal.tlog-proof
 
     @property
     def verified(self) -> bool:
@@ -104,6 +107,7 @@ def load_seal(path: Path) -> SealFiles:
                 seal_sig=_read_optional(path / "seal.sig"),
                 public_key_pem=_read_optional(path / "public_key.pem"),
                 link=_read_link(path / LINK_FILE),
+                tlog_proof=_read_optional(path / "seal.tlog-proof"),
             )
         return SealFiles(source=path, svg=path.read_bytes())
     except OSError as exc:
@@ -129,7 +133,9 @@ def keys_document(document: Any, source: str) -> KeyRing:
         for entry in entries
         if isinstance(entry, dict) and entry.get("alg") == SEAL_ALG and isinstance(entry.get("key"), str) and isinstance(entry.get("pem"), str)
     }
-    return KeyRing(source=source, by_name=by_name)
+    log = document.get("log")
+    log_vkey = log.get("vkey") if isinstance(log, dict) and isinstance(log.get("vkey"), str) else None
+    return KeyRing(source=source, by_name=by_name, log_vkey=log_vkey)
 
 
 def keys_file(path: Path) -> KeyRing:
@@ -153,9 +159,15 @@ def verify_seal(
     outputs: Path | None = None,
     expected: dict[str, str | None] | None = None,
     online: Callable[[SealFiles], str] | None = None,
+    require_log: bool = False,
 ) -> Verification:
-    """Run the checks in order (document, key, signature, then claims, outputs, online); a failure stops the later ones."""
+    """Run the checks in order (document, key, signature, log, then claims, outputs, online); a failure stops the later ones.
+
+    `log` runs when the seal comes with its seal.tlog-proof and the keys give the log's vkey, or when `require_log`.
+    """
     names = ["document", "key", "signature"]
+    if require_log or (seal.tlog_proof is not None and keys.log_vkey is not None):
+        names.append("log")
     if expected is not None:
         names.append("claims")
     if outputs is not None:
@@ -216,6 +228,10 @@ def verify_seal(
         return result
     checks["signature"] = OK
 
+    if "log" in checks:
+        checks["log"] = _log_check(seal, keys, payload, result)
+        if checks["log"] != OK:
+            return result
     if expected is not None:
         differing = sorted(name for name, value in expected.items() if claims.get(name) != value)
         checks["claims"] = f"the seal names other {', '.join(differing)}" if differing else OK
@@ -228,6 +244,21 @@ def verify_seal(
     if online is not None:
         checks["online"] = online(seal)
     return result
+
+
+def _log_check(seal: SealFiles, keys: KeyRing, payload: bytes, result: Verification) -> str:
+    """Whether the seal's tlog-proof puts its seal.json in a checkpoint the log's key signed (offline)."""
+    from gbx_client import logproof, tlog
+
+    if seal.tlog_proof is None:
+        return "no seal.tlog-proof with the seal (--require-log)"
+    if keys.log_vkey is None:
+        return "no log key to check seal.tlog-proof against (--keys, --online or --log-key)"
+    try:
+        result.logged = logproof.check_proof(seal.tlog_proof, seal_json=payload, vkey=keys.log_vkey)
+    except (tlog.LogFormatError, tlog.LogVerificationError) as exc:
+        return f"seal.tlog-proof does not verify: {exc}"
+    return OK
 
 
 def _document_problem(seal: SealFiles, claims: dict[str, Any], key: str, payload: bytes, der: bytes | None) -> str:
