@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -95,12 +96,15 @@ class Request:
     path: str
     headers: dict[str, str]
     body: bytes = b""
+    # The path below the function's own URL (the seal log's function reads it: /checkpoint); others answer at any path.
+    function_path: str = "/"
 
     def to_json(self) -> dict[str, Any]:
         """For a child interpreter's argument list."""
-        # A function answers at any path; only the query string (usage's ?principal=) goes along.
+        # Only the query string (usage's ?principal=) and a path-reading function's path go along.
         query = self.path.partition("?")[2]
-        return {"method": self.method, "url": f"/?{query}" if query else "/", "headers": self.headers, "body": base64.b64encode(self.body).decode()}
+        url = self.function_path + (f"?{query}" if query else "")
+        return {"method": self.method, "url": url, "headers": self.headers, "body": base64.b64encode(self.body).decode()}
 
 
 class Api:
@@ -556,6 +560,8 @@ def cold_cases(api: Api) -> list[ColdCase]:
     principal = "cold@bench.example"
     api.issue_one_document(principal, 1_000_000)
     seal = api.sealed("cold-verify@bench.example", "cold-verify")
+    # A seal whose log proof the cold proof function serves (it integrates the entry itself if no one has yet).
+    logged_seal_id = json.loads(base64.urlsafe_b64decode(re.search(rb'payload="([^"]+)"', seal).group(1) + b"==").decode())["seal_id"]  # type: ignore[union-attr]
     counter = [0]
 
     def next_run(prefix: str) -> str:
@@ -579,6 +585,9 @@ def cold_cases(api: Api) -> list[ColdCase]:
         "public_keys": lambda i: Request("GET", ENDPOINTS["public_keys"].path, {}),
         "entitlement_usage": lambda i: Request("GET", f"{ENDPOINTS['entitlement_usage'].path}?principal={principal}", {"X-GBX-ADMIN-TOKEN": ADMIN_TOKEN}),
         "ledger_audit": lambda i: Request("POST", ENDPOINTS["ledger_audit"].path, {"Authorization": f"Bearer {api.token('operator@bench.example')}"}),
+        "log_proof": lambda i: Request("GET", f"{ENDPOINTS['log_proof'].path}?seal_id={logged_seal_id}", {}),
+        "seal_log": lambda i: Request("GET", "/log/checkpoint", {}, function_path="/checkpoint"),
+        "log_integrate": lambda i: Request("POST", ENDPOINTS["log_integrate"].path, {"Authorization": f"Bearer {api.token('operator@bench.example')}"}),
         "revoke": lambda i: api.json_request(
             "revoke", {"principal": f"cold-revoke-{i}@bench.example", "grant_id": api.issue(f"cold-revoke-{i}@bench.example", 5)["grant_id"], "runs": 1}
         ),
