@@ -34,6 +34,7 @@ from tests.conftest import AUDIENCE, Api
 from tests.test_portal import (
     DECODER_DIR,
     DECODER_FILES,
+    LOG_PROOF,
     POLL_SECONDS,
     PORTAL_FILES,
     WAIT_SECONDS,
@@ -119,7 +120,8 @@ def test_a_degraded_picture_is_verified_by_the_portal_and_by_gbx(api: Api, porta
     assert shown.claims["Seal ID"] == bundle["seal_id"]
     assert verified_by(portal)["link"] == AUDIENCE
     asked = set(portal.server.take_requests())
-    assert asked <= {("GET", "/api/seal/public_keys")} | {("GET", path) for path in PORTAL_FILES}, "the picture stayed in the browser"
+    # The keys, and (the seal verified) its log proof by the public seal id: never the picture.
+    assert asked <= {("GET", "/api/seal/public_keys"), LOG_PROOF} | {("GET", path) for path in PORTAL_FILES}, "the picture stayed in the browser"
     assert severe_console_messages(portal) == []
     if name == "print on a desk, 1600x1200":
         save_screenshot(portal, "portal-picture-verified.png")
