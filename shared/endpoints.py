@@ -84,6 +84,8 @@ class Endpoint:
     internal: bool = False
     # The function's timeout in seconds (gen2 HTTP functions allow up to 3600).
     timeout: int = 60
+    # An internal function's Cloud Scheduler schedule (cron, UTC).
+    schedule: str = "0 * * * *"
 
     @property
     def function_name(self) -> str:
@@ -167,6 +169,11 @@ ENDPOINTS: dict[str, Endpoint] = {
             "ledger_audit", "/api/ledger/audit", "POST", "Check the next pages of grant documents against their ledger (a pass resumes where the last call stopped)",
             "shared.audit:ledger_audit", Caller.OPERATOR, models.AuditResponse, body=Body.NONE, internal=True, timeout=1800,
         ),
+        Endpoint(
+            "events_sweep", "/api/events/sweep", "POST", "Publish the partners' events that their requests left unpublished, in commit order",
+            "shared.events:events_sweep", Caller.OPERATOR, models.SweepResponse, body=Body.NONE, internal=True, timeout=120,
+            schedule="* * * * *",
+        ),
     )
 }
 
@@ -186,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shared.endpoints", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command")
     commands.add_parser(
-        "list", help="NAME FUNCTION METHOD PATH CALLER KEYS TIMEOUT ACCESS (public or internal), one line per endpoint in deploy order (the default)"
+        "list", help="NAME FUNCTION METHOD PATH CALLER KEYS TIMEOUT ACCESS (public or internal) SCHEDULE, one line per endpoint in deploy order (the default)"
     )
     rewrites = commands.add_parser("rewrites", help="the Firebase Hosting rewrites of every path, as JSON")
     rewrites.add_argument("--region", required=True, help="region the functions are deployed in")
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     for e in deploy_order():
         access = "internal" if e.internal else "public"
-        print("\t".join((e.name, e.function_name, e.method, e.path, e.caller.value, e.keys.value, str(e.timeout), access)))
+        print("\t".join((e.name, e.function_name, e.method, e.path, e.caller.value, e.keys.value, str(e.timeout), access, e.schedule)))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ import datetime as dt
 import json
 import random
 import secrets
+from typing import Any
 
-from shared import errors, store
+from shared import errors, events, store
 from shared.auth import Admin, Identity
 from shared.models import (
     CheckRequest,
@@ -78,9 +79,16 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
         drawn = store.read_open_shard_at(principal, first.spend_key, random.random(), upwards=random.random() < 0.5)
         # Past the last slot (or a shard that ran dry since the query's index read it): the first one, as read.
         grant = drawn if drawn is not None and drawn.usable(now) else first
-        # Read after the charged shard, whose precondition holds at the commit: it counts this run, so ≥ 1.
-        balance = store.read_balance(principal, now)
-        store.commit_consume(principal, req.run_id, grant, charge_id=charge_id, consumed_at=now)
+        # Read after the charged shard, whose precondition holds at the commit: it counts this run, so ≥ 1. With events,
+        # the charged partner's balance (and near its low line its documents) is read meanwhile, for the crossing.
+        balance, guard = events.with_guard(lambda: store.read_balance(principal, now), principal, grant.issued_by, now)
+
+        def recorded(batch: Any) -> None:
+            data = {"run_id": req.run_id, "principal": principal, "grant_id": grant.group}
+            events.record(batch, type=events.RUN_CONSUMED, principal=principal, partner=grant.issued_by, data=data, ref=req.run_id, time=now)
+            events.record_balance_change(batch, guard, delta=-1, changed=[grant], ref=f"consume|{req.run_id}", time=now)
+
+        store.commit_consume(principal, req.run_id, grant, charge_id=charge_id, consumed_at=now, extra=recorded)
         return ConsumeResponse(run_id=req.run_id, principal=principal, balance=balance - 1, state="consumed", replayed=False)
 
     return store.optimistic(attempt)
@@ -104,6 +112,8 @@ def issue(caller: Admin, req: IssueRequest, *, idempotency_key: str | None = Non
     key_hash = store.sha256_hex(idempotency_key) if idempotency_key is not None else None
     # One id for every attempt: a commit applied but unanswered is recognised on the re-read, never issued twice.
     grant_id = secrets.token_hex(16)
+    # The partner: the ID token's email beside the admin token, else "admin".
+    issued_by = caller.issued_by or "admin"
     tried: list[IssueResponse] = []  # the response of the last commit tried, to answer when it turns out applied
 
     def attempt() -> IssueResponse:
@@ -114,28 +124,42 @@ def issue(caller: Admin, req: IssueRequest, *, idempotency_key: str | None = Non
                 return _replay(record, fingerprint, grant_id)
         elif tried and store.grant_exists(req.principal, grant_id):
             return tried[-1]
-        if req.expires_at is not None and req.expires_at <= _now():
+        now = _now()
+        if req.expires_at is not None and req.expires_at <= now:
             raise errors.InvalidRequest("expires_at: must be in the future")
+        balance, guard = events.with_guard(lambda: current_balance(req.principal), req.principal, issued_by, now)
         response = IssueResponse(
             grant_id=grant_id,
             principal=req.principal,
             plan_id=req.plan_id,
             runs_total=req.runs_total,
             expires_at=format_time(req.expires_at) if req.expires_at else None,
-            balance=current_balance(req.principal) + req.runs_total,
+            balance=balance + req.runs_total,
             replayed=False,
         )
         tried.append(response)
+        data = {
+            "grant_id": grant_id, "principal": req.principal, "plan_id": req.plan_id, "runs_total": req.runs_total,
+            "expires_at": response.expires_at, "issued_by": issued_by,
+        }
+
+        def recorded(batch: Any) -> None:
+            events.record(batch, type=events.GRANT_ISSUED, principal=req.principal, partner=issued_by, data=data, ref=grant_id, time=now)
+            events.record_issue(batch, guard, runs=req.runs_total)
+
         store.commit_issue(
             principal=req.principal,
             grant_id=grant_id,
             plan_id=req.plan_id,
             runs_total=req.runs_total,
             expires_at=req.expires_at,
-            issued_by=caller.issued_by,
+            issued_by=issued_by,
             idempotency_key_hash=key_hash,
             fingerprint=fingerprint,
             response=response.model_dump(mode="json"),
+            # The guard's writes share the commit's 500 (see events.record_issue).
+            max_shards=events.max_shards_beside(guard),
+            extra=recorded,
         )
         return response
 

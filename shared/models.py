@@ -88,6 +88,7 @@ class RunRecord(BaseModel):
     completed_at: dt.datetime | None = None
     outputs_sha256: str | None = None
     seal_id: str | None = None
+    partner: str | None = Field(None, description="The `issued_by` of the grant charged (None for a bonus grant, and in runs consumed before events).")
 
 
 class RunIdRequest(Model):
@@ -377,3 +378,11 @@ class UsageResponse(Model):
             }
         )
         return out.getvalue()
+
+
+class SweepResponse(Model):
+    """The events sweeper's answer: what one sweep published."""
+
+    published: int = Field(description="Events published (and marked published) by this sweep.")
+    failed: int = Field(description="Events whose publish failed (left for the next sweep).")
+    unpublished: int = Field(description="Events still unpublished after this sweep (the younger ones wait for their own request's publish).")

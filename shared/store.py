@@ -142,6 +142,8 @@ class Grant:
     spend_key: dt.datetime
     slot: float
     update_time: Any = field(repr=False, compare=False)
+    # The partner that issued it (its events' `ce-partner`); None for a bonus (seal_rerun) grant.
+    issued_by: str | None = None
 
     def usable(self, now: dt.datetime) -> bool:
         """True while the grant has runs left and has not expired."""
@@ -194,7 +196,25 @@ def grant_from_snapshot(snap: firestore.DocumentSnapshot) -> Grant:
         spend_key=data.get("spend_key") or FAR_FUTURE,
         slot=data.get("slot", 0.0),
         update_time=snap.update_time,
+        issued_by=grant_issued_by(data),
     )
+
+
+def grant_issued_by(data: dict[str, Any]) -> str | None:
+    """A grant document's partner: its `issued_by`; grants written before the field read as "admin", bonus grants as None."""
+    if data.get("plan_id") == SEAL_RERUN_PLAN:
+        return None
+    return data.get("issued_by") or "admin"
+
+
+def partner_grants(principal: str, partner: str, now: dt.datetime) -> firestore.Query:
+    """The principal's unexpired grant documents issued by `partner` (composite index: issued_by ASC, spend_key ASC)."""
+    return _unexpired(principal, now).where(filter=FieldFilter("issued_by", "==", partner))
+
+
+def read_partner_balance(principal: str, partner: str, now: dt.datetime) -> int:
+    """The partner's runs left for the principal: `sum(remaining)` of its unexpired grant documents issued by `partner`."""
+    return _aggregate(partner_grants(principal, partner, now).sum("remaining"))
 
 
 def _grants(principal: str) -> firestore.CollectionReference:
@@ -286,16 +306,25 @@ def _note(event: str) -> None:
         record.append(event)
 
 
+# Called with each batch that committed (shared/events.py publishes the events a batch recorded).
+after_commit: list[Callable[[firestore.WriteBatch], None]] = []
+# What a commit function adds to its batch before committing it: the events of the change (shared/events.py).
+Extra = Callable[[firestore.WriteBatch], None] | None
+
+
 def _commit(batch: firestore.WriteBatch) -> list[Any]:
     """Commit a batch; a lost race becomes Contended, a lost reply CommitUncertain."""
     _note("commit")
     try:
-        return batch.commit(**_commit_rpc())
+        results: list[Any] = batch.commit(**_commit_rpc())
     except (gexc.FailedPrecondition, gexc.Conflict, gexc.NotFound) as exc:
         # Conflict covers AlreadyExists (a create lost) and Aborted; NotFound a precondition on a deleted doc.
         raise Contended(str(exc)) from exc
     except (gexc.DeadlineExceeded, gexc.ServiceUnavailable, gexc.RetryError) as exc:
         raise CommitUncertain(type(exc).__name__) from exc
+    for hook in after_commit:
+        hook(batch)
+    return results
 
 
 def _ledger(batch: firestore.WriteBatch | firestore.Transaction, *, principal: str, grant_id: str, shard: str, delta: int, reason: str, ref: str) -> None:
@@ -364,6 +393,7 @@ def commit_issue(
     fingerprint: str,
     response: dict[str, Any],
     max_shards: int = MAX_SHARDS,
+    extra: Extra = None,
 ) -> None:
     """One commit: the grant (or its shards), their ledger entries and (with a key) the issuance record that makes replays exact."""
     batch = client().batch()
@@ -378,6 +408,8 @@ def commit_issue(
             client().collection(ISSUANCES).document(idempotency_key_hash),
             {"fingerprint": fingerprint, "response": response, "principal": principal, "grant_id": grant_id, "created_at": firestore.SERVER_TIMESTAMP},
         )
+    if extra is not None:
+        extra(batch)
     _commit(batch)
 
 
@@ -410,15 +442,18 @@ def write_consume(
             "plan_id": grant.plan_id,
             "charge_id": charge_id,
             "consumed_at": consumed_at,
+            "partner": grant.issued_by,
         },
     )
     _ledger(writer, principal=principal, grant_id=grant.group, shard=grant.grant_id, delta=-1, reason="consume", ref=run_id)
 
 
-def commit_consume(principal: str, run_id: str, grant: Grant, *, charge_id: str, consumed_at: dt.datetime) -> None:
+def commit_consume(principal: str, run_id: str, grant: Grant, *, charge_id: str, consumed_at: dt.datetime, extra: Extra = None) -> None:
     """One commit: take a run from `grant` (unchanged since read), create the run record, append the ledger entry."""
     batch = client().batch()
     write_consume(batch, principal, run_id, grant, charge_id=charge_id, consumed_at=consumed_at)
+    if extra is not None:
+        extra(batch)
     _commit(batch)
 
 
@@ -440,7 +475,7 @@ def commit_run_start(principal: str, run: Run, metadata: dict[str, Any], *, star
     _commit(batch)
 
 
-def commit_run_complete(principal: str, run: Run, *, outputs_sha256: str, completed_at: dt.datetime, seal: dict[str, Any]) -> None:
+def commit_run_complete(principal: str, run: Run, *, outputs_sha256: str, completed_at: dt.datetime, seal: dict[str, Any], extra: Extra = None) -> None:
     """One commit: record the seal and mark the started run (unchanged since read) completed."""
     batch = client().batch()
     batch.update(
@@ -449,6 +484,8 @@ def commit_run_complete(principal: str, run: Run, *, outputs_sha256: str, comple
         option=client().write_option(last_update_time=run.update_time),
     )
     batch.create(client().collection(SEALS).document(seal["seal_id"]), {**seal, "created_at": firestore.SERVER_TIMESTAMP})
+    if extra is not None:
+        extra(batch)
     _commit(batch)
 
 
@@ -480,7 +517,9 @@ def read_redemption_key(key_id: str) -> dict[str, Any] | None:
     return snap.to_dict() if snap.exists else None
 
 
-def commit_redeem(principal: str, seal_id: str, grant_id: str, *, key_hash: str | None = None, response: dict[str, Any] | None = None) -> None:
+def commit_redeem(
+    principal: str, seal_id: str, grant_id: str, *, key_hash: str | None = None, response: dict[str, Any] | None = None, extra: Extra = None
+) -> None:
     """One commit: the redemption record (create: a second one fails), a one-run seal_rerun grant and its ledger entry,
     and (with an Idempotency-Key) the key's record that makes replays exact."""
     batch = client().batch()
@@ -499,6 +538,8 @@ def commit_redeem(principal: str, seal_id: str, grant_id: str, *, key_hash: str 
         _grant_fields(group=grant_id, slot=random.random(), principal=principal, plan_id=SEAL_RERUN_PLAN, runs_total=1, expires_at=None, source=SEAL_RERUN_PLAN, ref=seal_id, issued_by=None),
     )
     _ledger(batch, principal=principal, grant_id=grant_id, shard=grant_id, delta=1, reason=SEAL_RERUN_PLAN, ref=seal_id)
+    if extra is not None:
+        extra(batch)
     _commit(batch)
 
 
