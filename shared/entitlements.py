@@ -81,7 +81,9 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
         grant = drawn if drawn is not None and drawn.usable(now) else first
         # Read after the charged shard, whose precondition holds at the commit: it counts this run, so ≥ 1. With events,
         # the charged partner's balance (and near its low line its documents) is read meanwhile, for the crossing.
-        balance, guard = events.with_guard(lambda: store.read_balance(principal, now), principal, grant.issued_by, now)
+        balance, guard = events.with_guard(
+            lambda: store.read_balance(principal, now), principal, grant.issued_by, now, delta=-1, closes=grant.remaining <= 1
+        )
 
         def recorded(batch: Any) -> None:
             data = {"run_id": req.run_id, "principal": principal, "grant_id": grant.group}
@@ -127,7 +129,7 @@ def issue(caller: Admin, req: IssueRequest, *, idempotency_key: str | None = Non
         now = _now()
         if req.expires_at is not None and req.expires_at <= now:
             raise errors.InvalidRequest("expires_at: must be in the future")
-        balance, guard = events.with_guard(lambda: current_balance(req.principal), req.principal, issued_by, now)
+        balance, guard = events.with_guard(lambda: current_balance(req.principal), req.principal, issued_by, now, delta=req.runs_total)
         response = IssueResponse(
             grant_id=grant_id,
             principal=req.principal,

@@ -193,25 +193,41 @@ class Guard:
     alert_update_time: Any = field(default=None, repr=False, compare=False)
 
 
-def read_guard(principal: str, partner: str | None, now: dt.datetime) -> Guard | None:
-    """Read what a crossing decision needs (see the module docstring); None without a partner or with events off."""
+def read_guard(principal: str, partner: str | None, now: dt.datetime, *, delta: int, closes: bool = False) -> Guard | None:
+    """Read what deciding a change of `delta` runs needs (see the module docstring and docs/design.md, "Events"); None
+    without a partner or with events off. `closes`: the change takes the last run of a document (only such a change can
+    leave the balance at 0)."""
     if partner is None or not enabled():
         return None
-    return guard_from_balance(principal, partner, now, store.read_partner_balance(principal, partner, now))
+    return guard_from_balance(principal, partner, now, store.read_partner_balance(principal, partner, now), delta=delta, closes=closes)
 
 
-def guard_from_balance(principal: str, partner: str, now: dt.datetime, balance: int) -> Guard:
-    """The guard for a partner balance already read: exact (documents and alert read) within the margin of the line."""
+def guard_from_balance(principal: str, partner: str, now: dt.datetime, balance: int, *, delta: int, closes: bool = False) -> Guard:
+    """The guard for a partner balance already read (under fan-out it can only be too high, never too low).
+
+    Exact (the partner's open documents read, to be held by the commit) only where the commit may decide something:
+    an issue within the margin of the line (it re-arms `low` only above the line); a consume or revoke that may leave
+    the balance at or below the line while `low` is armed (the read says so: then it is so); one that closes a document
+    within the margin while `exhausted` is armed. Everything else is the fast path: one aggregation, no other read.
+    """
     config = get_config()
-    near = config.low_balance + config.events_exact_margin
-    if balance > near:
-        return Guard(principal, partner, balance, exact=False)
-    # Every open document: each holds at least one run, so a balance within the margin is a handful of them.
-    limit = near + 2
-    snaps = list(store.partner_grants(principal, partner, now).where(filter=FieldFilter("open", "==", True)).limit(limit).get(**store._rpc()))
-    if len(snaps) >= limit:
+    line, margin = config.low_balance, config.events_exact_margin
+    after = balance + delta
+    if delta > 0:
+        near = balance <= line + margin
+    else:
+        near = after <= line or (closes and after <= line + margin)
+    if not near:
         return Guard(principal, partner, balance, exact=False)
     alert = _alert_ref(principal, partner).get(**store._rpc())
+    armed = alert.to_dict() or {} if alert.exists else {}
+    if delta < 0 and not ((armed.get("low_armed") and after <= line) or (armed.get("exhausted_armed") and closes)):
+        return Guard(principal, partner, balance, exact=False)  # nothing armed that this change could fire
+    # Every open document: each holds at least one run, so a balance within the margin is a handful of them.
+    limit = line + margin + 2
+    snaps = list(store.partner_grants(principal, partner, now).where(filter=FieldFilter("open", "==", True)).limit(limit).get(**store._rpc()))
+    if len(snaps) >= limit:
+        return Guard(principal, partner, balance, exact=False)  # far above the line after all (issues since the read)
     return Guard(
         principal,
         partner,
@@ -227,11 +243,13 @@ def guard_from_balance(principal: str, partner: str, now: dt.datetime, balance: 
 _readers = ThreadPoolExecutor(max_workers=32, thread_name_prefix="gbx-events-guard")
 
 
-def with_guard(read: Callable[[], T], principal: str, partner: str | None, now: dt.datetime) -> tuple[T, Guard | None]:
+def with_guard(
+    read: Callable[[], T], principal: str, partner: str | None, now: dt.datetime, *, delta: int, closes: bool = False
+) -> tuple[T, Guard | None]:
     """`read()` and `read_guard(...)` at once (two reads in the time of one); the guard is None without a partner or events."""
     if partner is None or not enabled():
         return read(), None
-    future = _readers.submit(read_guard, principal, partner, now)
+    future = _readers.submit(functools.partial(read_guard, principal, partner, now, delta=delta, closes=closes))
     value = read()
     return value, future.result()
 
