@@ -12,7 +12,7 @@ from collections.abc import Callable
 from bench import harness
 
 # In order; a module that is not in this checkout is skipped (bench.hash belongs to the runner client's work).
-BENCHMARKS = ("bench.contention", "bench.fanout", "bench.latency", "bench.hash")
+BENCHMARKS = ("bench.contention", "bench.fanout", "bench.latency", "bench.events", "bench.hash")
 OPTIONAL = frozenset({"bench.hash"})
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench",
         description=__doc__.splitlines()[0],
         epilog=(
-            "Each benchmark also runs alone: python -m bench.contention, python -m bench.fanout, python -m bench.latency (see --help of each)."
+            "Each benchmark also runs alone: python -m bench.contention, python -m bench.fanout, python -m bench.latency, python -m bench.events (see --help of each)."
             " Exit status: 0 all passed their checks, 1 one failed, 3 no Firestore emulator, 130 interrupted."
         ),
     )

@@ -68,6 +68,10 @@ PUBLISH_TIMEOUT_SECONDS = 10.0
 # After a failed publish, for this long each event is first checked for older unpublished events of its principal
 # (left to the sweeper, which publishes in commit order), so that a principal's events never overtake its backlog.
 DEGRADED_SECONDS = 180.0
+# While Pub/Sub looks down (a publish failed this recently, or one has been unanswered this long), events are left to
+# the sweeper at once: nothing is attempted, so an outage costs the process nothing.
+PAUSE_AFTER_FAILURE_SECONDS = 5.0
+STALLED_PUBLISH_SECONDS = 2.0
 # Events waiting in one process's publisher at most; beyond, they are left to the sweeper (memory stays bounded).
 MAX_QUEUED = 10_000
 # The sweeper reads this many unpublished events per page and stops starting new pages after its budget.
@@ -413,6 +417,7 @@ class Publisher:
         self._published: list[str] = []
         self._done = threading.Condition(self._lock)
         self._in_flight = 0
+        self._outstanding: dict[str, float] = {}  # event id → when its publish started
         # Published events and how long they waited (for the benchmark): (recorded time, published time).
         self.delays: list[float] = []
 
@@ -466,11 +471,26 @@ class Publisher:
                 self._publish_one(event)
             self._mark()
 
+    def paused(self) -> bool:
+        """Whether Pub/Sub looks down: a publish failed moments ago, or one has been waiting too long."""
+        now = time.monotonic()
+        if now - self._failed_at < PAUSE_AFTER_FAILURE_SECONDS:
+            return True
+        with self._lock:
+            oldest = min(self._outstanding.values(), default=now)
+        return now - oldest > STALLED_PUBLISH_SECONDS
+
     def _publish_one(self, event: Event) -> None:
+        if self.paused():
+            self._failed_at = max(self._failed_at, time.monotonic() - PAUSE_AFTER_FAILURE_SECONDS)  # degraded from here on
+            self._settle(1)  # left to the sweeper
+            return
         try:
             if self.degraded() and _has_older_unpublished(event):
                 self._settle(1)  # behind its principal's backlog: the sweeper publishes them in order
                 return
+            with self._lock:
+                self._outstanding[event.id] = time.monotonic()
             future = _publish(event)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the event stays for the sweeper
             self._failed(event, exc)
@@ -483,12 +503,15 @@ class Publisher:
             self._failed(event, exc)
             return
         with self._lock:
+            self._outstanding.pop(event.id, None)
             self._published.append(event.id)
             self.delays.append((dt.datetime.now(dt.UTC) - event.time).total_seconds())
             self._in_flight -= 1
 
     def _failed(self, event: Event, exc: BaseException) -> None:
         self._failed_at = time.monotonic()
+        with self._lock:
+            self._outstanding.pop(event.id, None)
         _log.warning("event %s not published (%s); the sweeper will publish it", event.id, type(exc).__name__)
         with contextlib.suppress(Exception):
             # An ordering key stops after a failure until resumed; the degraded check keeps the order from here on.
