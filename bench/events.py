@@ -39,11 +39,11 @@ RATIO_STOPPED_GOAL = 1.3
 class Deliveries:
     """A pull subscription on the events topic, read by a streaming pull: when each ce-id first arrived."""
 
-    def __init__(self) -> None:
+    def __init__(self, project: str = PROJECT) -> None:
         from google.cloud import pubsub_v1  # type: ignore[attr-defined]
 
         self.client = pubsub_v1.SubscriberClient()
-        self.name = self.client.subscription_path(PROJECT, f"bench-{random.randrange(1 << 30)}")
+        self.name = self.client.subscription_path(project, f"bench-{random.randrange(1 << 30)}")
         self.client.create_subscription(request={"name": self.name, "topic": events.topic_path(), "enable_message_ordering": True}, timeout=10)
         self.first: dict[str, tuple[float, dt.datetime]] = {}  # ce-id → (arrival, monotonic; ce-time)
         self._lock = threading.Lock()

@@ -84,6 +84,8 @@ def service_environment(folder: Path, issuer: LocalIssuer) -> dict[str, str]:
         config.ENV_SIGNER: "local",
         config.ENV_LOCAL_DIR: str(folder / "local"),
         config.ENV_ISSUER: "gbx-bench",
+        # The partners' events are measured by bench.events (with the Pub/Sub emulator); here, the rest of each request.
+        config.ENV_EVENTS: "0",
     }
 
 
