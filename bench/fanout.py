@@ -79,11 +79,11 @@ class Level:
 class LocalServer:
     """`python -m shared.local serve` on the benchmark's emulator, its log lines collected per principal."""
 
-    def __init__(self, emu: emulator.Emulator, local_dir: Path) -> None:
+    def __init__(self, emu: emulator.Emulator, local_dir: Path, *, with_events: bool = True) -> None:
         self.port = emulator.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # Events on, on the benchmark's Pub/Sub emulator (PUBSUB_EMULATOR_HOST), whose subscription checks every one arrived.
-        env = {**os.environ, "FIRESTORE_EMULATOR_HOST": emu.host, config.ENV_PROJECT: PROJECT, config.ENV_LOCAL_DIR: str(local_dir), config.ENV_EVENTS: "1"}
+        env = {**os.environ, "FIRESTORE_EMULATOR_HOST": emu.host, config.ENV_PROJECT: PROJECT, config.ENV_LOCAL_DIR: str(local_dir), config.ENV_EVENTS: "1" if with_events else "0"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "shared.local", "serve", "--port", str(self.port)],
             cwd=config.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -137,12 +137,12 @@ class LocalServer:
 
 
 @contextlib.contextmanager
-def local_server(emu: emulator.Emulator) -> Iterator[tuple[LocalServer, LocalIssuer]]:
+def local_server(emu: emulator.Emulator, *, with_events: bool = True) -> Iterator[tuple[LocalServer, LocalIssuer]]:
     """The local server and the issuer whose tokens it accepts."""
     with tempfile.TemporaryDirectory(prefix="gbx-bench-fanout-") as folder:
         issuer = LocalIssuer(Path(folder))
         issuer.ensure()
-        server = LocalServer(emu, Path(folder))
+        server = LocalServer(emu, Path(folder), with_events=with_events)
         try:
             server.wait_ready()
             yield server, issuer
@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Exit status: 0 measured and every check held, 1 a check failed, 3 no Firestore emulator, 130 interrupted.",
     )
     parser.add_argument("--levels", default=",".join(str(r) for r, _ in LEVELS), help="comma-separated runner counts to run, of 1,50,200,500 (default: all)")
+    parser.add_argument("--no-events", action="store_true", help="the service with GBX_EVENTS=0 (to compare; the default publishes every event and checks it arrives)")
     args = parser.parse_args(argv)
     wanted = {int(part) for part in args.levels.split(",") if part}
 
@@ -322,11 +323,11 @@ def main(argv: list[str] | None = None) -> int:
             harness.running_emulator(PROJECT, name="fanout") as emu,
             tempfile.TemporaryDirectory(prefix="gbx-bench-pubsub-") as pubsub_folder,
             running_pubsub(Path(pubsub_folder)),
-            local_server(emu) as (server, issuer),
+            local_server(emu, with_events=not args.no_events) as (server, issuer),
         ):
             from bench.events import Deliveries
 
-            deliveries = Deliveries(PROJECT)
+            deliveries = None if args.no_events else Deliveries(PROJECT)
             levels = []
             for runners, consumes in LEVELS:
                 if runners not in wanted:
@@ -345,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{runners} runners race for the last {runs} runs…", file=sys.stderr, flush=True)
             race = Level(name="race", runners=runners, consumes=runners, label=f"{runners} (race for the last {runs})")
             run_level(server, issuer, race, runs=runs, deliveries=deliveries)
-            deliveries.close()
+            if deliveries is not None:
+                deliveries.close()
             problems = report(levels, race)
             if problems:
                 raise harness.BenchmarkFailed("; ".join(problems))

@@ -2,26 +2,31 @@
 
 The API a commit function uses (issue, consume, run_complete and redeem use it; revoke will):
 
-- `record(batch, type=..., principal=..., partner=..., data=..., ref=...)` adds the event to the batch that makes
-  the change: `events/{ce-id}` is `create()`d with the change, so it exists if and only if the change committed,
-  and a second record of the same (type, principal, ref) fails the commit as a replay would. The ce-id is
-  `sha256(type|principal|ref)`: stable, so every publication of one event carries the same id and data.
-- `read_guard(principal, partner, now)` reads, before the commit, what deciding a crossing of the partner's low
-  line needs: the partner's balance for the principal (one `sum` aggregation) and, when it is within
-  `GBX_EVENTS_EXACT_MARGIN` runs of the line, every open grant document of that partner for that principal and
-  the (principal, partner) alert document. `None` when there is nothing to decide (no partner: a bonus grant).
-- `record_balance_change(batch, guard, delta=..., changed=..., ref=...)` (consume: delta -1, the charged document;
-  revoke: -runs, the documents it takes runs from, each already written in the batch with its own update-time
-  precondition) adds, in exact mode, a precondition on every other open document of the partner and on the alert
-  document, so the balance it computes is the balance at the commit, and records `balance.low` /
-  `balance.exhausted` when the commit leaves the balance at or below the line (at 0) while they are armed,
+- `record(batch, type=..., principal=..., partner=..., data=..., ref=..., time=...)` adds the event to the batch that
+  makes the change: `events/{ce-id}` is `create()`d with the change, so it exists if and only if the change
+  committed, and a second record of the same (type, principal, ref) fails the commit as a replay would. The ce-id is
+  `sha256(type|principal|ref)`: stable, so every publication of one event carries the same id and data. `partner`
+  None (a bonus grant) publishes without `ce-partner`.
+- `read_guard(principal, partner, now, delta=..., closes=...)` reads, before the commit, what deciding the change's
+  crossing of the partner's low line needs: the partner's balance for the principal (one `sum` aggregation) and,
+  only when this change may fire or re-arm an alert, the alert document and every open grant document of that
+  partner for that principal (exact mode). `delta` is the change in runs (consume -1, revoke -runs, issue +runs);
+  `closes`: the change empties a grant document. None without a partner (a bonus grant) or with events off.
+  `with_guard(read, ...)` reads it concurrently with another read.
+- `record_balance_change(batch, guard, delta=..., changed=[documents], ref=...)` (consume: -1 and the charged
+  document; revoke: -runs and the documents it takes runs from, each already written in the batch with its own
+  update-time precondition) holds, in exact mode, every other open document of the partner (a write of its own
+  value under its update time) and the alert document, so the balance it computes is the balance at the commit, and
+  records `balance.low` / `balance.exhausted` when that balance is at or below the line / 0 while they are armed,
   disarming them in the same commit. A lost race retries the whole attempt, which decides again.
-- `record_issue(batch, guard, runs=...)` re-arms the alerts in the issue's commit (see docs/design.md, "Events").
+- `record_issue(batch, guard, runs=...)` re-arms the alerts in an issue's commit; `max_shards_beside(guard)` is how
+  many grant documents the issue may still write within a commit's 500 writes.
 
-After the commit, `shared/store.py` calls `committed(batch)` (a hook), which hands the batch's events to this
-process's publisher: a background thread, so no request ever waits on Pub/Sub. Events the publisher could not
-publish (Pub/Sub down, the function stopped, a lost commit reply) stay unpublished in Firestore, and the sweeper
-(`sweep`, the `events_sweep` function that Cloud Scheduler calls every minute) publishes them in commit order.
+After the commit, `shared/store.py` calls `committed(batch)` (its after-commit hook), which hands the batch's events
+to this process's publisher: a background thread, so no request waits on Pub/Sub. Events it could not publish
+(Pub/Sub down, the instance stopped or throttled, a lost commit reply) stay unpublished in Firestore, and the
+sweeper (`sweep`, the `events_sweep` function that Cloud Scheduler calls every minute) publishes them in commit
+order. docs/design.md ("Events for partners") gives the argument.
 """
 
 from __future__ import annotations
@@ -606,7 +611,12 @@ def sweep(*, grace_seconds: float | None = None, budget_seconds: float = SWEEP_B
 
 def events_sweep(caller: Any) -> SweepResponse:
     """POST /api/events/sweep: publish the events their requests left unpublished (Cloud Scheduler, every minute)."""
-    return sweep()
+    from shared.http import log  # only the endpoint logs; local mode's and the tests' sweeps do not
+
+    result = sweep()
+    log({"severity": "WARNING" if result.failed else "INFO", "event": "events_sweep",
+         "message": f"events sweep: {result.published} published, {result.failed} failed, {result.unpublished} unpublished", **result.model_dump()})
+    return result
 
 
 
