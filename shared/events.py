@@ -196,7 +196,10 @@ class Guard:
     principal: str
     partner: str
     balance: int  # the partner's balance as aggregated (under fan-out it can only be too high)
-    exact: bool  # within the margin: `docs` and the alert are read, and the commit is preconditioned on them
+    exact: bool  # the alert and the partner's open documents are read, and the commit is preconditioned on them
+    # True: every open document is held (the balance at the commit is exact: `low`, issues). False: only the alert
+    # document, which every exact commit that empties a document moves, so the set of open documents is exact (`exhausted`).
+    hold: bool = False
     docs: tuple[store.Grant, ...] = ()
     alert: dict[str, Any] | None = None
     alert_update_time: Any = field(default=None, repr=False, compare=False)
@@ -214,10 +217,11 @@ def read_guard(principal: str, partner: str | None, now: dt.datetime, *, delta: 
 def guard_from_balance(principal: str, partner: str, now: dt.datetime, balance: int, *, delta: int, closes: bool = False) -> Guard:
     """The guard for a partner balance already read (under fan-out it can only be too high, never too low).
 
-    Exact (the partner's open documents read, to be held by the commit) only where the commit may decide something:
-    an issue within the margin of the line (it re-arms `low` only above the line); a consume or revoke that may leave
-    the balance at or below the line while `low` is armed (the read says so: then it is so); one that closes a document
-    within the margin while `exhausted` is armed. Everything else is the fast path: one aggregation, no other read.
+    Exact only where the commit may decide something: an issue within the margin of the line (it re-arms `low` only
+    above the line) and a consume or revoke that may leave the balance at or below the line while `low` is armed (the
+    read says so: then it is so) hold every open document of the partner; one that empties a document within the
+    margin while `exhausted` is armed reads them and holds the alert document only (only a commit that empties a
+    document changes which are open). Everything else is the fast path: one aggregation, no other read.
     """
     config = get_config()
     line, margin = config.low_balance, config.events_exact_margin
@@ -230,8 +234,10 @@ def guard_from_balance(principal: str, partner: str, now: dt.datetime, balance: 
         return Guard(principal, partner, balance, exact=False)
     alert = _alert_ref(principal, partner).get(**store._rpc())
     armed = alert.to_dict() or {} if alert.exists else {}
-    if delta < 0 and not ((armed.get("low_armed") and after <= line) or (armed.get("exhausted_armed") and closes)):
+    low = bool(armed.get("low_armed")) and after <= line
+    if delta < 0 and not (low or (armed.get("exhausted_armed") and closes)):
         return Guard(principal, partner, balance, exact=False)  # nothing armed that this change could fire
+    hold = delta > 0 or low
     # Every open document: each holds at least one run, so a balance within the margin is a handful of them.
     limit = line + margin + 2
     snaps = list(store.partner_grants(principal, partner, now).where(filter=FieldFilter("open", "==", True)).limit(limit).get(**store._rpc()))
@@ -242,6 +248,7 @@ def guard_from_balance(principal: str, partner: str, now: dt.datetime, balance: 
         partner,
         balance,
         exact=True,
+        hold=hold,
         docs=tuple(store.grant_from_snapshot(s) for s in snaps),
         alert=alert.to_dict() if alert.exists else None,
         alert_update_time=alert.update_time if alert.exists else None,
@@ -249,7 +256,8 @@ def guard_from_balance(principal: str, partner: str, now: dt.datetime, balance: 
 
 
 # Reads a request makes beside its own: the guard's, while the request reads the principal's balance.
-_readers = ThreadPoolExecutor(max_workers=32, thread_name_prefix="gbx-events-guard")
+# As many as an instance serves requests at once and more: a request never queues for its second read.
+_readers = ThreadPoolExecutor(max_workers=256, thread_name_prefix="gbx-events-guard")
 
 
 def with_guard(
@@ -305,13 +313,26 @@ def record_balance_change(
     `delta` (< 0) runs taken from `changed`; the partner's balance after the commit (None outside exact mode)."""
     if guard is None or not guard.exact:
         return None
-    after = _hold(batch, guard, changed) + delta
     alert = guard.alert or {}
-    low = bool(alert.get("low_armed")) and after <= get_config().low_balance
+    ids = {grant.grant_id for grant in changed}
+    changed_after = sum(grant.remaining for grant in changed) + delta
+    if guard.hold:
+        after: int | None = _hold(batch, guard, changed) + delta
+        low = bool(alert.get("low_armed")) and after is not None and after <= get_config().low_balance
+    else:
+        # Exact about which documents are open, not about their runs: 0 when no other one is open and these are emptied.
+        others_open = any(doc.grant_id not in ids for doc in guard.docs)
+        after = 0 if not others_open and changed_after == 0 else None
+        low = False
     exhausted = bool(alert.get("exhausted_armed")) and after == 0
+    empties = any(grant.remaining + (delta if len(changed) == 1 else -grant.remaining) <= 0 for grant in changed) or changed_after == 0
     if guard.alert is not None:
+        fields: dict[str, Any] = {"low_armed": alert.get("low_armed", False) and not low, "exhausted_armed": alert.get("exhausted_armed", False) and not exhausted}
+        if empties:
+            # Moves the document: an exact commit that read which documents were open before this one retries.
+            fields["emptied"] = firestore.Increment(1)
         # Written even unchanged: the precondition makes a concurrent issue (which always moves the document) retry us.
-        _write_alert(batch, guard, {"low_armed": alert.get("low_armed", False) and not low, "exhausted_armed": alert.get("exhausted_armed", False) and not exhausted})
+        _write_alert(batch, guard, fields)
     if low:
         record(batch, type=BALANCE_LOW, principal=guard.principal, partner=guard.partner, data={"principal": guard.principal, "balance": after},
                ref=f"{guard.partner}|{ref}", time=time)

@@ -232,7 +232,7 @@ def test_pubsub_stopped_for_30_s_slows_no_request_and_loses_no_event(api: Api, s
         pytest.skip("the Pub/Sub emulator was started outside the suite: this test stops its own")
     _issue(api, 200, partner=PARTNER_A)
     usual = []
-    for n in range(10):
+    for n in range(20):
         started = time.monotonic()
         assert api.consume(f"before-{n}").status_code == 200
         usual.append(time.monotonic() - started)
@@ -251,19 +251,20 @@ def test_pubsub_stopped_for_30_s_slows_no_request_and_loses_no_event(api: Api, s
             time.sleep(0.2)
     finally:
         os.kill(pubsub.process.pid, signal.SIGCONT)
-    # Every request answered in its usual time: Pub/Sub is never waited on.
-    assert statistics.median(during) <= max(2 * statistics.median(usual), statistics.median(usual) + 0.05), (usual, during)
-    assert max(during) < 2.0
+    # Every request answered in its usual time: Pub/Sub is never waited on (the bounds leave room for a loaded machine,
+    # far below the 10 s a publish is given before it is left to the sweeper).
+    assert statistics.median(during) <= 2 * statistics.median(usual) + 0.1, (usual, during)
+    assert max(during) <= 3 * max(usual) + 1.0, (usual, during)
     # Back: what the publisher gave up is published by the sweeper (as Cloud Scheduler calls it: the endpoint).
     events.publisher().flush(timeout=20)
     swept = api.post("/api/events/sweep", as_user=OPERATOR)
     assert swept.status_code == 200, swept.text
     if swept.json()["unpublished"]:
         assert events.sweep(grace_seconds=0).unpublished == 0
-    subscription.pull(1 + 10 + n, timeout=60, settle=2.0)
+    subscription.pull(1 + 20 + n, timeout=60, settle=2.0)
     delivered = {m.attributes["ce-id"] for m in subscription.distinct()}
     assert {events.event_id(CONSUMED, RUNNER, f"during-{k}") for k in range(n)} <= delivered
-    assert {events.event_id(CONSUMED, RUNNER, f"before-{k}") for k in range(10)} <= delivered
+    assert {events.event_id(CONSUMED, RUNNER, f"before-{k}") for k in range(20)} <= delivered
 
 
 KILLED_AFTER_COMMIT = """
