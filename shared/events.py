@@ -200,8 +200,8 @@ class Guard:
     partner: str
     balance: int  # the partner's balance as aggregated (under fan-out it can only be too high)
     exact: bool  # the alert and the partner's open documents are read, and the commit is preconditioned on them
-    # True: every open document is held (the balance at the commit is exact: `low`, issues). False: only the alert
-    # document, which every exact commit that empties a document moves, so the set of open documents is exact (`exhausted`).
+    # True: every open document is held (the balance at the commit is exact: `low`, issues). False (`exhausted`): one
+    # other open document is held when there is one (the balance stays above 0), else the alert document.
     hold: bool = False
     docs: tuple[store.Grant, ...] = ()
     alert: dict[str, Any] | None = None
@@ -223,8 +223,8 @@ def guard_from_balance(principal: str, partner: str, now: dt.datetime, balance: 
     Exact only where the commit may decide something: an issue within the margin of the line (it re-arms `low` only
     above the line) and a consume or revoke that may leave the balance at or below the line while `low` is armed (the
     read says so: then it is so) hold every open document of the partner; one that empties a document within the
-    margin while `exhausted` is armed reads them and holds the alert document only (only a commit that empties a
-    document changes which are open). Everything else is the fast path: one aggregation, no other read.
+    margin while `exhausted` is armed reads them and holds one other open document, or, when none is, the alert
+    document. Everything else is the fast path: one aggregation, no other read.
     """
     config = get_config()
     line, margin = config.low_balance, config.events_exact_margin
@@ -323,17 +323,20 @@ def record_balance_change(
         after: int | None = _hold(batch, guard, changed) + delta
         low = bool(alert.get("low_armed")) and after is not None and after <= get_config().low_balance
     else:
-        # Exact about which documents are open, not about their runs: 0 when no other one is open and these are emptied.
-        others_open = any(doc.grant_id not in ids for doc in guard.docs)
-        after = 0 if not others_open and changed_after == 0 else None
+        # Exact about whether another document is open, not about runs: hold one that is (the one with the most runs);
+        # unchanged at the commit, it is still open, so the balance is not 0. None open: 0 once these are emptied
+        # (only an issue opens a document, and it moves the alert document, which this commit then holds).
+        others = [doc for doc in guard.docs if doc.grant_id not in ids]
+        if others:
+            witness = max(others, key=lambda doc: doc.remaining)
+            batch.update(store.grant_ref(guard.principal, witness.grant_id), {"remaining": witness.remaining},
+                         option=store.client().write_option(last_update_time=witness.update_time))
+            return None
+        after = 0 if changed_after == 0 else None
         low = False
     exhausted = bool(alert.get("exhausted_armed")) and after == 0
-    empties = any(grant.remaining + (delta if len(changed) == 1 else -grant.remaining) <= 0 for grant in changed) or changed_after == 0
     if guard.alert is not None:
         fields: dict[str, Any] = {"low_armed": alert.get("low_armed", False) and not low, "exhausted_armed": alert.get("exhausted_armed", False) and not exhausted}
-        if empties:
-            # Moves the document: an exact commit that read which documents were open before this one retries.
-            fields["emptied"] = firestore.Increment(1)
         # Written even unchanged: the precondition makes a concurrent issue (which always moves the document) retry us.
         _write_alert(batch, guard, fields)
     if low:
