@@ -8,6 +8,12 @@
 # the 5xx rate, notifying --alert-email.
 #
 #   ./deploy.sh --project PROJECT --region REGION [--site SITE] [--partners EMAILS] [--alert-email EMAIL] [--backup-retention DAYS] [--dry-run]
+#   ./deploy.sh partner-events EMAIL --project PROJECT [--push-endpoint URL] [--dry-run]
+#
+# The partners' events: a Pub/Sub topic (gbx-events) the functions alone may publish to, and the sweeper function
+# (events_sweep) that Cloud Scheduler calls every minute. `partner-events EMAIL` gives one partner its subscription,
+# filtered on its events (attributes.ce-partner), pull or push (an OIDC token of gbx-events-push), and subscriber
+# rights on that subscription alone.
 #
 # Safe to re-run: every create is guarded by a describe, every grant is an idempotent
 # add-iam-policy-binding, every deploy replaces the previous revision.
@@ -43,7 +49,7 @@ readonly APIS=(
   artifactregistry.googleapis.com firestore.googleapis.com cloudkms.googleapis.com
   secretmanager.googleapis.com iam.googleapis.com logging.googleapis.com
   firebaserules.googleapis.com firebasehosting.googleapis.com
-  cloudscheduler.googleapis.com monitoring.googleapis.com
+  cloudscheduler.googleapis.com monitoring.googleapis.com pubsub.googleapis.com
 )
 readonly SA_NAME=gbx-runtime
 # Builds run as gbx-build: since mid-2024 new projects build with the default compute service
@@ -53,12 +59,13 @@ readonly BUILD_ROLES=(roles/logging.logWriter roles/artifactregistry.writer role
 # Cloud Scheduler calls the internal functions (the ledger audit) with an OIDC token of gbx-audit, the only
 # identity given roles/run.invoker on them. It needs no other role.
 readonly AUDIT_SA_NAME=gbx-audit
-readonly AUDIT_SCHEDULE='0 * * * *' # hourly, on the hour (UTC)
-# The seal log's catch-up integrator (gbx-log-integrate), also internal: every minute.
-readonly LOG_INTEGRATE_FUNCTION=gbx-log-integrate
-readonly LOG_INTEGRATE_SCHEDULE='* * * * *'
+# Each internal function's Cloud Scheduler schedule comes from the registry: the audit hourly, the seal log's catch-up
+# integrator (gbx-log-integrate) and the events sweeper every minute.
 # run_complete integrates its seal's log entry after answering: its service keeps CPU between requests for that.
 readonly LOG_WRITER_FUNCTION=gbx-run-complete
+# The partners' events topic; push subscriptions sign their OIDC tokens as gbx-events-push.
+readonly EVENTS_TOPIC=gbx-events
+readonly PUSH_SA_NAME=gbx-events-push
 # The log-based metric counting the audit's mismatch lines, and the alert policies' display names (found by them).
 readonly MISMATCH_METRIC=gbx-ledger-mismatches
 readonly MISMATCH_POLICY='GBX ledger mismatch'
@@ -82,6 +89,7 @@ usage() {
   cat <<'EOF'
 usage: deploy.sh --project PROJECT --region REGION [--site SITE] [--dry-run]
                  [--partners EMAILS] [--alert-email EMAIL] [--backup-retention DAYS]
+       deploy.sh partner-events EMAIL --project PROJECT [--push-endpoint URL] [--dry-run]
 
   --project PROJECT         Google Cloud project to deploy into
   --region REGION           region of the functions and the KMS key ring (e.g. europe-west1)
@@ -93,6 +101,10 @@ usage: deploy.sh --project PROJECT --region REGION [--site SITE] [--dry-run]
                             (default: the alert policies are created without a notification channel)
   --backup-retention DAYS   keep each daily Firestore backup this many days, 1 to 98 (default 14)
   --dry-run                 print every command that would run (prefixed "+ "), run none
+
+  partner-events EMAIL      give the partner EMAIL its subscription to its own events (gbx-events-EMAIL with ~ for @),
+                            filtered on attributes.ce-partner, with subscriber rights on it alone (after a deployment)
+  --push-endpoint URL       push the events to this https:// URL with an OIDC token (default: a pull subscription)
 EOF
 }
 
@@ -109,8 +121,23 @@ PARTNERS=${GBX_PARTNERS:-}
 DRY_RUN=0
 ALERT_EMAIL=""
 BACKUP_RETENTION=14
+MODE=deploy
+PARTNER=""
+PUSH_ENDPOINT=""
+if [[ ${1:-} == partner-events ]]; then
+  MODE=partner-events
+  (($# >= 2)) || bad_usage "partner-events needs the partner's EMAIL"
+  PARTNER=$2
+  shift 2
+fi
 while (($#)); do
   case "$1" in
+    --push-endpoint)
+      (($# >= 2)) || bad_usage "$1 needs a value"
+      PUSH_ENDPOINT=$2
+      shift 2
+      ;;
+    --push-endpoint=*) PUSH_ENDPOINT=${1#*=}; shift ;;
     --project | --region | --site | --partners | --alert-email | --backup-retention)
       (($# >= 2)) || bad_usage "$1 needs a value"
       case $1 in
@@ -131,6 +158,15 @@ while (($#)); do
   esac
 done
 [[ -n $PROJECT ]] || bad_usage "--project is required"
+if [[ $MODE == partner-events ]]; then
+  # Subscription ids allow letters, digits and - _ . ~ + %: an email is one with ~ for @.
+  [[ $PARTNER =~ ^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$ ]] || bad_usage "not an email address: $PARTNER"
+  PARTNER=${PARTNER,,}
+  [[ -z $PUSH_ENDPOINT || $PUSH_ENDPOINT =~ ^https://[^[:space:]\"\'\;,]+$ ]] || bad_usage "--push-endpoint must be an https:// URL"
+  REGION=${REGION:-unused-region1}
+else
+  [[ -z $PUSH_ENDPOINT ]] || bad_usage "--push-endpoint goes with partner-events"
+fi
 [[ -n $REGION ]] || bad_usage "--region is required"
 # All of these end up inside resource names, URLs and gcloud dict flags: refuse anything unusual.
 # Project IDs: letters, digits and hyphens only, so legacy domain-scoped IDs (example.com:name) are
@@ -250,6 +286,43 @@ function_url() {
     --format='value(serviceConfig.uri)'
 }
 
+# --- partner-events EMAIL: one partner's subscription to its own events, and nothing else. The topic exists once the
+# service is deployed. A filter cannot be changed after creation: an existing subscription keeps its own (the same).
+if [[ $MODE == partner-events ]]; then
+  subscription="$EVENTS_TOPIC-${PARTNER/@/\~}"
+  if [[ $PARTNER == *.gserviceaccount.com ]]; then member="serviceAccount:$PARTNER"; else member="user:$PARTNER"; fi
+  push_flags=()
+  if [[ -n $PUSH_ENDPOINT ]]; then
+    # Pub/Sub signs each push with an OIDC token of gbx-events-push for the endpoint's URL; the partner checks it.
+    push_sa="$PUSH_SA_NAME@$PROJECT.iam.gserviceaccount.com"
+    found=$(probe gcloud iam service-accounts describe "$push_sa" --project="$PROJECT" --format='value(email)')
+    if [[ -z $found ]]; then
+      run gcloud iam service-accounts create "$PUSH_SA_NAME" --project="$PROJECT" --display-name="GBX events push (OIDC tokens of push subscriptions)"
+    fi
+    number=$(run gcloud projects describe "$PROJECT" --format='value(projectNumber)')
+    ((DRY_RUN)) && number=PROJECT_NUMBER
+    # Projects made before April 2021 need Pub/Sub's service agent to be a token creator on the push account.
+    retry run gcloud iam service-accounts add-iam-policy-binding "$push_sa" --project="$PROJECT" \
+      --member="serviceAccount:service-$number@gcp-sa-pubsub.iam.gserviceaccount.com" --role=roles/iam.serviceAccountTokenCreator \
+      --condition=None --format=none
+    push_flags=(--push-endpoint="$PUSH_ENDPOINT" --push-auth-service-account="$push_sa" --push-auth-token-audience="$PUSH_ENDPOINT")
+  fi
+  found=$(probe gcloud pubsub subscriptions describe "$subscription" --project="$PROJECT" --format='value(name)')
+  if [[ -z $found ]]; then
+    run gcloud pubsub subscriptions create "$subscription" --project="$PROJECT" --topic="$EVENTS_TOPIC" \
+      --message-filter="attributes.ce-partner = \"$PARTNER\"" --enable-message-ordering --ack-deadline=60 \
+      --message-retention-duration=7d ${push_flags[@]+"${push_flags[@]}"}
+  elif ((${#push_flags[@]})); then
+    run gcloud pubsub subscriptions modify-push-config "$subscription" --project="$PROJECT" "${push_flags[@]}"
+  fi
+  retry run gcloud pubsub subscriptions add-iam-policy-binding "$subscription" --project="$PROJECT" \
+    --member="$member" --role=roles/pubsub.subscriber --format=none
+  echo
+  echo "Subscription projects/$PROJECT/subscriptions/$subscription: the events of $PARTNER only (attributes.ce-partner)."
+  if [[ -z $PUSH_ENDPOINT ]]; then echo "  $PARTNER pulls them (roles/pubsub.subscriber on it alone); see docs/operations.md."; fi
+  exit 0
+fi
+
 # --- 1. The endpoint registry (shared/endpoints.py) declares every function once. One interpreter
 # (importing the registry takes a moment) reads it and stages Hosting from it:
 #  - it prints `python -m shared.endpoints list`: NAME FUNCTION_NAME METHOD PATH CALLER KEYS, one line
@@ -317,10 +390,11 @@ fi
 # Per function, in deploy order: its entry point (functions/<entry>/main.py), its name, who calls it, its
 # timeout, and whether it is internal (invoked only by gbx-audit through Cloud Run's IAM check, from Cloud
 # Scheduler) or public (every caller checked by the function itself).
-ENTRIES=() NAMES=() CALLERS=() TIMEOUTS=() ACCESS=()
-while IFS=$'\t' read -r entry name _method _path caller _keys timeout access; do
+ENTRIES=() NAMES=() CALLERS=() TIMEOUTS=() ACCESS=() SCHEDULES=()
+while IFS=$'\t' read -r entry name _method _path caller _keys timeout access schedule; do
   [[ $entry =~ ^[a-z][a-z0-9_]*$ && $name =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ && $timeout =~ ^[1-9][0-9]{0,3}$ &&
-    $access =~ ^(public|internal)$ ]] || die "unexpected line from the endpoint registry: $entry $name"
+    $access =~ ^(public|internal)$ && $schedule =~ ^[0-9*/,-]+( [0-9*/,-]+){4}$ ]] || die "unexpected line from the endpoint registry: $entry $name"
+  SCHEDULES+=("$schedule")
   ENTRIES+=("$entry")
   NAMES+=("$name")
   CALLERS+=("$caller")
@@ -340,8 +414,8 @@ rm -rf -- "$library"
 mkdir -p -- "$library"
 cp -R -- shared client/gbx_client "$library/"
 find "$library" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf -- {} +
-# local.py serves everything on one port with local keys; emulator.py starts the emulator.
-rm -f -- "$library/shared/local.py" "$library/shared/emulator.py"
+# local.py serves everything on one port with local keys; emulator.py and pubsub_emulator.py start the emulators.
+rm -f -- "$library/shared/local.py" "$library/shared/emulator.py" "$library/shared/pubsub_emulator.py"
 stage() {
   local entry=$1
   local source="functions/$entry/main.py" dest="$BUILD_DIR/functions/$entry"
@@ -382,6 +456,15 @@ ensure_service_account "$BUILD_SA_NAME" "GBX Entitlements build"
 for role in "${BUILD_ROLES[@]}"; do grant_on_project "$BUILD_SA_EMAIL" "$role"; done
 # Cloud Scheduler's identity for the internal functions: invoker on them only (step 8), nothing on the project.
 ensure_service_account "$AUDIT_SA_NAME" "GBX Entitlements ledger audit (Cloud Scheduler)"
+
+# --- 3b. The partners' events topic: the functions (gbx-runtime) may publish to it, and to nothing else in Pub/Sub.
+# Partners get subscriptions on it with `deploy.sh partner-events EMAIL`.
+topic_found=$(probe gcloud pubsub topics describe "$EVENTS_TOPIC" --project="$PROJECT" --format='value(name)')
+if [[ -z $topic_found ]]; then
+  run gcloud pubsub topics create "$EVENTS_TOPIC" --project="$PROJECT"
+fi
+retry run gcloud pubsub topics add-iam-policy-binding "$EVENTS_TOPIC" --project="$PROJECT" \
+  --member="serviceAccount:$SA_EMAIL" --role=roles/pubsub.publisher --format=none
 
 # --- 4. Firestore (native mode) and its indexes (its rules are the last step).
 db_type=$(probe gcloud firestore databases describe --database="$DATABASE" --project="$PROJECT" --format='value(type)')
@@ -659,7 +742,8 @@ else
   done
 fi
 
-# --- 9b. Operations: the hourly ledger audit, a metric counting its mismatches, alerts on it and on 5xx answers.
+# --- 9b. Operations: the hourly ledger audit and the events sweeper every minute, a metric counting the audit's
+# mismatches, alerts on it and on 5xx answers.
 # Each internal function gets a Cloud Scheduler job of its name that POSTs to its cloudfunctions.net URL (known before
 # it exists, and one of GBX_AUDIENCES) with an OIDC token of gbx-audit for that URL. The attempt deadline is the
 # function's timeout: a pass over many grants goes on in the next call from the cursor the audit keeps.
@@ -667,11 +751,9 @@ for i in "${!ENTRIES[@]}"; do
   [[ ${ACCESS[$i]} == internal ]] || continue
   name=${NAMES[$i]}
   url="https://$REGION-$PROJECT.cloudfunctions.net/$name"
-  schedule=$AUDIT_SCHEDULE every=hourly
-  if [[ $name == "$LOG_INTEGRATE_FUNCTION" ]]; then schedule=$LOG_INTEGRATE_SCHEDULE every="every minute"; fi
-  job_flags=(--location="$REGION" --project="$PROJECT" --schedule="$schedule" --time-zone=Etc/UTC
+  job_flags=(--location="$REGION" --project="$PROJECT" --schedule="${SCHEDULES[$i]}" --time-zone=Etc/UTC
     --uri="$url" --http-method=POST --oidc-service-account-email="$AUDIT_SA_EMAIL" --oidc-token-audience="$url"
-    --attempt-deadline="${TIMEOUTS[$i]}s" --description="GBX: $name, $every (see docs/operations.md)")
+    --attempt-deadline="${TIMEOUTS[$i]}s" --description="GBX: $name, cron ${SCHEDULES[$i]} UTC (see docs/operations.md)")
   job_found=$(probe gcloud scheduler jobs describe "$name" --location="$REGION" --project="$PROJECT" --format='value(name)')
   if [[ -z $job_found ]]; then
     run gcloud scheduler jobs create http "$name" "${job_flags[@]}"

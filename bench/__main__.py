@@ -1,4 +1,4 @@
-"""Run every benchmark in order (`python -m bench`, `make bench`): contention, fan-out, latency, partners, the portal's picture decode, the seal log, and hashing when present."""
+"""Run every benchmark in order (`python -m bench`, `make bench`): contention, fan-out, latency, partners, events, the portal's picture decode, the seal log, and hashing when present."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from bench import harness
 
 # In order; a module that is not in this checkout is skipped (bench.hash belongs to the runner client's work).
-BENCHMARKS = ("bench.contention", "bench.fanout", "bench.latency", "bench.partners", "bench.pictures", "bench.sealog", "bench.hash")
+BENCHMARKS = ("bench.contention", "bench.fanout", "bench.latency", "bench.partners", "bench.events", "bench.pictures", "bench.sealog", "bench.hash")
 OPTIONAL = frozenset({"bench.hash"})
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench",
         description=__doc__.splitlines()[0],
         epilog=(
-            "Each benchmark also runs alone: python -m bench.contention, python -m bench.fanout, python -m bench.latency, python -m bench.partners, python -m bench.pictures, python -m bench.sealog (see --help of each)."
+            "Each benchmark also runs alone: python -m bench.contention, python -m bench.fanout, python -m bench.latency, python -m bench.partners, python -m bench.events, python -m bench.pictures, python -m bench.sealog (see --help of each)."
             " Exit status: 0 all passed their checks, 1 one failed, 3 no Firestore emulator, 130 interrupted."
         ),
     )

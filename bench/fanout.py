@@ -26,7 +26,7 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 from bench import harness
 from gbx_client.identity import StaticToken
 from gbx_client.service import RetryPolicy, Service
-from shared import config, emulator, store
+from shared import config, emulator, events, pubsub_emulator, store
 from shared.endpoints import ENDPOINTS
 from shared.local import LocalIssuer
 
@@ -61,6 +61,8 @@ class Level:
     retried: Counter[str] = field(default_factory=Counter)  # what the clients retried ("HTTP 503", a connection error…)
     commits: int = 0  # commits tried by the charged consumes (the server's log lines)
     charged: int = 0  # consumes the log lines show as 200
+    events: int = 0  # events recorded (and delivered: else a problem)
+    events_seconds: float = 0.0  # from the level's end until the last of them arrived
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -77,10 +79,11 @@ class Level:
 class LocalServer:
     """`python -m shared.local serve` on the benchmark's emulator, its log lines collected per principal."""
 
-    def __init__(self, emu: emulator.Emulator, local_dir: Path) -> None:
+    def __init__(self, emu: emulator.Emulator, local_dir: Path, *, with_events: bool = True) -> None:
         self.port = emulator.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "FIRESTORE_EMULATOR_HOST": emu.host, config.ENV_PROJECT: PROJECT, config.ENV_LOCAL_DIR: str(local_dir)}
+        # Events on, on the benchmark's Pub/Sub emulator (PUBSUB_EMULATOR_HOST), whose subscription checks every one arrived.
+        env = {**os.environ, "FIRESTORE_EMULATOR_HOST": emu.host, config.ENV_PROJECT: PROJECT, config.ENV_LOCAL_DIR: str(local_dir), config.ENV_EVENTS: "1" if with_events else "0"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "shared.local", "serve", "--port", str(self.port)],
             cwd=config.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -134,17 +137,31 @@ class LocalServer:
 
 
 @contextlib.contextmanager
-def local_server(emu: emulator.Emulator) -> Iterator[tuple[LocalServer, LocalIssuer]]:
+def local_server(emu: emulator.Emulator, *, with_events: bool = True) -> Iterator[tuple[LocalServer, LocalIssuer]]:
     """The local server and the issuer whose tokens it accepts."""
     with tempfile.TemporaryDirectory(prefix="gbx-bench-fanout-") as folder:
         issuer = LocalIssuer(Path(folder))
         issuer.ensure()
-        server = LocalServer(emu, Path(folder))
+        server = LocalServer(emu, Path(folder), with_events=with_events)
         try:
             server.wait_ready()
             yield server, issuer
         finally:
             server.stop()
+
+
+@contextlib.contextmanager
+def running_pubsub(folder: Path) -> Iterator[None]:
+    """The Pub/Sub emulator the local server publishes to (PUBSUB_EMULATOR_HOST for it and for this process)."""
+    try:
+        pubsub = pubsub_emulator.start(log_path=folder / "pubsub.log")
+    except emulator.EmulatorMissing as exc:
+        raise harness.BenchmarkFailed(str(exc)) from exc
+    os.environ["PUBSUB_EMULATOR_HOST"] = pubsub.host
+    try:
+        yield
+    finally:
+        pubsub.stop()
 
 
 def issue(server: LocalServer, principal: str, runs: int) -> None:
@@ -159,7 +176,7 @@ def issue(server: LocalServer, principal: str, runs: int) -> None:
         raise harness.BenchmarkFailed(f"issue answered {response.status_code}: {response.text[:200]}")
 
 
-def run_level(server: LocalServer, issuer: LocalIssuer, level: Level, *, runs: int, grants: int = 1) -> None:
+def run_level(server: LocalServer, issuer: LocalIssuer, level: Level, *, runs: int, grants: int = 1, deliveries: Any = None) -> None:
     """`level.runners` threads consume `level.consumes` run_ids of one principal with `runs` runs in `grants` grants, released at once."""
     principal = f"fanout-{level.name}@bench.example"
     for _ in range(grants):
@@ -202,6 +219,26 @@ def run_level(server: LocalServer, issuer: LocalIssuer, level: Level, *, runs: i
     if any(thread.is_alive() for thread in threads):
         level.problems.append(f"runners still running after {LEVEL_DEADLINE_SECONDS:.0f} s")
     check_level(server, principal, level, runs=runs)
+    if deliveries is not None:
+        check_events(principal, level, deliveries, issues=grants)
+
+
+EVENTS_DEADLINE_SECONDS = 90.0
+
+
+def check_events(principal: str, level: Level, deliveries: Any, *, issues: int) -> None:
+    """Every event the level's commits recorded (its issues, each charged run, one low and one exhausted) arrives."""
+    recorded = {snap.id for snap in store.client().collection(events.EVENTS).where(filter=FieldFilter("principal", "==", principal)).get()}
+    kinds = Counter(snap.get("type") for snap in store.client().collection(events.EVENTS).where(filter=FieldFilter("principal", "==", principal)).get())
+    expected = {events.GRANT_ISSUED: issues, events.RUN_CONSUMED: min(level.charged, level.consumes), events.BALANCE_LOW: 1, events.BALANCE_EXHAUSTED: 1}
+    if dict(kinds) != expected:
+        level.problems.append(f"events recorded {dict(kinds)}, expected {expected}")
+    began = time.monotonic()
+    if deliveries.wait_for(recorded, EVENTS_DEADLINE_SECONDS) is None:
+        missing = len(recorded - deliveries.first.keys())
+        level.problems.append(f"{missing} of {len(recorded)} events not delivered within {EVENTS_DEADLINE_SECONDS:.0f} s")
+    level.events = len(recorded)
+    level.events_seconds = time.monotonic() - began
 
 
 def check_level(server: LocalServer, principal: str, level: Level, *, runs: int) -> None:
@@ -240,8 +277,8 @@ def fmt_status(counts: Counter[int]) -> str:
 
 def report(levels: list[Level], race: Level) -> list[str]:
     """The Markdown tables and the goals; returns every problem seen."""
-    print("| Concurrent runners | Consumes | Wall (s) | Throughput (/s) | p50 (s) | p99 (s) | Final statuses | Retried by clients | Commits per consume |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |")
+    print("| Concurrent runners | Consumes | Wall (s) | Throughput (/s) | p50 (s) | p99 (s) | Final statuses | Retried by clients | Commits per consume | Events delivered |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |")
     for level in [*levels, race]:
         retried = ", ".join(f"{reason} × {n}" for reason, n in level.retried.most_common()) or "none"
         p50 = harness.percentile(level.latencies, 0.5) if level.latencies else 0.0
@@ -249,7 +286,7 @@ def report(levels: list[Level], race: Level) -> list[str]:
         label = level.label or str(level.runners)
         print(
             f"| {label} | {level.consumes} | {level.wall_seconds:.1f} | {level.throughput:.1f} | {p50:.2f} | {p99:.2f} "
-            f"| {fmt_status(level.statuses)} | {retried} | {level.commits_per_consume:.2f} |"
+            f"| {fmt_status(level.statuses)} | {retried} | {level.commits_per_consume:.2f} | {level.events} (last {level.events_seconds:.1f} s after) |"
         )
     print()
     by_runners = {level.runners: level for level in levels if not level.label}
@@ -277,11 +314,20 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Exit status: 0 measured and every check held, 1 a check failed, 3 no Firestore emulator, 130 interrupted.",
     )
     parser.add_argument("--levels", default=",".join(str(r) for r, _ in LEVELS), help="comma-separated runner counts to run, of 1,50,200,500 (default: all)")
+    parser.add_argument("--no-events", action="store_true", help="the service with GBX_EVENTS=0 (to compare; the default publishes every event and checks it arrives)")
     args = parser.parse_args(argv)
     wanted = {int(part) for part in args.levels.split(",") if part}
 
     def body() -> None:
-        with harness.running_emulator(PROJECT, name="fanout") as emu, local_server(emu) as (server, issuer):
+        with (
+            harness.running_emulator(PROJECT, name="fanout") as emu,
+            tempfile.TemporaryDirectory(prefix="gbx-bench-pubsub-") as pubsub_folder,
+            running_pubsub(Path(pubsub_folder)),
+            local_server(emu, with_events=not args.no_events) as (server, issuer),
+        ):
+            from bench.events import Deliveries
+
+            deliveries = None if args.no_events else Deliveries(PROJECT)
             levels = []
             for runners, consumes in LEVELS:
                 if runners not in wanted:
@@ -289,17 +335,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{runners} runners, {consumes} consumes…", file=sys.stderr, flush=True)
                 level = Level(name=f"r{runners}", runners=runners, consumes=consumes)
                 # Exactly the runs they consume: the last runs are spent while hundreds still draw shards.
-                run_level(server, issuer, level, runs=consumes)
+                run_level(server, issuer, level, runs=consumes, deliveries=deliveries)
                 levels.append(level)
             runners, consumes = SMALL_GRANTS_LEVEL
             print(f"{runners} runners, {consumes} consumes of {SMALL_GRANTS} grants of {consumes // SMALL_GRANTS} runs…", file=sys.stderr, flush=True)
             small = Level(name="small", runners=runners, consumes=consumes, label=f"{runners} ({SMALL_GRANTS} grants of {consumes // SMALL_GRANTS})")
-            run_level(server, issuer, small, runs=consumes, grants=SMALL_GRANTS)
+            run_level(server, issuer, small, runs=consumes, grants=SMALL_GRANTS, deliveries=deliveries)
             levels.append(small)
             runners, runs = LAST_RUNS_RACE
             print(f"{runners} runners race for the last {runs} runs…", file=sys.stderr, flush=True)
             race = Level(name="race", runners=runners, consumes=runners, label=f"{runners} (race for the last {runs})")
-            run_level(server, issuer, race, runs=runs)
+            run_level(server, issuer, race, runs=runs, deliveries=deliveries)
+            if deliveries is not None:
+                deliveries.close()
             problems = report(levels, race)
             if problems:
                 raise harness.BenchmarkFailed("; ".join(problems))

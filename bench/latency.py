@@ -85,6 +85,8 @@ def service_environment(folder: Path, issuer: LocalIssuer) -> dict[str, str]:
         config.ENV_SIGNER: "local",
         config.ENV_LOCAL_DIR: str(folder / "local"),
         config.ENV_ISSUER: "gbx-bench",
+        # The partners' events are measured by bench.events (with the Pub/Sub emulator); here, the rest of each request.
+        config.ENV_EVENTS: "0",
     }
 
 
@@ -258,6 +260,7 @@ class Bare:
         draw = (
             self._grants(principal)
             .where(filter=FieldFilter("open", "==", True))
+            .where(filter=FieldFilter("issued_by", "==", first.get("issued_by")))
             .where(filter=FieldFilter("spend_key", "==", first.get("spend_key")))
             .where(filter=FieldFilter("slot", ">=" if upwards else "<", random.random()))
             .order_by("slot", direction=firestore.Query.ASCENDING if upwards else firestore.Query.DESCENDING)

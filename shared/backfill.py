@@ -31,7 +31,7 @@ def missing_fields(doc_id: str, data: dict[str, Any], *, shards: Callable[[str, 
     if not {"open", "spend_key", "slot"} <= data.keys():
         fields |= {"group": group, **store.spending_fields(remaining=data["remaining"], expires_at=data.get("expires_at"), slot=random.random())}
     if data.get("issued_by") is None and data.get("plan_id") != store.SEAL_RERUN_PLAN:
-        fields["issued_by"] = partner_store.issuer_of(data)
+        fields["issued_by"] = store.grant_issued_by(data)
     if "lead" not in data:
         fields["lead"] = group == doc_id
     if "shards" not in data:

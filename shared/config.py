@@ -30,6 +30,12 @@ ENV_FIRESTORE_DATABASE = "GBX_FIRESTORE_DATABASE"
 ENV_AUDIT_PAGE_SIZE = "GBX_AUDIT_PAGE_SIZE"
 ENV_AUDIT_BUDGET = "GBX_AUDIT_BUDGET_SECONDS"
 ENV_LOG_KEY_VERSION = "GBX_LOG_KEY_VERSION"
+ENV_EVENTS = "GBX_EVENTS"
+ENV_EVENTS_TOPIC = "GBX_EVENTS_TOPIC"
+ENV_LOW_BALANCE = "GBX_LOW_BALANCE"
+ENV_EVENTS_EXACT_MARGIN = "GBX_EVENTS_EXACT_MARGIN"
+ENV_EVENTS_SWEEP_GRACE = "GBX_EVENTS_SWEEP_GRACE_SECONDS"
+ENV_EVENTS_PARTNER_TOPICS = "GBX_EVENTS_PARTNER_TOPICS"
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 GOOGLE_ISSUERS = ("accounts.google.com", "https://accounts.google.com")
@@ -74,6 +80,12 @@ class Config(BaseModel):
     audit_page_size: int = Field(ge=1, le=1000, description="Grant documents the ledger audit reads per page.")
     audit_budget_seconds: float = Field(gt=0, description="How long one ledger audit call checks pages before it saves its cursor and answers.")
     log_key_version: str = Field(description="The EC_SIGN_ED25519 CryptoKeyVersion that signs the seal log's checkpoints (kms signer); never the seal key.")
+    events: bool = Field(description="Record every committed change as an event and publish it to Pub/Sub (GBX_EVENTS=0 turns it off).")
+    events_topic: str = Field(description="The Pub/Sub topic of the partners' events (in the configured project).")
+    low_balance: int = Field(ge=0, description="`balance.low` fires when a partner's runs left for a principal fall to this or below.")
+    events_exact_margin: int = Field(ge=1, description="Within this many runs above the low line a consume decides the crossing exactly (see docs/design.md).")
+    events_sweep_grace_seconds: float = Field(ge=0, description="The sweeper leaves events younger than this to the request that recorded them.")
+    events_partner_topics: bool = Field(description="Also publish each event to a topic of its partner (local mode: emulators before SDK 555 ignore subscription filters).")
 
 
 def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
@@ -113,6 +125,12 @@ def load_config(env: dict[str, str] | os._Environ[str] | None = None) -> Config:
         # deploy.sh gives the audit function a 30-minute timeout; a call stops checking well before it.
         audit_budget_seconds=float(env.get(ENV_AUDIT_BUDGET) or 1500.0),
         log_key_version=env.get(ENV_LOG_KEY_VERSION, ""),
+        events=env.get(ENV_EVENTS, "1") != "0",
+        events_topic=env.get(ENV_EVENTS_TOPIC) or "gbx-events",
+        low_balance=int(env.get(ENV_LOW_BALANCE) or 5),
+        events_exact_margin=int(env.get(ENV_EVENTS_EXACT_MARGIN) or 50),
+        events_sweep_grace_seconds=float(env.get(ENV_EVENTS_SWEEP_GRACE) or 10.0),
+        events_partner_topics=env.get(ENV_EVENTS_PARTNER_TOPICS, "1" if local_mode else "0") == "1",
     )
 
 

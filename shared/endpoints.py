@@ -86,6 +86,8 @@ class Endpoint:
     timeout: int = 60
     # What a 200 answers when it is not the response model as JSON (the seal log's resources: models.LogResource).
     media_type: str = "application/json"
+    # An internal function's Cloud Scheduler schedule (cron, UTC).
+    schedule: str = "0 * * * *"
 
     @property
     def function_name(self) -> str:
@@ -187,10 +189,16 @@ ENDPOINTS: dict[str, Endpoint] = {
         Endpoint(
             "log_integrate", "/api/log/integrate", "POST", "Sequence the seal log's waiting entries into a new signed checkpoint (the scheduled catch-up)",
             "shared.sealog:log_integrate", Caller.OPERATOR, log_models.LogIntegrateResponse, body=Body.NONE, internal=True,
+            schedule="* * * * *",
         ),
         Endpoint(
             "ledger_audit", "/api/ledger/audit", "POST", "Check the next pages of grant documents against their ledger (a pass resumes where the last call stopped)",
             "shared.audit:ledger_audit", Caller.OPERATOR, models.AuditResponse, body=Body.NONE, internal=True, timeout=1800,
+        ),
+        Endpoint(
+            "events_sweep", "/api/events/sweep", "POST", "Publish the partners' events that their requests left unpublished, in commit order",
+            "shared.events:events_sweep", Caller.OPERATOR, models.SweepResponse, body=Body.NONE, internal=True, timeout=120,
+            schedule="* * * * *",
         ),
     )
 }
@@ -218,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shared.endpoints", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command")
     commands.add_parser(
-        "list", help="NAME FUNCTION METHOD PATH CALLER KEYS TIMEOUT ACCESS (public or internal), one line per endpoint in deploy order (the default)"
+        "list", help="NAME FUNCTION METHOD PATH CALLER KEYS TIMEOUT ACCESS (public or internal) SCHEDULE, one line per endpoint in deploy order (the default)"
     )
     rewrites = commands.add_parser("rewrites", help="the Firebase Hosting rewrites of every path, as JSON")
     rewrites.add_argument("--region", required=True, help="region the functions are deployed in")
@@ -229,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     for e in deploy_order():
         access = "internal" if e.internal else "public"
-        print("\t".join((e.name, e.function_name, e.method, e.path, e.caller.value, e.keys.value, str(e.timeout), access)))
+        print("\t".join((e.name, e.function_name, e.method, e.path, e.caller.value, e.keys.value, str(e.timeout), access, e.schedule)))
 
 
 if __name__ == "__main__":

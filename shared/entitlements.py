@@ -6,8 +6,9 @@ import datetime as dt
 import json
 import random
 import secrets
+from typing import Any
 
-from shared import errors, store
+from shared import errors, events, store
 from shared.auth import Identity, PartnerCaller
 from shared.models import (
     CheckRequest,
@@ -101,14 +102,28 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
             # Marked open with no runs left (written by a version that did not keep `open`): close it, read again.
             store.commit_close_shard(principal, first)
             raise store.Contended("closed a spent shard still marked open")
-        # Half upwards, half downwards from a random slot: a closed shard's share goes to both its neighbours.
-        drawn = store.read_open_shard_at(principal, first.spend_key, random.random(), upwards=random.random() < 0.5)
+        # The draw among the open shards of the first's partner that expire with it (half upwards, half downwards
+        # from a random slot: a closed shard's share goes to both its neighbours) and, at once, that partner's balance
+        # for the events' crossing: drawing within one partner is what lets both go in one round trip.
+        partner = first.issued_by
+        drawn, partner_balance = store.at_once(
+            lambda: store.read_open_shard_at(principal, first.spend_key, random.random(), upwards=random.random() < 0.5, issued_by=partner),
+            lambda: store.read_partner_balance(principal, partner, now) if partner is not None and events.enabled() else None,
+        )
         # Past the last slot (or a shard that ran dry since the query's index read it): the first one, as read.
         grant = drawn if drawn is not None and drawn.usable(now) else first
+        # Only near a partner's low line, while an alert is armed, does the guard read more (see events.guard_from_balance).
+        guard = None if partner_balance is None else events.guard_from_balance(principal, partner, now, partner_balance, delta=-1, closes=grant.remaining <= 1)
+
+        def recorded(batch: Any) -> None:
+            data = {"run_id": req.run_id, "principal": principal, "grant_id": grant.group}
+            events.record(batch, type=events.RUN_CONSUMED, principal=principal, partner=grant.issued_by, data=data, ref=req.run_id, time=now)
+            events.record_balance_change(batch, guard, delta=-1, changed=[grant], ref=f"consume|{req.run_id}", time=now)
+
+        store.commit_consume(principal, req.run_id, grant, charge_id=charge_id, consumed_at=now, extra=recorded)
         # The balance as read with the first shard, before this charge's commit; the charged shard (whose precondition
         # holds at the commit) is part of it, so it counts at least that shard's runs, whatever a read at once missed.
         balance = max(balance, grant.remaining)
-        store.commit_consume(principal, req.run_id, grant, charge_id=charge_id, consumed_at=now)
         return ConsumeResponse(run_id=req.run_id, principal=principal, balance=balance - 1, state="consumed", replayed=False)
 
     return store.optimistic(attempt)
@@ -133,6 +148,8 @@ def issue(caller: PartnerCaller, req: IssueRequest, *, idempotency_key: str | No
     key_hash = idempotency_key_id(caller, "issue", idempotency_key) if idempotency_key is not None else None
     # One id for every attempt: a commit applied but unanswered is recognised on the re-read, never issued twice.
     grant_id = secrets.token_hex(16)
+    # The partner (events' ce-partner): the partner's email; with the admin token, its ID token's email, else "admin".
+    issued_by = caller.issued_by
     tried: list[IssueResponse] = []  # the response of the last commit tried, to answer when it turns out applied
 
     def attempt() -> IssueResponse:
@@ -143,29 +160,44 @@ def issue(caller: PartnerCaller, req: IssueRequest, *, idempotency_key: str | No
                 return _replay(record, fingerprint, grant_id)
         elif tried and store.grant_exists(req.principal, grant_id):
             return tried[-1]
-        if req.expires_at is not None and req.expires_at <= _now():
+        now = _now()
+        if req.expires_at is not None and req.expires_at <= now:
             raise errors.InvalidRequest("expires_at: must be in the future")
+        # The answer's balance (a partner's own, or the whole one) and, at once, what the events' crossing needs.
+        balance, guard = events.with_guard(lambda: balance_for(caller, req.principal), req.principal, issued_by, now, delta=req.runs_total)
         response = IssueResponse(
             grant_id=grant_id,
             principal=req.principal,
             plan_id=req.plan_id,
             runs_total=req.runs_total,
             expires_at=format_time(req.expires_at) if req.expires_at else None,
-            issued_by=caller.issued_by,
-            balance=balance_for(caller, req.principal) + req.runs_total,
+            issued_by=issued_by,
+            balance=balance + req.runs_total,
             replayed=False,
         )
         tried.append(response)
+        data = {
+            "grant_id": grant_id, "principal": req.principal, "plan_id": req.plan_id, "runs_total": req.runs_total,
+            "expires_at": response.expires_at, "issued_by": issued_by,
+        }
+
+        def recorded(batch: Any) -> None:
+            events.record(batch, type=events.GRANT_ISSUED, principal=req.principal, partner=issued_by, data=data, ref=grant_id, time=now)
+            events.record_issue(batch, guard, runs=req.runs_total)
+
         store.commit_issue(
             principal=req.principal,
             grant_id=grant_id,
             plan_id=req.plan_id,
             runs_total=req.runs_total,
             expires_at=req.expires_at,
-            issued_by=caller.issued_by,
+            issued_by=issued_by,
             idempotency_key_hash=key_hash,
             fingerprint=fingerprint,
             response=response.model_dump(mode="json"),
+            # The guard's writes share the commit's 500 (see events.record_issue).
+            max_shards=events.max_shards_beside(guard),
+            extra=recorded,
         )
         return response
 

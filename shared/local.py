@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from werkzeug.routing import Rule
 
-from shared import client_wheel, errors, openapi
+from shared import client_wheel, errors, openapi, pubsub_emulator
 from shared import config as config_module
 from shared import emulator as emulator_module
 from shared.endpoints import ENDPOINTS, Body
@@ -292,12 +292,16 @@ def serve(port: int) -> None:
         # Before the emulator starts: a busy port is the commonest first-run mistake, and needs no emulator to report.
         sys.exit(f"Port {port} is in use on 127.0.0.1: stop what serves it, or pick another port (make run PORT={port + 1})")
     emulator = None
+    pubsub: pubsub_emulator.PubSubEmulator | None = None
+    sweeping = threading.Event()
     try:
         if not os.environ.get("FIRESTORE_EMULATOR_HOST"):
             log_path = config.local_dir / "firestore-emulator.log"
             emulator = emulator_module.start(project=config.project, log_path=log_path, cancelled=lambda: bool(stop_requested))
             os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
             print(f"Firestore emulator on {emulator.host}", flush=True)
+        if config.events:
+            pubsub = _start_events(config, cancelled=lambda: bool(stop_requested), stop=sweeping)
         # /gbx/ serves the runner client's wheel, built from this checkout as deploy.sh builds it for Hosting.
         wheel = client_wheel.build(config.local_dir / "gbx", base_url=f"http://127.0.0.1:{port}")
         print(f"gbx wheel: /gbx/{wheel.name}  sha256 {wheel.sha256}", flush=True)
@@ -322,9 +326,46 @@ def serve(port: int) -> None:
     except emulator_module.StartCancelled:
         pass
     finally:
+        sweeping.set()
+        if pubsub is not None:
+            pubsub.stop()
         if emulator is not None:
             emulator.stop()
         print("stopped", flush=True)
+
+
+# Local mode's sweeper runs this often (production: Cloud Scheduler, every minute).
+LOCAL_SWEEP_SECONDS = 10.0
+
+
+def _start_events(config: config_module.Config, *, cancelled: Callable[[], bool], stop: threading.Event) -> pubsub_emulator.PubSubEmulator | None:
+    """Events in local mode: the Pub/Sub emulator (started unless PUBSUB_EMULATOR_HOST names one), the topic, and a sweeper
+    thread; the emulator's address is written for `python -m shared.events subscribe`."""
+    from shared import events
+
+    started = None
+    if not os.environ.get("PUBSUB_EMULATOR_HOST"):
+        started = pubsub_emulator.start(log_path=config.local_dir / "pubsub-emulator.log", cancelled=cancelled)
+        os.environ["PUBSUB_EMULATOR_HOST"] = started.host
+    host = os.environ["PUBSUB_EMULATOR_HOST"]
+    (config.local_dir / events.LOCAL_PUBSUB_HOST_FILE).write_text(host + "\n")
+    try:
+        events.ensure_topic()
+    except Exception:
+        if started is not None:
+            started.stop()
+        raise
+    print(f"Pub/Sub emulator on {host}, topic {events.topic_path()}  (python -m shared.events subscribe EMAIL)", flush=True)
+
+    def sweep_forever() -> None:
+        while not stop.wait(LOCAL_SWEEP_SECONDS):
+            try:
+                events.sweep()
+            except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+                print(f"events sweep failed: {type(exc).__name__}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=sweep_forever, name="gbx-events-sweeper", daemon=True).start()
+    return started
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -91,6 +91,7 @@ class RunRecord(BaseModel):
     completed_at: dt.datetime | None = None
     outputs_sha256: str | None = None
     seal_id: str | None = None
+    partner: str | None = Field(None, description="The `issued_by` of the grant charged (None for a bonus grant, and in runs consumed before events).")
 
 
 class RunIdRequest(Model):
@@ -498,3 +499,11 @@ class ExportResponse(Model):
     def csv_headers(self) -> dict[str, str]:
         """The next page token beside a CSV page (absent on the last page)."""
         return {"X-Next-Page-Token": self.next_page_token} if self.next_page_token else {}
+
+
+class SweepResponse(Model):
+    """The events sweeper's answer: what one sweep published."""
+
+    published: int = Field(description="Events published (and marked published) by this sweep.")
+    failed: int = Field(description="Events whose publish failed (left for the next sweep).")
+    unpublished: int = Field(description="Events still unpublished after this sweep (the younger ones wait for their own request's publish).")

@@ -15,18 +15,10 @@ from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
 from shared import store
-from shared.auth import ADMIN_ISSUER
 
 REVOCATIONS = "revocations"
 # The ledger reason of a revoked run (the delta is minus the runs taken from the document).
 REVOKE = "revoke"
-
-
-def issuer_of(data: dict[str, Any]) -> str | None:
-    """Who issued a grant document: its `issued_by`; a bonus grant none; one written before the field existed `admin`."""
-    if data.get("plan_id") == store.SEAL_RERUN_PLAN:
-        return None
-    return data.get("issued_by") or ADMIN_ISSUER
 
 
 @dataclass(frozen=True)
@@ -80,7 +72,7 @@ def _issued(snaps: list[firestore.DocumentSnapshot]) -> IssuedGrant:
         grant_id=documents[0].group,
         principal=data["principal"],
         plan_id=data["plan_id"],
-        issued_by=issuer_of(data),
+        issued_by=store.grant_issued_by(data),
         expires_at=data.get("expires_at"),
         created_at=data.get("created_at"),
         documents=documents,
@@ -97,8 +89,21 @@ def read_revocation(record_id: str) -> dict[str, Any] | None:
     return snap.to_dict() if snap.exists else None
 
 
+def written_by_revoke(grant: IssuedGrant, takes: list[tuple[store.Grant, int]], revoke_id: str) -> list[store.Grant]:
+    """The documents a revoke's commit writes: those it takes runs from, and those its own fence put out of spending."""
+    taken = {doc.grant_id for doc, runs in takes if runs}
+    return [doc for doc in grant.documents if doc.grant_id in taken or grant.fenced.get(doc.grant_id) == revoke_id]
+
+
 def commit_revoke(
-    grant: IssuedGrant, takes: list[tuple[store.Grant, int]], *, revoke_id: str, record_id: str, fingerprint: str, response: dict[str, Any]
+    grant: IssuedGrant,
+    takes: list[tuple[store.Grant, int]],
+    *,
+    revoke_id: str,
+    record_id: str,
+    fingerprint: str,
+    response: dict[str, Any],
+    extra: store.Extra = None,
 ) -> None:
     """One commit: take `runs` from each document (unchanged since read, else Contended) with its ledger entry, and the
     revocation's record (create: a second one for the same key fails). A run is never both consumed and revoked: a consume
@@ -133,6 +138,8 @@ def commit_revoke(
             "created_at": firestore.SERVER_TIMESTAMP,
         },
     )
+    if extra is not None:
+        extra(batch)  # the revoke's events (shared/events.py)
     store._commit(batch)
 
 

@@ -20,7 +20,7 @@ from gbx_client.seal_format import (
     render_seal_svg,
     verify_link,
 )
-from shared import errors, sealog, store
+from shared import errors, events, sealog, store
 from shared.auth import Identity
 from shared.config import get_config
 from shared.entitlements import current_balance
@@ -131,8 +131,15 @@ def run_complete(caller: Identity, req: RunCompleteRequest) -> SealBundle:
             # Signed once, before the commit: a KMS failure leaves the run started (503, retry succeeds).
             signed.append(_sign_seal(principal, run, req.outputs_sha256))
         record, completed_at = signed[0]
-        store.commit_run_complete(principal, run, outputs_sha256=req.outputs_sha256, completed_at=completed_at, seal=record)
-        return _bundle(record)
+        bundle = _bundle(record)
+        partner = events.run_partner(principal, run.record) if events.enabled() else None
+        data = {"run_id": run.run_id, "principal": principal, "seal_id": bundle.seal_id, "verify_link": bundle.verify_link}
+
+        def sealed(batch: Any) -> None:
+            events.record(batch, type=events.RUN_SEALED, principal=principal, partner=partner, data=data, ref=bundle.seal_id, time=completed_at)
+
+        store.commit_run_complete(principal, run, outputs_sha256=req.outputs_sha256, completed_at=completed_at, seal=record, extra=sealed)
+        return bundle
 
     bundle = store.optimistic(attempt)
     # The seal's log entry was created with it: sequenced after this answer, never before it (see shared/sealog.py).
@@ -271,7 +278,13 @@ def redeem_seal_once(caller: Identity, upload: RedeemUpload, *, idempotency_key:
         # The balance read before the commit plus the run it grants, as issue answers.
         response = RedeemResponse(seal_id=seal_id, principal=principal, granted_runs=1, grant_id=grant_id, balance=balance + 1, replayed=False)
         tried.append(response)
-        store.commit_redeem(principal, seal_id, grant_id, key_hash=key_hash, response=response.model_dump(mode="json"))
+        data = {"seal_id": seal_id, "principal": principal, "grant_id": grant_id}
+
+        def redeemed(batch: Any) -> None:
+            # Its grant is the bonus grant: no partner.
+            events.record(batch, type=events.SEAL_REDEEMED, principal=principal, partner=None, data=data, ref=seal_id)
+
+        store.commit_redeem(principal, seal_id, grant_id, key_hash=key_hash, response=response.model_dump(mode="json"), extra=redeemed)
         return response
 
     return store.optimistic(attempt)

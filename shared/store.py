@@ -166,6 +166,8 @@ class Grant:
     spend_key: dt.datetime
     slot: float
     update_time: Any = field(repr=False, compare=False)
+    # The partner that issued it (its events' `ce-partner`); None for a bonus (seal_rerun) grant.
+    issued_by: str | None = None
 
     def usable(self, now: dt.datetime) -> bool:
         """True while the grant has runs left and has not expired."""
@@ -218,7 +220,27 @@ def grant_from_snapshot(snap: firestore.DocumentSnapshot) -> Grant:
         spend_key=data.get("spend_key") or FAR_FUTURE,
         slot=data.get("slot", 0.0),
         update_time=snap.update_time,
+        issued_by=grant_issued_by(data),
     )
+
+
+def grant_issued_by(data: dict[str, Any]) -> str | None:
+    """A grant document's partner: its `issued_by`; grants written before the field read as "admin", bonus grants as None."""
+    if data.get("plan_id") == SEAL_RERUN_PLAN:
+        return None
+    return data.get("issued_by") or "admin"
+
+
+def partner_grants(principal: str, partner: str, now: dt.datetime) -> firestore.Query:
+    """The principal's unexpired grant documents issued by `partner` (composite indexes: issued_by ASC, spend_key ASC,
+    remaining ASC for the balance's sum; issued_by ASC, open ASC, spend_key ASC for its open documents)."""
+    return _unexpired(principal, now).where(filter=FieldFilter("issued_by", "==", partner))
+
+
+def read_partner_balance(principal: str, partner: str, now: dt.datetime) -> int:
+    """The partner's runs left for the principal: `sum(remaining)` of its unexpired grant documents issued by `partner`
+    (one aggregation; partner endpoints answer it as a partner's balance, events decide crossings with it)."""
+    return _aggregate(partner_grants(principal, partner, now).sum("remaining"))
 
 
 def _grants(principal: str) -> firestore.CollectionReference:
@@ -245,15 +267,17 @@ def read_first_to_spend(principal: str, now: dt.datetime) -> Grant | None:
     return _first_grant(query)
 
 
-def read_open_shard_at(principal: str, spend_key: dt.datetime, slot: float, *, upwards: bool) -> Grant | None:
-    """The open shard expiring at `spend_key` whose `slot` is next to `slot` (above it, or below), or None: a random
-    draw among every shard of every grant that expires then, in one indexed query of one document.
+def read_open_shard_at(principal: str, spend_key: dt.datetime, slot: float, *, upwards: bool, issued_by: str | None) -> Grant | None:
+    """The open shard of `issued_by`'s grants expiring at `spend_key` whose `slot` is next to `slot` (above it, or below),
+    or None: a random draw among every shard of every grant of that partner that expires then, in one indexed query of
+    one document (a bonus grant's partner is None).
 
-    Composite indexes: open ASC, spend_key ASC, slot ASC and slot DESC (firestore.indexes.json).
+    Composite indexes: open ASC, issued_by ASC, spend_key ASC, slot ASC and slot DESC (firestore.indexes.json).
     """
     query = (
         _grants(principal)
         .where(filter=FieldFilter("open", "==", True))
+        .where(filter=FieldFilter("issued_by", "==", issued_by))
         .where(filter=FieldFilter("spend_key", "==", spend_key))
         .where(filter=FieldFilter("slot", ">=" if upwards else "<", slot))
         .order_by("slot", direction=firestore.Query.ASCENDING if upwards else firestore.Query.DESCENDING)
@@ -278,12 +302,6 @@ def _aggregate(query: Any, *, read_time: dt.datetime | None = None) -> int:
 def read_balance(principal: str, now: dt.datetime) -> int:
     """The unused runs of the principal's unexpired grants: one `sum` aggregation, not a read of every shard."""
     return _aggregate(_unexpired(principal, now).sum("remaining"))
-
-
-def read_partner_balance(principal: str, partner: str, now: dt.datetime) -> int:
-    """The unused runs of the principal's unexpired grants that `partner` issued: one `sum` aggregation
-    (composite index: issued_by ASC, spend_key ASC)."""
-    return _aggregate(_unexpired(principal, now).where(filter=FieldFilter("issued_by", "==", partner)).sum("remaining"))
 
 
 def read_run(principal: str, run_id: str) -> Run | None:
@@ -316,16 +334,25 @@ def _note(event: str) -> None:
         record.append(event)
 
 
+# Called with each batch that committed (shared/events.py publishes the events a batch recorded).
+after_commit: list[Callable[[firestore.WriteBatch], None]] = []
+# What a commit function adds to its batch before committing it: the events of the change (shared/events.py).
+Extra = Callable[[firestore.WriteBatch], None] | None
+
+
 def _commit(batch: firestore.WriteBatch) -> list[Any]:
     """Commit a batch; a lost race becomes Contended, a lost reply CommitUncertain."""
     _note("commit")
     try:
-        return batch.commit(**_commit_rpc())
+        results: list[Any] = batch.commit(**_commit_rpc())
     except (gexc.FailedPrecondition, gexc.Conflict, gexc.NotFound) as exc:
         # Conflict covers AlreadyExists (a create lost) and Aborted; NotFound a precondition on a deleted doc.
         raise Contended(str(exc)) from exc
     except (gexc.DeadlineExceeded, gexc.ServiceUnavailable, gexc.RetryError) as exc:
         raise CommitUncertain(type(exc).__name__) from exc
+    for hook in after_commit:
+        hook(batch)
+    return results
 
 
 def _ledger(batch: firestore.WriteBatch | firestore.Transaction, *, principal: str, grant_id: str, shard: str, delta: int, reason: str, ref: str) -> None:
@@ -406,6 +433,7 @@ def commit_issue(
     fingerprint: str,
     response: dict[str, Any],
     max_shards: int = MAX_SHARDS,
+    extra: Extra = None,
 ) -> None:
     """One commit: the grant (or its shards), their ledger entries and (with a key) the issuance record that makes replays exact."""
     batch = client().batch()
@@ -423,6 +451,8 @@ def commit_issue(
             client().collection(ISSUANCES).document(idempotency_key_hash),
             {"fingerprint": fingerprint, "response": response, "principal": principal, "grant_id": grant_id, "created_at": firestore.SERVER_TIMESTAMP},
         )
+    if extra is not None:
+        extra(batch)
     _commit(batch)
 
 
@@ -457,15 +487,18 @@ def write_consume(
             "plan_id": grant.plan_id,
             "charge_id": charge_id,
             "consumed_at": consumed_at,
+            "partner": grant.issued_by,
         },
     )
     _ledger(writer, principal=principal, grant_id=grant.group, shard=grant.grant_id, delta=-1, reason="consume", ref=run_id)
 
 
-def commit_consume(principal: str, run_id: str, grant: Grant, *, charge_id: str, consumed_at: dt.datetime) -> None:
+def commit_consume(principal: str, run_id: str, grant: Grant, *, charge_id: str, consumed_at: dt.datetime, extra: Extra = None) -> None:
     """One commit: take a run from `grant` (unchanged since read), create the run record, append the ledger entry."""
     batch = client().batch()
     write_consume(batch, principal, run_id, grant, charge_id=charge_id, consumed_at=consumed_at)
+    if extra is not None:
+        extra(batch)
     _commit(batch)
 
 
@@ -487,7 +520,7 @@ def commit_run_start(principal: str, run: Run, metadata: dict[str, Any], *, star
     _commit(batch)
 
 
-def commit_run_complete(principal: str, run: Run, *, outputs_sha256: str, completed_at: dt.datetime, seal: dict[str, Any]) -> None:
+def commit_run_complete(principal: str, run: Run, *, outputs_sha256: str, completed_at: dt.datetime, seal: dict[str, Any], extra: Extra = None) -> None:
     """One commit: record the seal and mark the started run (unchanged since read) completed."""
     batch = client().batch()
     batch.update(
@@ -499,6 +532,8 @@ def commit_run_complete(principal: str, run: Run, *, outputs_sha256: str, comple
     # The seal's log entry (SHA-256 of seal.json), created with the seal: once per seal, never for a retry.
     entry = hashlib.sha256(seal["payload"].encode()).hexdigest()
     batch.create(client().collection(LOG_PENDING).document(seal["seal_id"]), {"entry": entry, "at": firestore.SERVER_TIMESTAMP})
+    if extra is not None:
+        extra(batch)
     _commit(batch)
 
 
@@ -540,7 +575,9 @@ def redemption_key_id(caller: str, idempotency_key: str) -> str:
     return sha256_hex(f"{caller}|{idempotency_key}")
 
 
-def commit_redeem(principal: str, seal_id: str, grant_id: str, *, key_hash: str | None = None, response: dict[str, Any] | None = None) -> None:
+def commit_redeem(
+    principal: str, seal_id: str, grant_id: str, *, key_hash: str | None = None, response: dict[str, Any] | None = None, extra: Extra = None
+) -> None:
     """One commit: the redemption record (create: a second one fails), a one-run seal_rerun grant and its ledger entry,
     and (with an Idempotency-Key) the key's record that makes replays exact."""
     batch = client().batch()
@@ -559,6 +596,8 @@ def commit_redeem(principal: str, seal_id: str, grant_id: str, *, key_hash: str 
         _grant_fields(group=grant_id, slot=random.random(), principal=principal, plan_id=SEAL_RERUN_PLAN, runs_total=1, expires_at=None, source=SEAL_RERUN_PLAN, ref=seal_id, issued_by=None),
     )
     _ledger(batch, principal=principal, grant_id=grant_id, shard=grant_id, delta=1, reason=SEAL_RERUN_PLAN, ref=seal_id)
+    if extra is not None:
+        extra(batch)
     _commit(batch)
 
 

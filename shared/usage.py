@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from shared import entitlements, ledger_store, partner_store, store
+from shared import entitlements, ledger_store, store
 from shared.auth import PartnerCaller
 from shared.models import UsageGrant, UsageQuery, UsageResponse, format_time
 
@@ -51,7 +51,7 @@ def usage(caller: PartnerCaller, req: UsageQuery) -> UsageResponse:
     docs = store.all_grants(req.principal)
     partner = caller.partner
     if partner is not None:
-        docs = [doc for doc in docs if partner_store.issuer_of(doc) == partner]
+        docs = [doc for doc in docs if store.grant_issued_by(doc) == partner]
     return UsageResponse(
         principal=req.principal,
         balance=entitlements.balance_for(caller, req.principal),

@@ -13,7 +13,7 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from shared import auth, config, emulator, log_signing, sealog, signing, store
+from shared import auth, config, emulator, events, log_signing, pubsub_emulator, sealog, signing, store
 from shared.local import LocalIssuer
 from tests.kms_server import LOG_VERSION_1, VERSION_1, FakeKms, fake_kms_server
 
@@ -61,6 +61,22 @@ def firestore_emulator(service_dir: Path) -> Iterator[emulator.Emulator]:
 
 
 @pytest.fixture(scope="session")
+def pubsub(service_dir: Path) -> Iterator[pubsub_emulator.PubSubEmulator]:
+    """Google's Pub/Sub emulator: the one PUBSUB_EMULATOR_HOST names, else one started once per session in its own process group."""
+    outside = os.environ.get("PUBSUB_EMULATOR_HOST")
+    if outside:
+        yield pubsub_emulator.PubSubEmulator(host=outside, process=None)
+        return
+    try:
+        instance = pubsub_emulator.start(log_path=service_dir / "pubsub-emulator.log")
+    except emulator.EmulatorMissing as exc:
+        pytest.exit(str(exc), returncode=3)
+    os.environ["PUBSUB_EMULATOR_HOST"] = instance.host
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="session")
 def fake_kms() -> Iterator[FakeKms]:
     """A local gRPC server speaking the Cloud KMS protocol, reached through the real google-cloud-kms client."""
     with fake_kms_server() as server:
@@ -75,7 +91,9 @@ def kms(fake_kms: FakeKms) -> FakeKms:
 
 
 @pytest.fixture(scope="session")
-def service_env(service_dir: Path, issuer: LocalIssuer, firestore_emulator: emulator.Emulator, fake_kms: FakeKms) -> Iterator[None]:
+def service_env(
+    service_dir: Path, issuer: LocalIssuer, firestore_emulator: emulator.Emulator, pubsub: pubsub_emulator.PubSubEmulator, fake_kms: FakeKms
+) -> Iterator[None]:
     """The service's configuration for the whole session (read once, like in production)."""
     values = {
         config.ENV_PROJECT: PROJECT,
@@ -96,6 +114,7 @@ def service_env(service_dir: Path, issuer: LocalIssuer, firestore_emulator: emul
     os.environ.pop(config.ENV_LOCAL_MODE, None)
     config.get_config.cache_clear()
     store.client.cache_clear()
+    events.ensure_topic()
     yield
 
 
@@ -126,9 +145,10 @@ def short_firestore_budgets(service_env: None, monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.fixture
 def db(firestore_emulator: emulator.Emulator, service_env: None) -> emulator.Emulator:
-    """An empty Firestore for this test."""
+    """An empty Firestore for this test (the events of the test before published or given up first)."""
     # No seal log integration of an earlier test runs on into this one's database (or into its KMS calls).
     sealog.stop_background()
+    events.publisher().flush(timeout=15)
     firestore_emulator.clear()
     return firestore_emulator
 

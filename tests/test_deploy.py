@@ -56,7 +56,7 @@ PUBLIC = [entry for entry in FUNCTIONS if entry not in INTERNAL]
 AUDIT_SA_EMAIL = f"gbx-audit@{PROJECT}.iam.gserviceaccount.com"
 APIS = [f"{api}.googleapis.com" for api in (
     "cloudfunctions", "run", "cloudbuild", "artifactregistry", "firestore", "cloudkms", "secretmanager", "iam", "logging",
-    "firebaserules", "firebasehosting")]
+    "firebaserules", "firebasehosting", "pubsub")]
 CLOUD_RUN_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 HEX_TOKEN = re.compile(r"[0-9a-f]{64}")
 # The runner client's wheel, as shared/client_wheel.py builds it for Hosting's /gbx/.
@@ -329,6 +329,7 @@ def test_runtime_service_account_is_created_with_least_privilege(dry: Deploy) ->
         ("kms", "seal", "roles/cloudkms.signerVerifier"),
         ("kms", "seal-log", "roles/cloudkms.signerVerifier"),
         ("secrets", "gbx-admin-token", "roles/secretmanager.secretAccessor"),
+        ("pubsub", "gbx-events", "roles/pubsub.publisher"),
     }
     grants = [cmd for cmd in dry.commands if "add-iam-policy-binding" in cmd]
     assert {flags(cmd)["member"] for cmd in grants} == {f"serviceAccount:{SA_EMAIL}", f"serviceAccount:{BUILD_SA_EMAIL}",
@@ -512,15 +513,15 @@ def test_each_function_skips_the_invoker_iam_check_right_after_its_deploy(dry: D
 
 
 def test_only_the_audit_account_may_invoke_the_internal_functions(dry: Deploy) -> None:
-    """Cloud Run's IAM check stays on for the audit, whose one invoker is gbx-audit; Hosting has no rewrite to it."""
-    assert {"ledger_audit", "log_integrate"} == INTERNAL
+    """Cloud Run's IAM check stays on for the audit, the log's catch-up and the events sweeper, whose one invoker is gbx-audit; Hosting has no rewrite to them."""
+    assert {"ledger_audit", "log_integrate", "events_sweep"} == INTERNAL
     for entry in INTERNAL:
         position = dry.indexes("gcloud", "functions", "deploy", FUNCTIONS[entry])[0]
         assert "--invoker-iam-check" in dry.commands[position + 1]
         assert dry.commands[position + 2] == [
             "gcloud", "run", "services", "add-iam-policy-binding", FUNCTIONS[entry], f"--region={REGION}", f"--project={PROJECT}",
             f"--member=serviceAccount:{AUDIT_SA_EMAIL}", "--role=roles/run.invoker", "--format=none"]
-        assert flags(dry.commands[position])["timeout"] == f"{ENDPOINTS[entry].timeout}s" == {"ledger_audit": "1800s", "log_integrate": "60s"}[entry]
+        assert flags(dry.commands[position])["timeout"] == f"{ENDPOINTS[entry].timeout}s" == {"ledger_audit": "1800s", "log_integrate": "60s", "events_sweep": "120s"}[entry]
     assert granted_to(dry, AUDIT_SA_EMAIL) == {("run", FUNCTIONS[entry], "roles/run.invoker") for entry in INTERNAL}
     assert all(flags(cmd)["timeout"] == "60s" for cmd in dry.find("gcloud", "functions", "deploy") if flags(cmd)["entry-point"] in PUBLIC)
     assert all(env_vars(flags(cmd)["set-env-vars"])["GBX_AUDITORS"] == AUDIT_SA_EMAIL for cmd in dry.find("gcloud", "functions", "deploy"))
@@ -836,6 +837,7 @@ def fresh_project() -> dict:
     return {
         "calls": [], "apis": [], "service_accounts": [], "bindings": [], "database": None, "indexes": [],
         "database_protection": None, "backup_schedules": {}, "scheduler_jobs": {}, "metrics": {}, "channels": {}, "policies": {},
+        "topics": [], "subscriptions": {},
         "secrets": {}, "keyrings": [], "key_versions": {}, "generation_polls": 0, "functions": {}, "log_keys": [],
         "project_number": PROJECT_NUMBER,
         "firebase_added": True, "taken_sites": [], "sites": [], "firebase_calls": [], "hosting": {}, "rules": None,
@@ -868,6 +870,25 @@ def gcloud(state: dict, argv: list[str], stdin: str, cwd: Path = REPO) -> Answer
             return grant("project", name)
         case ["projects", "describe", name]:
             return Answer(state["project_number"] + "\n")
+        case ["iam", "service-accounts", "add-iam-policy-binding"]:
+            return grant("service_account", words[3])
+        case ["pubsub", "topics", "describe"]:
+            return Answer(f"projects/{project}/topics/{words[3]}\n") if words[3] in state["topics"] else missing()
+        case ["pubsub", "topics", "create"]:
+            state["topics"].append(words[3])
+            return Answer()
+        case ["pubsub", "topics", "add-iam-policy-binding"]:
+            return grant("topic", words[3])
+        case ["pubsub", "subscriptions", "describe"]:
+            return Answer(f"projects/{project}/subscriptions/{words[3]}\n") if words[3] in state["subscriptions"] else missing()
+        case ["pubsub", "subscriptions", "create"] if opts.get("topic") in state["topics"]:
+            state["subscriptions"][words[3]] = {key: value for key, value in opts.items() if key != "project"}
+            return Answer()
+        case ["pubsub", "subscriptions", "modify-push-config"] if words[3] in state["subscriptions"]:
+            state["subscriptions"][words[3]].update({key: value for key, value in opts.items() if key != "project"})
+            return Answer()
+        case ["pubsub", "subscriptions", "add-iam-policy-binding"]:
+            return grant("subscription", words[3])
         case ["firestore", "databases", "describe"]:
             return Answer("FIRESTORE_NATIVE\n") if state["database"] else missing()
         case ["firestore", "databases", "create"]:
@@ -1198,6 +1219,8 @@ def test_first_deployment_creates_everything(first: FirstDeployment) -> None:
         ["secret", "gbx-admin-token", member, "roles/secretmanager.secretAccessor"],
         ["kms_key", "seal", member, "roles/cloudkms.signerVerifier"],
         ["kms_key", "seal-log", member, "roles/cloudkms.signerVerifier"],
+        # The functions may publish to the events topic, and to nothing else in Pub/Sub.
+        ["topic", "gbx-events", member, "roles/pubsub.publisher"],
         *(["project", PROJECT, f"serviceAccount:{BUILD_SA_EMAIL}", role] for role in BUILD_ROLES),
         *(["run_service", FUNCTIONS[entry], f"serviceAccount:{AUDIT_SA_EMAIL}", "roles/run.invoker"] for entry in INTERNAL),
     ])
@@ -1280,7 +1303,7 @@ def test_a_second_deployment_creates_nothing_and_keeps_the_audiences(first: Firs
     assert len([call for call in second["calls"] if "--no-invoker-iam-check" in call]) == len(PUBLIC)
     # What exists is updated, not created again: the audit's job, the metric, the policies; the backup schedule is left.
     assert [call[:4] for call in second["calls"] if call[0] in ("scheduler", "logging", "alpha") and "update" in call] == [
-        ["scheduler", "jobs", "update", "http"], ["scheduler", "jobs", "update", "http"], ["logging", "metrics", "update", "gbx-ledger-mismatches"],
+        *[["scheduler", "jobs", "update", "http"]] * len(INTERNAL), ["logging", "metrics", "update", "gbx-ledger-mismatches"],
         ["alpha", "monitoring", "policies", "update"], ["alpha", "monitoring", "policies", "update"]]
     assert second["backup_schedules"] == first.state["backup_schedules"] and second["policies"] == first.state["policies"]
     assert second["secrets"] == first.state["secrets"], "the admin token is not rotated by a redeploy"
@@ -1410,10 +1433,10 @@ def test_each_staged_function_is_complete(staged: Path, entry: str) -> None:
     assert (directory / "requirements.txt").read_bytes() == (REPO / "requirements.txt").read_bytes()
     assert (directory / "shared" / "__init__.py").is_file()
     for module in (REPO / "shared").glob("*.py"):
-        if module.name not in {"local.py", "emulator.py"}:
+        if module.name not in {"local.py", "emulator.py", "pubsub_emulator.py"}:
             assert (directory / "shared" / module.name).read_bytes() == module.read_bytes(), module.name
-    assert not (directory / "shared" / "local.py").exists()
-    assert not (directory / "shared" / "emulator.py").exists()
+    for local_only in ("local.py", "emulator.py", "pubsub_emulator.py"):
+        assert not (directory / "shared" / local_only).exists()
     # The seal format ships once, from the client package the service shares it with.
     for module in (REPO / "client" / "gbx_client").glob("*.py"):
         assert (directory / "gbx_client" / module.name).read_bytes() == module.read_bytes(), module.name
@@ -1540,29 +1563,57 @@ def test_the_service_reads_the_database_it_is_configured_with() -> None:
     assert config_module.load_config({"GOOGLE_CLOUD_PROJECT": "p", "GBX_FIRESTORE_DATABASE": "restored-1"}).firestore_database == "restored-1"
 
 
-def test_the_log_catch_up_runs_every_minute(dry: Deploy) -> None:
-    """gbx-log-integrate: the seal log's scheduled integrator, as the audit is scheduled but every minute."""
-    name = FUNCTIONS["log_integrate"]
-    url = f"https://{REGION}-{PROJECT}.cloudfunctions.net/{name}"
-    (job,) = dry.find("gcloud", "scheduler", "jobs", "create", "http", name)
-    assert flags(job)["schedule"] == "* * * * *" and flags(job)["uri"] == url and flags(job)["attempt-deadline"] == "60s"
-    assert flags(job)["oidc-service-account-email"] == AUDIT_SA_EMAIL
-    assert flags(job)["description"] == f"GBX: {name}, every minute (see docs/operations.md)"
-
-
-def test_the_audit_runs_hourly_as_its_own_account_with_oidc(dry: Deploy) -> None:
-    entry = "ledger_audit"
+@pytest.mark.parametrize(
+    ("entry", "schedule", "deadline"), [("ledger_audit", "0 * * * *", "1800s"), ("log_integrate", "* * * * *", "60s"), ("events_sweep", "* * * * *", "120s")]
+)
+def test_the_audit_runs_hourly_and_the_log_catch_up_and_events_sweeper_every_minute_as_their_own_account_with_oidc(
+    dry: Deploy, entry: str, schedule: str, deadline: str
+) -> None:
+    assert set(INTERNAL) == {"ledger_audit", "log_integrate", "events_sweep"}
     name = FUNCTIONS[entry]
     url = f"https://{REGION}-{PROJECT}.cloudfunctions.net/{name}"
-    (job,) = dry.find("gcloud", "scheduler", "jobs", "create", "http", name)
-    assert job[5] == name
+    (job,) = [job for job in dry.find("gcloud", "scheduler", "jobs", "create", "http") if job[5] == name]
     assert flags(job) == {
-        "location": REGION, "project": PROJECT, "schedule": "0 * * * *", "time-zone": "Etc/UTC", "uri": url, "http-method": "POST",
-        "oidc-service-account-email": AUDIT_SA_EMAIL, "oidc-token-audience": url, "attempt-deadline": "1800s",
-        "description": f"GBX: {name}, hourly (see docs/operations.md)"}
+        "location": REGION, "project": PROJECT, "schedule": schedule, "time-zone": "Etc/UTC", "uri": url, "http-method": "POST",
+        "oidc-service-account-email": AUDIT_SA_EMAIL, "oidc-token-audience": url, "attempt-deadline": deadline,
+        "description": f"GBX: {name}, cron {schedule} UTC (see docs/operations.md)"}
     deploy = dry.find("gcloud", "functions", "deploy", name)[0]
     assert url in audiences(env_vars(flags(deploy)["set-env-vars"])["GBX_AUDIENCES"]), "the function accepts the job's token"
     assert dry.indexes("gcloud", "functions", "deploy", name)[0] < dry.indexes("gcloud", "scheduler", "jobs", "create")[0]
+
+
+def test_the_events_topic_exists_before_any_function_and_only_the_runtime_account_may_publish(dry: Deploy) -> None:
+    (create,) = dry.find("gcloud", "pubsub", "topics", "create", "gbx-events")
+    (binding,) = dry.find("gcloud", "pubsub", "topics", "add-iam-policy-binding", "gbx-events")
+    assert flags(binding)["member"] == f"serviceAccount:{SA_EMAIL}" and flags(binding)["role"] == "roles/pubsub.publisher"
+    first_deploy = dry.indexes("gcloud", "functions", "deploy")[0]
+    assert dry.indexes("gcloud", "pubsub", "topics", "create")[0] < first_deploy
+    assert not [line for line in dry.commands if "pubsub" in line and "projects add-iam-policy-binding" in shlex.join(line)]
+
+
+def test_partner_events_gives_a_partner_its_filtered_subscription_and_rights_on_it_alone(cloud: FakeCloud) -> None:
+    deploy_for_real(cloud)
+
+    def partner_events(*args: str) -> tuple[Deploy, dict]:
+        cloud.update(calls=[], firebase_calls=[])
+        result = run_deploy(cloud.checkout, ["partner-events", *args, "--project", PROJECT], path=cloud.path)
+        return result, copy.deepcopy(cloud.state)
+
+    result, state = partner_events("Partner-A@Example.com")
+    assert result.returncode == 0, result.stderr
+    name = "gbx-events-partner-a~example.com"
+    assert state["subscriptions"][name] == {
+        "topic": "gbx-events", "message-filter": 'attributes.ce-partner = "partner-a@example.com"', "enable-message-ordering": "",
+        "ack-deadline": "60", "message-retention-duration": "7d"}
+    assert ["subscription", name, "user:partner-a@example.com", "roles/pubsub.subscriber"] in state["bindings"]
+    # Push: an OIDC token of gbx-events-push for the partner's URL; the existing subscription's push config is set.
+    push = "https://billing.partner-a.example/gbx-events"
+    result, state = partner_events("partner-a@example.com", "--push-endpoint", push)
+    assert result.returncode == 0, result.stderr
+    push_sa = f"gbx-events-push@{PROJECT}.iam.gserviceaccount.com"
+    assert state["subscriptions"][name]["push-endpoint"] == push
+    assert state["subscriptions"][name]["push-auth-service-account"] == push_sa and state["subscriptions"][name]["push-auth-token-audience"] == push
+    assert push_sa in state["service_accounts"]
 
 
 def test_a_log_based_metric_counts_the_audit_s_mismatch_lines(dry: Deploy) -> None:
@@ -1662,7 +1713,12 @@ def test_the_real_gcloud_parses_every_command(sandbox: dict[str, Path], first: F
                          env={"GBX_BUILD_DIR": str(tmp_path / "b")})
     assert dry_run.returncode == 0, dry_run.stderr
     _, second = deploy_for_real(deployed, "--backup-retention", "30")
-    commands = gcloud_commands([line[2:] for line in dry_run.stdout.splitlines() if line.startswith("+ ")])
+    # A partner's subscription, pull and push, as partner-events shows it.
+    partner_runs = [run_deploy(sandbox["checkout"], ["partner-events", partner, "--project", PROJECT, "--dry-run", *push], path=str(sandbox["path"]))
+                    for partner, push in (("partner@example.com", []), ("svc@p.iam.gserviceaccount.com", ["--push-endpoint", "https://partner.example/hook"]))]
+    assert all(run.returncode == 0 for run in partner_runs), [run.stderr for run in partner_runs]
+    shown = dry_run.stdout + "".join(run.stdout for run in partner_runs)
+    commands = gcloud_commands([line[2:] for line in shown.splitlines() if line.startswith("+ ")])
     commands += [["gcloud", *call] for call in first.state["calls"] + second["calls"]]
     # One of each shape: the same words (resource names masked) with the same flags.
     shapes: dict[tuple, list[str]] = {}

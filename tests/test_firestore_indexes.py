@@ -16,12 +16,17 @@ QUERIES = {
     ("ledger", (("principal", "ASCENDING"), ("at", "DESCENDING"))): "ledger_store:ledger_for_principal",
     ("ledger", (("grant", "ASCENDING"), ("at", "ASCENDING"))): "ledger_store:ledger_for_grant",
     ("grants", (("open", "ASCENDING"), ("spend_key", "ASCENDING"), ("created_at", "ASCENDING"), ("group", "ASCENDING"))): "read_first_to_spend",
-    ("grants", (("open", "ASCENDING"), ("spend_key", "ASCENDING"), ("slot", "ASCENDING"))): "read_open_shard_at",
-    ("grants", (("open", "ASCENDING"), ("spend_key", "ASCENDING"), ("slot", "DESCENDING"))): "read_open_shard_at",
+    ("grants", (("open", "ASCENDING"), ("issued_by", "ASCENDING"), ("spend_key", "ASCENDING"), ("slot", "ASCENDING"))): "read_open_shard_at",
+    ("grants", (("open", "ASCENDING"), ("issued_by", "ASCENDING"), ("spend_key", "ASCENDING"), ("slot", "DESCENDING"))): "read_open_shard_at",
     # sum(delta) reads the summed field from the index too.
     ("ledger", (("principal", "ASCENDING"), ("shard", "ASCENDING"), ("delta", "ASCENDING"))): "ledger_store:ledger_sum_for_shard",
     ("ledger", (("principal", "ASCENDING"), ("reason", "ASCENDING"), ("at", "ASCENDING"))): "ledger_store:count_ledger_entries",
-    ("grants", (("issued_by", "ASCENDING"), ("spend_key", "ASCENDING"))): "read_partner_balance",
+    # A partner's balance for a principal (sum(remaining) read from the index), and its open documents near the low line.
+    ("grants", (("issued_by", "ASCENDING"), ("spend_key", "ASCENDING"), ("remaining", "ASCENDING"))): "read_partner_balance",
+    ("grants", (("issued_by", "ASCENDING"), ("open", "ASCENDING"), ("spend_key", "ASCENDING"))): "events:guard_from_balance",
+    # The events outbox: the sweeper's commit order, and a principal's older unpublished events.
+    ("events", (("published", "ASCENDING"), ("at", "ASCENDING"), ("n", "ASCENDING"))): "events:sweep",
+    ("events", (("principal", "ASCENDING"), ("published", "ASCENDING"), ("time", "ASCENDING"))): "events:_has_older_unpublished",
     ("*grants", (("lead", "ASCENDING"), ("created_at", "ASCENDING"))): "partner_store:read_export_page",
     ("*grants", (("lead", "ASCENDING"), ("issued_by", "ASCENDING"), ("created_at", "ASCENDING"))): "partner_store:read_export_page",
     ("ledger", (("grant", "ASCENDING"), ("reason", "ASCENDING"), ("at", "ASCENDING"), ("delta", "ASCENDING"))): "ledger_store:ledger_runs",
@@ -71,8 +76,8 @@ def test_the_spending_queries_run_and_order_as_their_indexes(api: Api) -> None:
     assert head is not None and head.grant_id == first
     shards = {g["grant_id"]: g["slot"] for g in store.all_grants(RUNNER) if g["group"] == later}
     low, high = min(shards.values()), max(shards.values())
-    up = store.read_open_shard_at(RUNNER, store.FAR_FUTURE, low, upwards=True)
-    down = store.read_open_shard_at(RUNNER, store.FAR_FUTURE, high, upwards=False)
+    up = store.read_open_shard_at(RUNNER, store.FAR_FUTURE, low, upwards=True, issued_by="admin")
+    down = store.read_open_shard_at(RUNNER, store.FAR_FUTURE, high, upwards=False, issued_by="admin")
     assert up is not None and up.slot == low and down is not None and down.slot == low
-    assert store.read_open_shard_at(RUNNER, store.FAR_FUTURE, high + 1e-9, upwards=True) is None
+    assert store.read_open_shard_at(RUNNER, store.FAR_FUTURE, high + 1e-9, upwards=True, issued_by="admin") is None
     assert store.read_balance(RUNNER, now) == 9

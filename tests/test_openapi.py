@@ -38,8 +38,8 @@ def test_every_endpoint_is_described_with_its_schemas_and_auth() -> None:
         if path not in public:
             assert operation["security"], path
             assert "401" in operation["responses"]
-            # Only an endpoint that reads nothing from the request (the audit, the log's catch-up) has no 400.
-            assert ("400" in operation["responses"]) == (path not in ("/api/ledger/audit", "/api/log/integrate")), path
+            # Only the endpoints that read nothing from the request (the audit, the log's catch-up, the events sweeper) have no 400.
+            assert ("400" in operation["responses"]) == (path not in ("/api/ledger/audit", "/api/log/integrate", "/api/events/sweep")), path
     issue = document["paths"]["/api/entitlement/issue"]["post"]
     assert "idempotency_conflict" in issue["responses"]["409"]["description"]
     assert schemas["IssueRequest"]["additionalProperties"] is False
