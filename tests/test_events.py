@@ -327,3 +327,19 @@ def _no_leftover_stop(pubsub: Any) -> Iterator[None]:
     yield
     if pubsub.process is not None:
         os.kill(pubsub.process.pid, signal.SIGCONT)
+
+
+def test_a_revoke_is_one_event_and_its_crossings_fire_in_its_commit(api: Api, subscription: Subscription) -> None:
+    grant_id = _issue(api, 10, partner=PARTNER_A).json()["grant_id"]
+    first = api.revoke(RUNNER, grant_id, 6, partner=PARTNER_A)  # 10 → 4: at or below the line (5)
+    assert first.status_code == 200, first.text
+    again = api.revoke(RUNNER, grant_id, 6, partner=PARTNER_A, key=None)
+    assert (again.status_code, error_code(again)) == (409, "not_enough_runs")  # refused: no event
+    rest = api.revoke(RUNNER, grant_id, partner=PARTNER_A)  # 4 → 0
+    assert rest.json()["revoked"] == 4
+    subscription.pull(5, settle=2.0)
+    distinct = subscription.distinct()
+    assert [(m.type, m.data.get("revoked"), m.data.get("balance")) for m in distinct] == [
+        (events.GRANT_ISSUED, None, None), (events.GRANT_REVOKED, 6, None), (LOW, None, 4), (events.GRANT_REVOKED, 4, None), (EXHAUSTED, None, None)]
+    assert distinct[1].data == {"grant_id": grant_id, "principal": RUNNER, "revoked": 6, "remaining": 4}
+    assert {m.attributes["ce-partner"] for m in distinct} == {PARTNER_A}

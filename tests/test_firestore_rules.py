@@ -33,6 +33,8 @@ DOCUMENTS = [
     "redemption_keys/9a8b7c",
     "audits/ledger",
     "revocations/5d6e7f",
+    "events/1a2b3c",
+    "alerts/4d5e6f",
     "log_pending/seal1",
     "log_entries/seal1",
     "log_tiles/0.0",
@@ -40,6 +42,7 @@ DOCUMENTS = [
     "not_a_gbx_collection/doc1",
 ]
 COLLECTIONS = ["principals", "grants", "runs", "ledger", "seals", "redemptions", "issuances", "redemption_keys", "audits", "revocations",
+               "events", "alerts",
                "log_pending", "log_entries", "log_tiles", "log"]
 
 

@@ -65,7 +65,7 @@ def test_log_lines_count_the_commits_each_request_tried(api: Api, capfd: pytest.
     assert all(line["commits"] >= 1 for line in lines if line["status"] == 200)
     # A request that wrote nothing (a check) tried no commit. Its reads went out at once, and on the way to a 402
     # (the balance is spent) it reads the run once more.
-    api.check("job-0")
+    api.check("job-never")
     (check,) = [line for line in _log_lines(capfd.readouterr().out) if line["endpoint"] == "check"]
     assert (check["status"], check["commits"], check["round_trips"]) == (402, 0, 2)
 
