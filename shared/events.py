@@ -426,17 +426,6 @@ def _mark_published(ids: Iterable[str]) -> None:
         batch.commit(**store._commit_rpc())
 
 
-def _has_older_unpublished(event: Event) -> bool:
-    """Whether an event of the same principal recorded before this one is still unpublished (one query of one document)."""
-    query = (
-        _events()
-        .where(filter=FieldFilter("principal", "==", event.principal))
-        .where(filter=FieldFilter("published", "==", False))
-        .where(filter=FieldFilter("time", "<", event.time))
-        .limit(1)
-    )
-    return bool(query.get(**store._rpc()))
-
 
 class Publisher:
     """The process's publisher: events are queued after their commit and published by one background thread."""
@@ -450,6 +439,8 @@ class Publisher:
         self._done = threading.Condition(self._lock)
         self._in_flight = 0
         self._outstanding: dict[str, float] = {}  # event id → when its publish started
+        # Principals whose events this process left to the sweeper, and when it last did (see _publish_one).
+        self._left: dict[str, float] = {}
         self._marked_at = 0.0
         # Published events and how long they waited (for the benchmark): (recorded time, published time).
         self.delays: list[float] = []
@@ -518,12 +509,15 @@ class Publisher:
     def _publish_one(self, event: Event) -> None:
         if self.paused():
             self._failed_at = max(self._failed_at, time.monotonic() - PAUSE_AFTER_FAILURE_SECONDS)  # degraded from here on
-            self._settle(1)  # left to the sweeper
+            self._leave(event)
+            return
+        if self.degraded() and time.monotonic() - self._left.get(event.principal, -1e9) < DEGRADED_SECONDS:
+            # Behind its principal's backlog that this process left: the sweeper publishes them all in commit order.
+            # Known from memory, not by a query per event: under load (when Pub/Sub stalls) a query per event would
+            # add a read of the outbox to every request's event, just when Firestore has least to spare.
+            self._leave(event)
             return
         try:
-            if self.degraded() and _has_older_unpublished(event):
-                self._settle(1)  # behind its principal's backlog: the sweeper publishes them in order
-                return
             with self._lock:
                 self._outstanding[event.id] = time.monotonic()
             future = _publish(event)
@@ -543,8 +537,14 @@ class Publisher:
             self.delays.append((dt.datetime.now(dt.UTC) - event.time).total_seconds())
             self._in_flight -= 1
 
+    def _leave(self, event: Event) -> None:
+        """Leave the event to the sweeper, and this process's later events of its principal while degraded."""
+        self._left[event.principal] = time.monotonic()
+        self._settle(1)
+
     def _failed(self, event: Event, exc: BaseException) -> None:
         self._failed_at = time.monotonic()
+        self._left[event.principal] = self._failed_at
         with self._lock:
             self._outstanding.pop(event.id, None)
         _log.warning("event %s not published (%s); the sweeper will publish it", event.id, type(exc).__name__)

@@ -618,7 +618,7 @@ def all_grants(principal: str) -> list[dict[str, Any]]:
 MAX_ATTEMPTS = 200
 MAX_BACKOFF_SECONDS = 0.25
 # Also bounded in time: Hosting gives up on a function after 60 s, Cloud Functions at its timeout.
-MAX_CONTENTION_SECONDS = 40.0
+MAX_CONTENTION_SECONDS = 50.0
 # Re-reads after commits whose reply was lost: each costs up to a commit timeout, so few.
 MAX_UNCERTAIN_COMMITS = 2
 

@@ -28,7 +28,7 @@ from shared.config import REPO_ROOT
 from tests.conftest import ADMIN_TOKEN, AUDIENCE, OPERATOR, RUNNER, Api, error_code
 
 # Pull without waiting: the emulator answers a waiting pull only when its deadline passes.
-pytestmark = pytest.mark.filterwarnings("ignore:The return_immediately flag is deprecated")
+pytestmark = [pytest.mark.filterwarnings("ignore:The return_immediately flag is deprecated"), pytest.mark.alone]
 
 PARTNER_A = "partner-a@example.com"
 PARTNER_B = "partner-b@example.com"

@@ -14,6 +14,9 @@ import requests
 from shared import entitlements, ledger_store, store
 from tests.conftest import RUNNER, Api, error_code
 
+# Hundreds of concurrent runners: run alone (pytest.ini), not beside another file's tests on a 2-core machine.
+pytestmark = pytest.mark.alone
+
 
 def _future(days: int) -> str:
     return (dt.datetime.now(dt.UTC) + dt.timedelta(days=days)).isoformat().replace("+00:00", "Z")

@@ -24,9 +24,8 @@ QUERIES = {
     # A partner's balance for a principal (sum(remaining) read from the index), and its open documents near the low line.
     ("grants", (("issued_by", "ASCENDING"), ("spend_key", "ASCENDING"), ("remaining", "ASCENDING"))): "read_partner_balance",
     ("grants", (("issued_by", "ASCENDING"), ("open", "ASCENDING"), ("spend_key", "ASCENDING"))): "events:guard_from_balance",
-    # The events outbox: the sweeper's commit order, and a principal's older unpublished events.
+    # The events outbox: the sweeper's commit order.
     ("events", (("published", "ASCENDING"), ("at", "ASCENDING"), ("n", "ASCENDING"))): "events:sweep",
-    ("events", (("principal", "ASCENDING"), ("published", "ASCENDING"), ("time", "ASCENDING"))): "events:_has_older_unpublished",
     ("*grants", (("lead", "ASCENDING"), ("created_at", "ASCENDING"))): "partner_store:read_export_page",
     ("*grants", (("lead", "ASCENDING"), ("issued_by", "ASCENDING"), ("created_at", "ASCENDING"))): "partner_store:read_export_page",
     ("ledger", (("grant", "ASCENDING"), ("reason", "ASCENDING"), ("at", "ASCENDING"), ("delta", "ASCENDING"))): "ledger_store:ledger_runs",

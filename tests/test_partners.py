@@ -179,6 +179,7 @@ def test_revoke_refuses_bad_input(api: Api, body: dict[str, Any]) -> None:
     assert store.all_grants(RUNNER)[0]["remaining"] == 2 and _revoked_runs(grant_id) == 0
 
 
+@pytest.mark.alone
 def test_revoke_racing_40_consumers_of_one_sharded_grant_never_gives_a_run_twice(api: Api) -> None:
     runs = 200
     grant_id = api.issue(RUNNER, runs, partner=PARTNER).json()["grant_id"]  # 50 shard documents
