@@ -265,7 +265,9 @@ def log(entry: dict[str, Any]) -> None:
     """Write one structured log line to stdout (Cloud Logging parses it): for services' own events, and every request's."""
     line = json.dumps(entry) + "\n"
     # One write of one whole line, under a lock: concurrent requests of one instance never interleave.
-    with _LOG_LOCK:
+    # A log line that cannot be written (stdout closed under the process: a test's capture ending while a request is in
+    # flight) never turns an answered request into a 500: the answer matters more than its log line.
+    with _LOG_LOCK, contextlib.suppress(OSError, ValueError):
         sys.stdout.write(line)
         sys.stdout.flush()
 
