@@ -537,6 +537,10 @@ class Publisher:
             self.delays.append((dt.datetime.now(dt.UTC) - event.time).total_seconds())
             self._in_flight -= 1
 
+    def forget_left(self) -> None:
+        """The backlog this process left is published (a sweep here found nothing waiting): publish directly again."""
+        self._left.clear()
+
     def _leave(self, event: Event) -> None:
         """Leave the event to the sweeper, and this process's later events of its principal while degraded."""
         self._left[event.principal] = time.monotonic()
@@ -637,6 +641,9 @@ def sweep(*, grace_seconds: float | None = None, budget_seconds: float = SWEEP_B
             break
         after = page[-1]
     left = store._aggregate(_events().where(filter=FieldFilter("published", "==", False)).count())
+    if not left and not failed:
+        # Nothing waits any more: this process's own events need not queue behind a backlog that is gone.
+        publisher().forget_left()
     return SweepResponse(published=published, failed=failed, unpublished=left)
 
 
