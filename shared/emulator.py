@@ -70,17 +70,8 @@ class Emulator:
         urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=30).read()
 
     def stop(self) -> None:
-        """End the whole process group: the Java process survives a kill of a wrapper alone (one started elsewhere is left alone)."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        """End the whole process group (one started elsewhere is left alone)."""
+        stop_process_group(self.process)
 
 
 def start(
@@ -110,7 +101,7 @@ def start(
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     emulator = Emulator(host=f"127.0.0.1:{port}", process=process, project=project)
     try:
-        _wait_until_ready(emulator, timeout=timeout, log_path=log_path, cancelled=cancelled or (lambda: False))
+        wait_until_ready(emulator.host, process, name="Firestore", timeout=timeout, log_path=log_path, cancelled=cancelled or (lambda: False))
     except BaseException:
         # Interrupted or failed while starting: the caller never gets the handle, so stop it here.
         emulator.stop()
@@ -118,19 +109,34 @@ def start(
     return emulator
 
 
-def _wait_until_ready(emulator: Emulator, *, timeout: float, log_path: Path | None, cancelled: Callable[[], bool]) -> None:
-    """Poll the emulator's port until it answers HTTP 200."""
+def stop_process_group(process: subprocess.Popen[bytes] | None) -> None:
+    """End an emulator's whole process group: the Java process survives a kill of a wrapper alone (None: started elsewhere)."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+def wait_until_ready(
+    host: str, process: subprocess.Popen[bytes], *, name: str, timeout: float, log_path: Path | None, cancelled: Callable[[], bool]
+) -> None:
+    """Poll an emulator's port until it answers HTTP 200 (the Firestore and Pub/Sub emulators both do)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cancelled():
             raise StartCancelled()
-        assert emulator.process is not None
-        if emulator.process.poll() is not None:
-            raise RuntimeError(f"the Firestore emulator exited with code {emulator.process.returncode} (log: {log_path})")
+        if process.poll() is not None:
+            raise RuntimeError(f"the {name} emulator exited with code {process.returncode} (log: {log_path})")
         try:
-            with urllib.request.urlopen(f"http://{emulator.host}/", timeout=2) as response:
+            with urllib.request.urlopen(f"http://{host}/", timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, OSError):
             time.sleep(0.1)
-    raise RuntimeError(f"the Firestore emulator did not answer within {timeout:.0f}s (log: {log_path})")
+    raise RuntimeError(f"the {name} emulator did not answer within {timeout:.0f}s (log: {log_path})")

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.emulator import EmulatorMissing, StartCancelled, free_port
+from shared.emulator import EmulatorMissing, free_port, stop_process_group, wait_until_ready
 
 LIB_RELATIVE = Path("platform/pubsub-emulator/lib")
 MISSING_MESSAGE = (
@@ -52,16 +48,7 @@ class PubSubEmulator:
 
     def stop(self) -> None:
         """End the whole process group (one started elsewhere is left alone)."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        stop_process_group(self.process)
 
 
 def start(*, port: int | None = None, log_path: Path | None = None, timeout: float = 60.0, cancelled: Callable[[], bool] | None = None) -> PubSubEmulator:
@@ -76,21 +63,8 @@ def start(*, port: int | None = None, log_path: Path | None = None, timeout: flo
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     emulator = PubSubEmulator(host=f"127.0.0.1:{port}", process=process)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if (cancelled or (lambda: False))():
-                raise StartCancelled()
-            if process.poll() is not None:
-                raise RuntimeError(f"the Pub/Sub emulator exited with code {process.returncode} (log: {log_path})")
-            try:
-                with urllib.request.urlopen(f"http://{emulator.host}/", timeout=2) as response:
-                    if response.status == 200:
-                        return emulator
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the Pub/Sub emulator did not answer within {timeout:.0f}s (log: {log_path})")
-            time.sleep(0.1)
+        wait_until_ready(emulator.host, process, name="Pub/Sub", timeout=timeout, log_path=log_path, cancelled=cancelled or (lambda: False))
     except BaseException:
         emulator.stop()
         raise
+    return emulator
