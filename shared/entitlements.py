@@ -8,6 +8,8 @@ import random
 import secrets
 from typing import Any
 
+from pydantic import BaseModel
+
 from shared import errors, events, store
 from shared.auth import Identity, PartnerCaller
 from shared.models import (
@@ -129,8 +131,8 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
     return store.optimistic(attempt)
 
 
-def _fingerprint(req: IssueRequest) -> str:
-    """A stable hash of the parsed body: equal for requests that mean the same thing."""
+def body_fingerprint(req: BaseModel) -> str:
+    """A stable hash of a parsed body: equal for requests that mean the same thing (Idempotency-Key replays compare it)."""
     return store.sha256_hex(json.dumps(req.model_dump(mode="json"), sort_keys=True, separators=(",", ":")))
 
 
@@ -144,7 +146,7 @@ def _replay(record: dict, fingerprint: str, grant_id: str) -> IssueResponse:
 
 def issue(caller: PartnerCaller, req: IssueRequest, *, idempotency_key: str | None = None) -> IssueResponse:
     """Issue runs to a principal, recording who issued them; with an Idempotency-Key, at most once per key (and caller)."""
-    fingerprint = _fingerprint(req)
+    fingerprint = body_fingerprint(req)
     key_hash = idempotency_key_id(caller, "issue", idempotency_key) if idempotency_key is not None else None
     # One id for every attempt: a commit applied but unanswered is recognised on the re-read, never issued twice.
     grant_id = secrets.token_hex(16)

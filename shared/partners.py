@@ -40,10 +40,6 @@ def may_see(caller: PartnerCaller, grant: IssuedGrant) -> bool:
     return caller.partner is None or grant.issued_by == caller.partner
 
 
-def _fingerprint(req: RevokeRequest) -> str:
-    return store.sha256_hex(json.dumps(req.model_dump(mode="json"), sort_keys=True, separators=(",", ":")))
-
-
 def _takes(grant: IssuedGrant, runs: int) -> list[tuple[store.Grant, int]]:
     """Which documents give the runs: the fullest first, so a partial revoke touches (and races on) as few as it can."""
     takes = []
@@ -68,7 +64,7 @@ def revoke(caller: PartnerCaller, req: RevokeRequest, *, idempotency_key: str | 
     races to consumers; after a few, the revoke fences the documents (no consume can take from them meanwhile), and its
     next commit, which also lifts the fence, cannot lose to one. Whatever ends the request otherwise lifts the fence too.
     """
-    fingerprint = _fingerprint(req)
+    fingerprint = entitlements.body_fingerprint(req)
     # One id for every attempt: a commit applied but unanswered is recognised on the re-read, never revoked twice.
     revoke_id = secrets.token_hex(16)
     if idempotency_key is not None:
