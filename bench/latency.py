@@ -56,6 +56,8 @@ REPO_ROOT = config.REPO_ROOT
 
 # Goals (ratios of medians), from the performance issue: requests ≤ 1.2×, verify ≤ 1.3×, cold start ≤ 1.15×.
 REQUEST_GOAL = 1.2
+# consume and check make their independent reads at once: they should beat the same calls made one after another.
+PARALLEL_GOAL = 1.0
 VERIFY_GOAL = 1.3
 COLD_START_GOAL = 1.15
 
@@ -471,9 +473,9 @@ def request_cases(api: Api, bare: Bare) -> list[Case]:
         return (lambda: api.send(request)), None
 
     return [
-        Case("check", REQUEST_GOAL, check, "balance sum + run get"),
-        Case("consume", REQUEST_GOAL, consume, "first-to-spend query + run get + slot draw + balance sum + commit of 3 writes"),
-        Case("consume, sharded grant", REQUEST_GOAL, consume_sharded, "as consume, on a grant of 240 documents"),
+        Case("check", PARALLEL_GOAL, check, "balance sum + run get, in sequence"),
+        Case("consume", PARALLEL_GOAL, consume, "first-to-spend query + run get + slot draw + balance sum + commit of 3 writes, in sequence"),
+        Case("consume, sharded grant", PARALLEL_GOAL, consume_sharded, "as consume, on a grant of 240 documents"),
         Case("issue (with Idempotency-Key)", REQUEST_GOAL, issue, "issuance get + balance sum + commit of 4 writes"),
         Case("run_start", REQUEST_GOAL, run_start, "run get + preconditioned update"),
         Case("run_complete", REQUEST_GOAL, run_complete, "run get + ECDSA sign + commit of 3 writes"),

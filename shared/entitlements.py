@@ -70,7 +70,8 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
     Each attempt makes three round trips, one after another: (1) at once, the first open shard in spending order
     (one indexed query of one document), the run record and the balance (one aggregation); (2) one open shard drawn
     at random among all those that expire with the first (another query of one document: it needs the first's
-    expiry); (3) the commit on the drawn shard, preconditioned on its update time. A lost race draws again: hundreds
+    expiry) and, with events on, at once with it the first's partner's balance (and near the low line what deciding
+    a crossing reads); (3) the commit on the drawn shard, preconditioned on its update time. A lost race draws again: hundreds
     of consumers of one principal spread over the shards instead of re-reading them all. Grants that expire at the
     same moment are spent in any order.
     """
@@ -107,15 +108,23 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
         # The draw among the open shards of the first's partner that expire with it (half upwards, half downwards
         # from a random slot: a closed shard's share goes to both its neighbours) and, at once, that partner's balance
         # for the events' crossing: drawing within one partner is what lets both go in one round trip.
+        # Near the low line (the principal's balance says whether the partner's may be), the alert and the partner's
+        # open documents that the exact mode needs go in the same round trip: events add no round trip to a consume.
         partner = first.issued_by
-        drawn, partner_balance = store.at_once(
+        with_events = partner is not None and events.enabled()
+        near_reads = events.near_reads(principal, partner, now) if with_events and events.may_be_near(balance, delta=-1) else ()
+        drawn, partner_balance, *near = store.at_once(
             lambda: store.read_open_shard_at(principal, first.spend_key, random.random(), upwards=random.random() < 0.5, issued_by=partner),
-            lambda: store.read_partner_balance(principal, partner, now) if partner is not None and events.enabled() else None,
+            lambda: store.read_partner_balance(principal, partner, now) if with_events else None,
+            *near_reads,
         )
         # Past the last slot (or a shard that ran dry since the query's index read it): the first one, as read.
         grant = drawn if drawn is not None and drawn.usable(now) else first
-        # Only near a partner's low line, while an alert is armed, does the guard read more (see events.guard_from_balance).
-        guard = None if partner_balance is None else events.guard_from_balance(principal, partner, now, partner_balance, delta=-1, closes=grant.remaining <= 1)
+        # Only near a partner's low line, while an alert is armed, does the guard use them (see events.guard_from_balance).
+        guard = None
+        if partner_balance is not None:
+            ahead = events.Near(near[0], list(near[1])) if near else None
+            guard = events.guard_from_balance(principal, partner, now, partner_balance, delta=-1, closes=grant.remaining <= 1, near=ahead)
 
         def recorded(batch: Any) -> None:
             data = {"run_id": req.run_id, "principal": principal, "grant_id": grant.group}

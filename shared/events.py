@@ -217,33 +217,69 @@ def read_guard(principal: str, partner: str | None, now: dt.datetime, *, delta: 
     return guard_from_balance(principal, partner, now, store.read_partner_balance(principal, partner, now), delta=delta, closes=closes)
 
 
-def guard_from_balance(principal: str, partner: str, now: dt.datetime, balance: int, *, delta: int, closes: bool = False) -> Guard:
+@dataclass(frozen=True)
+class Near:
+    """The exact mode's reads made ahead, beside a request's other reads (see `may_be_near`): the alert document and the
+    partner's open documents (`limit` of them at most)."""
+
+    alert: firestore.DocumentSnapshot
+    open_docs: list[firestore.DocumentSnapshot]
+
+
+def _open_docs_limit() -> int:
+    """Every open document within the margin: each holds at least one run, so a balance there is a handful of them."""
+    config = get_config()
+    return config.low_balance + config.events_exact_margin + 2
+
+
+def may_be_near(balance: int, *, delta: int) -> bool:
+    """Whether a change of `delta` runs may need the exact mode, judged from a balance at least the partner's (the
+    principal's, read earlier): when it says no, the partner's is far from the line too and the exact reads are not
+    made ahead (should the partner's, read later, be near after all, `guard_from_balance` reads them itself)."""
+    config = get_config()
+    return enabled() and balance + delta <= config.low_balance + config.events_exact_margin
+
+
+def near_reads(principal: str, partner: str, now: dt.datetime) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """The exact mode's two reads (the alert document, the open documents) as calls for `store.at_once`, beside the
+    request's own reads; `Near(alert, list(open_docs))` is what they read."""
+    query = store.partner_grants(principal, partner, now).where(filter=FieldFilter("open", "==", True)).limit(_open_docs_limit())
+    return functools.partial(_alert_ref(principal, partner).get, **store._bounds()), functools.partial(query.get, **store._bounds())
+
+
+def guard_from_balance(
+    principal: str, partner: str, now: dt.datetime, balance: int, *, delta: int, closes: bool = False, near: Near | None = None
+) -> Guard:
     """The guard for a partner balance already read (under fan-out it can only be too high, never too low).
 
     Exact only where the commit may decide something: an issue within the margin of the line (it re-arms `low` only
     above the line) and a consume or revoke that may leave the balance at or below the line while `low` is armed (the
     read says so: then it is so) hold every open document of the partner; one that empties a document within the
     margin while `exhausted` is armed reads them and holds one other open document, or, when none is, the alert
-    document. Everything else is the fast path: one aggregation, no other read.
+    document. Everything else is the fast path: one aggregation, no other read. `near`: the alert and the open
+    documents, read already beside the request's other reads (a consume); without it they are read here when needed.
     """
     config = get_config()
     line, margin = config.low_balance, config.events_exact_margin
     after = balance + delta
     if delta > 0:
-        near = balance <= line + margin
+        is_near = balance <= line + margin
     else:
-        near = after <= line or (closes and after <= line + margin)
-    if not near:
+        is_near = after <= line or (closes and after <= line + margin)
+    if not is_near:
         return Guard(principal, partner, balance, exact=False)
-    alert = _alert_ref(principal, partner).get(**store._rpc())
+    alert = near.alert if near is not None else _alert_ref(principal, partner).get(**store._rpc())
     armed = alert.to_dict() or {} if alert.exists else {}
     low = bool(armed.get("low_armed")) and after <= line
     if delta < 0 and not (low or (armed.get("exhausted_armed") and closes)):
         return Guard(principal, partner, balance, exact=False)  # nothing armed that this change could fire
     hold = delta > 0 or low
-    # Every open document: each holds at least one run, so a balance within the margin is a handful of them.
-    limit = line + margin + 2
-    snaps = list(store.partner_grants(principal, partner, now).where(filter=FieldFilter("open", "==", True)).limit(limit).get(**store._rpc()))
+    limit = _open_docs_limit()
+    if near is not None:
+        snaps = near.open_docs
+    else:
+        query = store.partner_grants(principal, partner, now).where(filter=FieldFilter("open", "==", True)).limit(limit)
+        snaps = list(query.get(**store._rpc()))
     if len(snaps) >= limit:
         return Guard(principal, partner, balance, exact=False)  # far above the line after all (issues since the read)
     return Guard(

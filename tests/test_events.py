@@ -301,6 +301,30 @@ def test_events_off_records_nothing(api: Api, subscription: Subscription, monkey
     config.get_config.cache_clear()
 
 
+def test_events_add_no_round_trip_to_a_consume(api: Api, subscription: Subscription, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The outbox rides in the consume's own commit and the publish runs beside the request: a consume that records a
+    # run.consumed (and one that also crosses the low line) makes as many round trips as one with events off.
+    def consume_lines(runs: int) -> list[dict[str, Any]]:
+        capfd.readouterr()
+        for n in range(runs):
+            assert api.consume(f"trips-{uuid.uuid4().hex[:8]}-{n}").status_code == 200
+        out = capfd.readouterr().out
+        return [line for line in map(json.loads, (l for l in out.splitlines() if l.startswith("{"))) if line.get("endpoint") == "consume"]
+
+    _issue(api, 12, partner=PARTNER_A)
+    with_events = consume_lines(10)  # the balance crosses the low line on the way
+    assert [m.type for m in subscription.pull(12) if m.type == LOW] == [LOW]
+    monkeypatch.setenv(config.ENV_EVENTS, "0")
+    config.get_config.cache_clear()
+    try:
+        without = consume_lines(2)
+    finally:
+        monkeypatch.undo()
+        config.get_config.cache_clear()
+    assert {(line["round_trips"], line["commits"]) for line in with_events} == {(3, 1)}
+    assert {(line["round_trips"], line["commits"]) for line in without} == {(3, 1)}
+
+
 def test_partner_a_s_subscription_sees_a_s_events_and_not_b_s(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     # As local mode publishes (emulators before SDK 555 ignore subscription filters): also to each partner's topic.
     monkeypatch.setenv(config.ENV_EVENTS_PARTNER_TOPICS, "1")
