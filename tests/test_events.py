@@ -309,7 +309,8 @@ def test_events_add_no_round_trip_to_a_consume(api: Api, subscription: Subscript
         for n in range(runs):
             assert api.consume(f"trips-{uuid.uuid4().hex[:8]}-{n}").status_code == 200
         out = capfd.readouterr().out
-        return [line for line in map(json.loads, (l for l in out.splitlines() if l.startswith("{"))) if line.get("endpoint") == "consume"]
+        lines = [json.loads(text) for text in out.splitlines() if text.startswith("{")]
+        return [line for line in lines if line.get("endpoint") == "consume"]
 
     _issue(api, 12, partner=PARTNER_A)
     with_events = consume_lines(10)  # the balance crosses the low line on the way
