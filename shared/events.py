@@ -233,9 +233,11 @@ def _open_docs_limit() -> int:
 
 
 def may_be_near(balance: int, *, delta: int) -> bool:
-    """Whether a change of `delta` runs may need the exact mode, judged from a balance at least the partner's (the
-    principal's, read earlier): when it says no, the partner's is far from the line too and the exact reads are not
-    made ahead (should the partner's, read later, be near after all, `guard_from_balance` reads them itself)."""
+    """Whether to read the exact mode's documents ahead for a change of `delta` runs, judged from the principal's
+    balance (read in the request's first round trip, before the partner is known). The partner's balance is at most
+    the principal's, so when this says yes the reads are made ahead for every change that may need them on a principal
+    with one partner. When it says no, the partner's balance (read later) may still be near if other partners hold the
+    difference: then `guard_from_balance` reads the documents itself, one round trip more for that consume only."""
     config = get_config()
     return enabled() and balance + delta <= config.low_balance + config.events_exact_margin
 

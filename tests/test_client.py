@@ -308,6 +308,11 @@ def test_full_run_seals_and_openssl_verifies(api: Api, job: Job) -> None:
     link = (job.seal_dir / "verify_link.txt").read_text().strip()
     assert link == verify_link(AUDIENCE, payload=(job.seal_dir / "seal.json").read_bytes(), signature=(job.seal_dir / "seal.sig").read_bytes())
     assert "verify_link.txt" in verify_md and 'gbx verify "$(cat verify_link.txt)"' in verify_md
+    # The log proof's fetch, as VERIFY.md writes it, serves the same entry as the seal.tlog-proof gbx stored.
+    (proof_url,) = re.findall(r"curl -fsS '([^']+)' > seal.tlog-proof", verify_md)
+    fetched = requests.get(proof_url, timeout=30)
+    assert fetched.status_code == 200
+    assert fetched.text.splitlines()[:2] == (job.seal_dir / "seal.tlog-proof").read_text().splitlines()[:2]
     # The service agrees.
     online = api.verify((job.seal_dir / "seal.svg").read_bytes())
     assert online.json()["status"] == "VERIFIED"

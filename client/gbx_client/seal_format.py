@@ -37,6 +37,12 @@ MAX_LINK_PAYLOAD_BYTES = 16 * 1024
 QR_ERROR = "m"
 QR_MAX_VERSION = 25
 QR_QUIET_ZONE = 4  # modules of light border the QR specification asks for
+# The data mask, fixed. Choosing it (scoring all eight masks for patterns a reader may confuse) costs 30-35 ms of
+# CPU per seal in segno, three quarters of drawing the code, on every run_complete. The scoring matters for
+# regular data (long runs of one byte); a link is deflated seal.json and a signature in base64url, as irregular as
+# random bytes, and on such links segno's own scoring picks mask 4 most often (22 of 30 random links). The picture
+# tests read codes drawn this way after blur, tilt, perspective and JPEG.
+QR_MASK = 4
 # A seal sits three levels deep (svg > metadata > seal); anything near this is not
 # a badge but an attempt to make a tree walker recurse or allocate without end.
 MAX_SEAL_DEPTH = 64
@@ -538,7 +544,7 @@ def _qr_code(link: str) -> Any:
 
     try:
         # boost_error: a higher error correction level whenever it fits in the same version, for free.
-        qr = segno.make_qr(link, error=QR_ERROR, boost_error=True, mode="byte", version=None)
+        qr = segno.make_qr(link, error=QR_ERROR, boost_error=True, mode="byte", version=None, mask=QR_MASK)
     except DataOverflowError:
         return None
     return qr if int(qr.version) <= QR_MAX_VERSION else None  # make_qr makes no Micro QR: an int

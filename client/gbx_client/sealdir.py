@@ -134,7 +134,8 @@ with key `{bundle.key}`.
 | `seal.sig` | the ES256 signature (DER) of SHA-256(seal.json) |
 | `seal.svg` | the badge; its `<metadata>` carries seal.json and the signature (base64url) |
 | `public_key.pem` | the public key of `{bundle.key}` |
-{link_row}
+{link_row}| `seal.tlog-proof` | written beside them once the seal is in the public seal log (see below) |
+
 ## Offline, with openssl
 
     openssl dgst -sha256 -verify public_key.pem -signature seal.sig seal.json
@@ -163,6 +164,16 @@ or with curl and a Google ID token:
     curl -s {base_url}/api/seal/verify -H "Authorization: Bearer $TOKEN" -H "Content-Type: image/svg+xml" --data-binary @seal.svg
 
 The service also checks that it issued this very seal (its record), and says whether it was redeemed.
+
+## The seal log
+
+Every seal is appended to a public, append-only transparency log ({base_url}/log/, C2SP tlog-tiles) whose
+checkpoints the service signs with a key of their own. `seal.tlog-proof` (a C2SP tlog-proof: the seal's entry,
+its inclusion path and a signed checkpoint) shows this seal is in it; `gbx verify` checks it offline with the
+log key that the public keys name, says `logged: entry N of M`, and `--require-log` makes a missing or bad
+proof INVALID. When gbx could not fetch it at completion, fetch it now:
+
+    curl -fsS '{base_url}/api/log/proof?seal_id={bundle.seal_id}' > seal.tlog-proof
 {link_section}"""
 
 
