@@ -535,6 +535,11 @@ while IFS=$'\t' read -r -a index_flags; do
   ((${#index_flags[@]})) || continue
   create_index "${index_flags[@]}"
 done <<<"$index_lines"
+# Published partner events expire 30 days after their publication (shared/events.py writes expire_at when it marks
+# them published; an unpublished event has none and stays until the sweeper publishes it). Enabling a TTL that is
+# on already changes nothing; --async: the policy takes minutes to become active and nothing here waits on it.
+run gcloud firestore fields ttls update expire_at --collection-group=events --enable-ttl --async \
+  --database="$DATABASE" --project="$PROJECT"
 
 # --- 5. Admin token: a random secret in Secret Manager that only gbx-issue can read.
 secret_found=$(probe gcloud secrets describe "$SECRET" --project="$PROJECT" --format='value(name)')

@@ -57,6 +57,10 @@ T = TypeVar("T")
 
 EVENTS = "events"
 ALERTS = "alerts"
+# A published event stays this long (a partner's consumer may ask what was sent, an operator may replay it), then
+# Firestore's TTL policy on the field (deploy.sh enables it) deletes it. The contract names no retention.
+EXPIRE_FIELD = "expire_at"
+PUBLISHED_RETENTION = dt.timedelta(days=30)
 
 GRANT_ISSUED = "com.gbx.grant.issued.v1"
 GRANT_REVOKED = "com.gbx.grant.revoked.v1"
@@ -455,12 +459,14 @@ def _publish(event: Event) -> Future[Any]:
 
 
 def _mark_published(ids: Iterable[str]) -> None:
-    """Mark events published, 500 per commit (not through the optimistic loop: nothing else writes them)."""
+    """Mark events published, 500 per commit (not through the optimistic loop: nothing else writes them), with the time
+    after which Firestore's TTL policy on `expire_at` (deploy.sh) deletes them: unpublished events never expire."""
     ids = list(ids)
+    fields = {"published": True, "published_at": firestore.SERVER_TIMESTAMP, EXPIRE_FIELD: dt.datetime.now(dt.UTC) + PUBLISHED_RETENTION}
     for start in range(0, len(ids), 500):
         batch = store.client().batch()
         for event_id_ in ids[start:start + 500]:
-            batch.update(_events().document(event_id_), {"published": True, "published_at": firestore.SERVER_TIMESTAMP})
+            batch.update(_events().document(event_id_), fields)
         batch.commit(**store._commit_rpc())
 
 

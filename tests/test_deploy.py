@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from shared import client_wheel
+from shared import client_wheel, events
 from shared import config as config_module
 from shared.endpoints import ENDPOINTS, Caller, Keys, deploy_order, hosting_rewrites, route_glob
 
@@ -837,7 +837,7 @@ def fresh_project() -> dict:
     return {
         "calls": [], "apis": [], "service_accounts": [], "bindings": [], "database": None, "indexes": [],
         "database_protection": None, "backup_schedules": {}, "scheduler_jobs": {}, "metrics": {}, "channels": {}, "policies": {},
-        "topics": [], "subscriptions": {},
+        "topics": [], "subscriptions": {}, "ttls": [],
         "secrets": {}, "keyrings": [], "key_versions": {}, "generation_polls": 0, "functions": {}, "log_keys": [],
         "project_number": PROJECT_NUMBER,
         "firebase_added": True, "taken_sites": [], "sites": [], "firebase_calls": [], "hosting": {}, "rules": None,
@@ -889,6 +889,9 @@ def gcloud(state: dict, argv: list[str], stdin: str, cwd: Path = REPO) -> Answer
             return Answer()
         case ["pubsub", "subscriptions", "add-iam-policy-binding"]:
             return grant("subscription", words[3])
+        case ["firestore", "fields", "ttls"] if words[3] == "update" and state["database"] and "enable-ttl" in opts:
+            state["ttls"] = sorted({*state["ttls"], f"{opts['collection-group']}.{words[4]}"})
+            return Answer()
         case ["firestore", "databases", "describe"]:
             return Answer("FIRESTORE_NATIVE\n") if state["database"] else missing()
         case ["firestore", "databases", "create"]:
@@ -1589,6 +1592,13 @@ def test_the_events_topic_exists_before_any_function_and_only_the_runtime_accoun
     first_deploy = dry.indexes("gcloud", "functions", "deploy")[0]
     assert dry.indexes("gcloud", "pubsub", "topics", "create")[0] < first_deploy
     assert not [line for line in dry.commands if "pubsub" in line and "projects add-iam-policy-binding" in shlex.join(line)]
+
+
+def test_published_events_expire_by_a_ttl_policy_on_the_field_the_publisher_writes(dry: Deploy, deployed: FakeCloud) -> None:
+    (ttl,) = dry.find("gcloud", "firestore", "fields", "ttls", "update")
+    assert ttl[5] == events.EXPIRE_FIELD and flags(ttl)["collection-group"] == events.EVENTS and "enable-ttl" in flags(ttl)
+    assert dry.indexes("gcloud", "firestore", "databases", "create")[0] < dry.indexes("gcloud", "firestore", "fields", "ttls", "update")[0]
+    assert deployed.state["ttls"] == [f"{events.EVENTS}.{events.EXPIRE_FIELD}"]
 
 
 def test_partner_events_gives_a_partner_its_filtered_subscription_and_rights_on_it_alone(cloud: FakeCloud) -> None:

@@ -4,6 +4,7 @@ refusals; low/exhausted once per crossing, also under a 100-runner fan-out; per-
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -147,6 +148,10 @@ def test_every_committed_change_is_one_event_and_replays_and_refusals_none(api: 
     assert recorded == {m.attributes["ce-id"] for m in distinct}
     assert len(messages) >= 5
     assert events.publisher().flush(timeout=10) and _unpublished() == 0
+    # Published, each carries the time after which the TTL policy deletes it: 30 days on.
+    expiries = [snap.get(events.EXPIRE_FIELD) for snap in store.client().collection(events.EVENTS).get()]
+    soon, late = (dt.datetime.now(dt.UTC) + events.PUBLISHED_RETENTION + dt.timedelta(minutes=m) for m in (-10, 10))
+    assert len(expiries) == 5 and all(soon < expiry < late for expiry in expiries)
 
 
 def test_low_fires_once_per_crossing_and_an_issue_re_arms_it(api: Api, subscription: Subscription) -> None:
