@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from shared import errors, events, store
+from shared import crossings, errors, events, store
 from shared.auth import Identity, PartnerCaller
 from shared.models import (
     CheckRequest,
@@ -112,7 +112,7 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
         # open documents that the exact mode needs go in the same round trip: events add no round trip to a consume.
         partner = first.issued_by
         with_events = partner is not None and events.enabled()
-        near_reads = events.near_reads(principal, partner, now) if with_events and events.may_be_near(balance, delta=-1) else ()
+        near_reads = crossings.near_reads(principal, partner, now) if with_events and crossings.may_be_near(balance, delta=-1) else ()
         drawn, partner_balance, *near = store.at_once(
             lambda: store.read_open_shard_at(principal, first.spend_key, random.random(), upwards=random.random() < 0.5, issued_by=partner),
             lambda: store.read_partner_balance(principal, partner, now) if with_events else None,
@@ -120,16 +120,16 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
         )
         # Past the last slot (or a shard that ran dry since the query's index read it): the first one, as read.
         grant = drawn if drawn is not None and drawn.usable(now) else first
-        # Only near a partner's low line, while an alert is armed, does the guard use them (see events.guard_from_balance).
+        # Only near a partner's low line, while an alert is armed, does the guard use them (see crossings.guard_from_balance).
         guard = None
         if partner_balance is not None:
-            ahead = events.Near(near[0], list(near[1])) if near else None
-            guard = events.guard_from_balance(principal, partner, now, partner_balance, delta=-1, closes=grant.remaining <= 1, near=ahead)
+            ahead = crossings.Near(near[0], list(near[1])) if near else None
+            guard = crossings.guard_from_balance(principal, partner, now, partner_balance, delta=-1, closes=grant.remaining <= 1, near=ahead)
 
         def recorded(batch: Any) -> None:
             data = {"run_id": req.run_id, "principal": principal, "grant_id": grant.group}
             events.record(batch, type=events.RUN_CONSUMED, principal=principal, partner=grant.issued_by, data=data, ref=req.run_id, time=now)
-            events.record_balance_change(batch, guard, delta=-1, changed=[grant], ref=f"consume|{req.run_id}", time=now)
+            crossings.record_balance_change(batch, guard, delta=-1, changed=[grant], ref=f"consume|{req.run_id}", time=now)
 
         store.commit_consume(principal, req.run_id, grant, charge_id=charge_id, consumed_at=now, extra=recorded)
         # The balance as read with the first shard, before this charge's commit; the charged shard (whose precondition
@@ -175,7 +175,7 @@ def issue(caller: PartnerCaller, req: IssueRequest, *, idempotency_key: str | No
         if req.expires_at is not None and req.expires_at <= now:
             raise errors.InvalidRequest("expires_at: must be in the future")
         # The answer's balance (a partner's own, or the whole one) and, at once, what the events' crossing needs.
-        balance, guard = events.with_guard(lambda: balance_for(caller, req.principal), req.principal, issued_by, now, delta=req.runs_total)
+        balance, guard = crossings.with_guard(lambda: balance_for(caller, req.principal), req.principal, issued_by, now, delta=req.runs_total)
         response = IssueResponse(
             grant_id=grant_id,
             principal=req.principal,
@@ -194,7 +194,7 @@ def issue(caller: PartnerCaller, req: IssueRequest, *, idempotency_key: str | No
 
         def recorded(batch: Any) -> None:
             events.record(batch, type=events.GRANT_ISSUED, principal=req.principal, partner=issued_by, data=data, ref=grant_id, time=now)
-            events.record_issue(batch, guard, runs=req.runs_total)
+            crossings.record_issue(batch, guard, runs=req.runs_total)
 
         store.commit_issue(
             principal=req.principal,
@@ -206,8 +206,8 @@ def issue(caller: PartnerCaller, req: IssueRequest, *, idempotency_key: str | No
             idempotency_key_hash=key_hash,
             fingerprint=fingerprint,
             response=response.model_dump(mode="json"),
-            # The guard's writes share the commit's 500 (see events.record_issue).
-            max_shards=events.max_shards_beside(guard),
+            # The guard's writes share the commit's 500 (see crossings.record_issue).
+            max_shards=crossings.max_shards_beside(guard),
             extra=recorded,
         )
         return response

@@ -20,7 +20,7 @@ from typing import Any
 
 from google.cloud.firestore import DocumentSnapshot
 
-from shared import entitlements, errors, events, ledger_store, partner_store, store
+from shared import crossings, entitlements, errors, events, ledger_store, partner_store, store
 from shared.auth import PartnerCaller
 from shared.config import get_config
 from shared.models import ExportQuery, ExportResponse, ExportRow, RevokeRequest, RevokeResponse, format_time
@@ -108,12 +108,12 @@ def revoke(caller: PartnerCaller, req: RevokeRequest, *, idempotency_key: str | 
         now = _now()
         # The partner's crossing of its low line (and of 0), decided in this commit: see shared/events.py.
         closes = any(doc.remaining == taken for doc, taken in takes)
-        guard = events.read_guard(req.principal, grant.issued_by, now, delta=-runs, closes=closes) if runs else None
+        guard = crossings.read_guard(req.principal, grant.issued_by, now, delta=-runs, closes=closes) if runs else None
         data = {"grant_id": grant.grant_id, "principal": req.principal, "revoked": runs, "remaining": unused - runs}
 
         def recorded(batch: Any) -> None:
             events.record(batch, type=events.GRANT_REVOKED, principal=req.principal, partner=grant.issued_by, data=data, ref=f"revoke|{revoke_id}", time=now)
-            events.record_balance_change(batch, guard, delta=-runs, changed=written, ref=f"revoke|{revoke_id}", time=now)
+            crossings.record_balance_change(batch, guard, delta=-runs, changed=written, ref=f"revoke|{revoke_id}", time=now)
 
         partner_store.commit_revoke(
             grant, takes, revoke_id=revoke_id, record_id=record_id, fingerprint=fingerprint, response=response.model_dump(mode="json"), extra=recorded

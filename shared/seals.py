@@ -20,7 +20,7 @@ from gbx_client.seal_format import (
     render_seal_svg,
     verify_link,
 )
-from shared import errors, events, sealog, store
+from shared import crossings, errors, events, sealog, store
 from shared.auth import Identity
 from shared.config import get_config
 from shared.entitlements import current_balance
@@ -132,7 +132,7 @@ def run_complete(caller: Identity, req: RunCompleteRequest) -> SealBundle:
             signed.append(_sign_seal(principal, run, req.outputs_sha256))
         record, completed_at = signed[0]
         bundle = _bundle(record)
-        partner = events.run_partner(principal, run.record) if events.enabled() else None
+        partner = crossings.run_partner(principal, run.record) if events.enabled() else None
         data = {"run_id": run.run_id, "principal": principal, "seal_id": bundle.seal_id, "verify_link": bundle.verify_link}
 
         def sealed(batch: Any) -> None:
