@@ -44,7 +44,7 @@ def without_the_log() -> Iterator[None]:
     """run_complete as it was before the log: its commit without the pending entry, no background integration."""
     original_commit, original_background = store.commit_run_complete, sealog.integrate_in_background
 
-    def commit(principal: str, run: store.Run, *, outputs_sha256: str, completed_at: Any, seal: dict[str, Any]) -> None:
+    def commit(principal: str, run: store.Run, *, outputs_sha256: str, completed_at: Any, seal: dict[str, Any], extra: store.Extra = None) -> None:
         batch = store.client().batch()
         batch.update(
             store._run_ref(principal, run.run_id),
@@ -52,6 +52,8 @@ def without_the_log() -> Iterator[None]:
             option=store.client().write_option(last_update_time=run.update_time),
         )
         batch.create(store.client().collection(store.SEALS).document(seal["seal_id"]), {**seal, "created_at": store.firestore.SERVER_TIMESTAMP})
+        if extra is not None:  # the events' outbox, as the real commit writes it
+            extra(batch)
         store._commit(batch)
 
     store.commit_run_complete = commit  # type: ignore[assignment]
