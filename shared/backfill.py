@@ -7,8 +7,11 @@
 - `lead` and `shards`: the export lists issued grants by one indexed query of their lead documents; a grant without
   them is missing from the export.
 
+And it gives seals recorded before the seal log existed (v1.2) their pending entries, which the next integration
+appends to the log (the ledger audit reports a seal that is in no log as a mismatch).
+
 Run this once after deploying the functions of this version, before partners use the export (it is idempotent; run
-it again if an older instance issued grants meanwhile).
+it again if an older instance issued grants or seals meanwhile).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from shared import ledger, partner_store, store
+from shared import ledger, log_store, partner_store, store
 
 PAGE_SIZE = 500
 
@@ -67,15 +70,40 @@ def backfill(*, page_size: int = PAGE_SIZE) -> int:
         after = page[-1].reference.path
 
 
+def backfill_log(*, page_size: int = PAGE_SIZE) -> int:
+    """Give every seal recorded before the seal log a pending entry (SHA-256 of its seal.json, as run_complete writes
+    it); the next integration sequences them. Return how many were added."""
+    added = 0
+    after: str | None = None
+    while page := log_store.read_seal_payloads_page(after, page_size):
+        after = page[-1][0]
+        payloads = dict(page)
+        missing = log_store.unlogged(list(payloads))
+        if missing:
+            try:
+                log_store.commit_backfilled({seal_id: store.sha256_hex(payloads[seal_id]) for seal_id in missing})
+                added += len(missing)
+            except (store.Contended, store.CommitUncertain):
+                print("backfill: another backfill added some of these seals' entries, or the write went unanswered; run the tool again", file=sys.stderr)
+        if len(page) < page_size:
+            break
+    return added
+
+
+def _backfill_all() -> tuple[int, int]:
+    return backfill(), backfill_log()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Backfill and say how many grants were updated."""
+    """Backfill and say how many grants were updated and seals added to the log."""
     parser = argparse.ArgumentParser(prog="python -m shared.backfill", description=__doc__.splitlines()[0])
     parser.add_argument("--project", help=ledger.PROJECT_HELP)
     args = parser.parse_args(argv)
-    updated = ledger.on_firestore("backfill", args.project, backfill)
-    if updated is None:
+    counts = ledger.on_firestore("backfill", args.project, _backfill_all)
+    if counts is None:
         return ledger.EXIT_COULD_NOT_RUN
-    print(f"backfill: {updated} grant documents updated")
+    updated, logged = counts
+    print(f"backfill: {updated} grant documents updated, {logged} seals from before the seal log queued for it")
     return ledger.EXIT_OK
 
 

@@ -67,7 +67,7 @@ def check_log() -> LogAudit:
                 if log_store.is_pending(seal_id):
                     pending += 1  # not yet integrated: the next integrator's
                 else:
-                    problems.append(f"seal {seal_id} is not in the log")
+                    problems.append(f"seal {seal_id} is not in the log (recorded before the log existed? python -m shared.backfill queues it)")
                 continue
             index = indexed.pop(seal_id)
             if index >= len(entries) or entries[index] != tlog.entry_hash(payload.encode()):

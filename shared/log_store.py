@@ -151,3 +151,25 @@ def read_seal_payloads_page(after: str | None, limit: int) -> list[tuple[str, st
     if after is not None:
         query = query.start_after({"__name__": client().collection(store.SEALS).document(after)})
     return [(snap.id, str((snap.to_dict() or {}).get("payload", ""))) for snap in query.get(**_rpc())]
+
+
+def unlogged(seal_ids: list[str]) -> list[str]:
+    """Of these seals, those with neither a log index nor a pending entry: seals recorded before the log existed.
+
+    Both read in one request, at one read time: a seal's pending entry is created with its record, and turned into its
+    index in one commit, so at any single moment a seal made since the log has one or the other. (Two reads at
+    different times could miss a seal being integrated between them and log it twice.)"""
+    if not seal_ids:
+        return []
+    refs = [client().collection(coll).document(seal_id) for seal_id in seal_ids for coll in (LOG_ENTRIES, LOG_PENDING)]
+    found = {snap.reference.path for snap in client().get_all(refs, **_rpc()) if snap.exists}
+    return [seal_id for seal_id in seal_ids if not any(client().collection(coll).document(seal_id).path in found for coll in (LOG_ENTRIES, LOG_PENDING))]
+
+
+def commit_backfilled(entries: dict[str, str]) -> None:
+    """Create pending entries (seal_id → hex entry) for seals recorded before the log, in one commit: `create()`, so an
+    entry a concurrent backfill created first fails the whole commit (store.Contended) rather than logging a seal twice."""
+    batch = client().batch()
+    for seal_id, entry in entries.items():
+        batch.create(client().collection(LOG_PENDING).document(seal_id), {"entry": entry, "at": firestore.SERVER_TIMESTAMP})
+    _commit(batch)
