@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import sys
 import time
 from collections.abc import Callable
 
 from bench import harness
+from shared import config
 
 # In order; a module that is not in this checkout is skipped (bench.hash belongs to the runner client's work).
 BENCHMARKS = ("bench.contention", "bench.fanout", "bench.latency", "bench.partners", "bench.events", "bench.pictures", "bench.sealog", "bench.hash")
@@ -60,7 +62,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"== {name}", file=sys.stderr, flush=True)
         began = time.perf_counter()
-        code = run()
+        # Each benchmark in the environment this command was given: one that points the service at its own emulators
+        # (PUBSUB_EMULATOR_HOST, GBX_*) and stops them must not leave the next one talking to a stopped emulator.
+        environment = dict(os.environ)
+        try:
+            code = run()
+        finally:
+            os.environ.clear()
+            os.environ.update(environment)
+            config.get_config.cache_clear()
         print(f"== {name}: exit {code} after {time.perf_counter() - began:.0f}s", file=sys.stderr, flush=True)
         if code in (harness.EXIT_INTERRUPTED, harness.EXIT_NO_EMULATOR):
             return code

@@ -117,7 +117,8 @@ def local_server(emu: emulator.Emulator, workdir: Path, admin_token: str) -> Ite
     """`python -m shared.local serve` on this benchmark's emulator, in its own process; stopped by its pid."""
     port = free_port()
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("GBX_", "GOOGLE_", "K_SERVICE", "CLOUD_RUN"))},
+        # The server starts its own Pub/Sub emulator: never one another benchmark named (and may have stopped).
+        **{k: v for k, v in os.environ.items() if not k.startswith(("GBX_", "GOOGLE_", "K_SERVICE", "CLOUD_RUN", "PUBSUB_EMULATOR_HOST"))},
         "FIRESTORE_EMULATOR_HOST": emu.host,
         "GOOGLE_CLOUD_PROJECT": PROJECT,
         "GBX_LOCAL_DIR": str(workdir / "local"),
