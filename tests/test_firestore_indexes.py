@@ -23,7 +23,7 @@ QUERIES = {
     ("ledger", (("principal", "ASCENDING"), ("reason", "ASCENDING"), ("at", "ASCENDING"))): "ledger_store:count_ledger_entries",
     # A partner's balance for a principal (sum(remaining) read from the index), and its open documents near the low line.
     ("grants", (("issued_by", "ASCENDING"), ("spend_key", "ASCENDING"), ("remaining", "ASCENDING"))): "read_partner_balance",
-    ("grants", (("issued_by", "ASCENDING"), ("open", "ASCENDING"), ("spend_key", "ASCENDING"))): "events:guard_from_balance",
+    ("grants", (("issued_by", "ASCENDING"), ("open", "ASCENDING"), ("spend_key", "ASCENDING"))): "crossings:guard_from_balance",
     # The events outbox: the sweeper's commit order.
     ("events", (("published", "ASCENDING"), ("at", "ASCENDING"), ("n", "ASCENDING"))): "events:sweep",
     ("*grants", (("lead", "ASCENDING"), ("created_at", "ASCENDING"))): "partner_store:read_export_page",
