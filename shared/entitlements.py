@@ -70,8 +70,8 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
     Each attempt makes three round trips, one after another: (1) at once, the first open shard in spending order
     (one indexed query of one document), the run record and the balance (one aggregation); (2) one open shard drawn
     at random among all those that expire with the first (another query of one document: it needs the first's
-    expiry) and, at once with it, the balance again (the answer's) and, with events on, the first's partner's balance
-    (and near the low line what deciding a crossing reads); (3) the commit on the drawn shard, preconditioned on its update time. A lost race draws again: hundreds
+    expiry) and, with events on, at once with it the first's partner's balance (and near the low line what deciding
+    a crossing reads); (3) the commit on the drawn shard, preconditioned on its update time. A lost race draws again: hundreds
     of consumers of one principal spread over the shards instead of re-reading them all. Grants that expire at the
     same moment are spent in any order.
     """
@@ -113,17 +113,13 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
         partner = first.issued_by
         with_events = partner is not None and events.enabled()
         near_reads = crossings.near_reads(principal, partner, now) if with_events and crossings.may_be_near(balance, delta=-1) else ()
-        # And the principal's balance again, read after the first shard: the answer's balance (see below).
-        drawn, balance_after_first, partner_balance, *near = store.at_once(
+        drawn, partner_balance, *near = store.at_once(
             lambda: store.read_open_shard_at(principal, first.spend_key, random.random(), upwards=random.random() < 0.5, issued_by=partner),
-            lambda: store.read_balance(principal, now),
             lambda: store.read_partner_balance(principal, partner, now) if with_events else None,
             *near_reads,
         )
-        # Past the last slot (or a shard that ran dry since the query's index read it): the first one, as read. The
-        # first one, as read in step 1, also when the draw lands on it: its commit is then preconditioned on it as it
-        # was before step 2's balance was read, so that balance counted it exactly (a document's runs only go down).
-        grant = drawn if drawn is not None and drawn.usable(now) and drawn.grant_id != first.grant_id else first
+        # Past the last slot (or a shard that ran dry since the query's index read it): the first one, as read.
+        grant = drawn if drawn is not None and drawn.usable(now) else first
         # Only near a partner's low line, while an alert is armed, does the guard use them (see crossings.guard_from_balance).
         guard = None
         if partner_balance is not None:
@@ -136,12 +132,9 @@ def consume(caller: Identity, req: ConsumeRequest) -> ConsumeResponse:
             crossings.record_balance_change(batch, guard, delta=-1, changed=[grant], ref=f"consume|{req.run_id}", time=now)
 
         store.commit_consume(principal, req.run_id, grant, charge_id=charge_id, consumed_at=now, extra=recorded)
-        # The balance read in step 2, after the first shard was read, before this charge's commit. When the charge is
-        # on that first shard (always, for a principal whose runs are in one document), the commit's precondition
-        # proves the shard unchanged since before that read, so the read counted it exactly: one document's balances
-        # are exact, each answered once (R-1, R-2, ...). Shards charged by others meanwhile may still count a run or
-        # two too many; never fewer than the charged shard's runs, which its precondition proves were there.
-        balance = max(balance_after_first, grant.remaining)
+        # The balance as read with the first shard, before this charge's commit; the charged shard (whose precondition
+        # holds at the commit) is part of it, so it counts at least that shard's runs, whatever a read at once missed.
+        balance = max(balance, grant.remaining)
         return ConsumeResponse(run_id=req.run_id, principal=principal, balance=balance - 1, state="consumed", replayed=False)
 
     return store.optimistic(attempt)

@@ -157,7 +157,10 @@ class ConsumeResponse(Model):
 
     run_id: str
     principal: str
-    balance: int = Field(description="Balance after this charge, as of the commit.")
+    balance: int = Field(
+        description="Balance after this charge: the balance read just before the commit, less this charge. Exact unless other consumes "
+        "of the principal commit at the same moment, whose runs it may then still count."
+    )
     state: Literal["consumed"]
     replayed: bool = Field(description="True when the run was charged by an earlier request (no new charge).")
 
