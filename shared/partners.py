@@ -75,16 +75,17 @@ def revoke(caller: PartnerCaller, req: RevokeRequest, *, idempotency_key: str | 
     fenced: list[IssuedGrant] = []
 
     def attempt() -> RevokeResponse:
-        if idempotency_key is not None or tried:
-            record = partner_store.read_revocation(record_id)
-            if record is not None:
-                if record["fingerprint"] != fingerprint:
-                    raise errors.IdempotencyConflict()
-                return RevokeResponse.model_validate({**record["response"], "replayed": record["revoke_id"] != revoke_id})
-        # The balance first: the grant's documents are read last, right before the commit that is preconditioned on
-        # them, so that the window in which a consume can make this attempt lose its race is one round trip.
-        before = entitlements.balance_for(caller, req.principal)
-        grant = partner_store.read_grant(req.principal, req.grant_id)
+        # At once, one round trip: the key's record (a replay answers from it), the balance and the grant's documents,
+        # so that the window in which a consume can make this attempt lose its race is that one round trip.
+        record, before, grant = store.at_once(
+            lambda: partner_store.read_revocation(record_id) if idempotency_key is not None or tried else None,
+            lambda: entitlements.balance_for(caller, req.principal),
+            lambda: partner_store.read_grant(req.principal, req.grant_id),
+        )
+        if record is not None:
+            if record["fingerprint"] != fingerprint:
+                raise errors.IdempotencyConflict()
+            return RevokeResponse.model_validate({**record["response"], "replayed": record["revoke_id"] != revoke_id})
         if grant is None or not may_see(caller, grant):
             raise errors.NotFound(f"no grant {req.grant_id} of {req.principal}")
         if len(tried) >= FENCE_AFTER_LOST_RACES and not fenced:
