@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -87,6 +86,11 @@ def _open_docs_limit() -> int:
     return config.low_balance + config.events_exact_margin + 2
 
 
+def _open_docs(principal: str, partner: str, now: dt.datetime) -> firestore.Query:
+    """The partner's open documents for the principal that the exact mode holds, as many as the margin can have."""
+    return store.partner_grants(principal, partner, now).where(filter=FieldFilter("open", "==", True)).limit(_open_docs_limit())
+
+
 def may_be_near(balance: int, *, delta: int) -> bool:
     """Whether to read the exact mode's documents ahead for a change of `delta` runs, judged from the principal's
     balance (read in the request's first round trip, before the partner is known). The partner's balance is at most
@@ -100,8 +104,10 @@ def may_be_near(balance: int, *, delta: int) -> bool:
 def near_reads(principal: str, partner: str, now: dt.datetime) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """The exact mode's two reads (the alert document, the open documents) as calls for `store.at_once`, beside the
     request's own reads; `Near(alert, list(open_docs))` is what they read."""
-    query = store.partner_grants(principal, partner, now).where(filter=FieldFilter("open", "==", True)).limit(_open_docs_limit())
-    return functools.partial(_alert_ref(principal, partner).get, **store._bounds()), functools.partial(query.get, **store._bounds())
+    return (
+        functools.partial(_alert_ref(principal, partner).get, **store._bounds()),
+        functools.partial(_open_docs(principal, partner, now).get, **store._bounds()),
+    )
 
 
 def guard_from_balance(
@@ -132,11 +138,7 @@ def guard_from_balance(
         return Guard(principal, partner, balance, exact=False)  # nothing armed that this change could fire
     hold = delta > 0 or low
     limit = _open_docs_limit()
-    if near is not None:
-        snaps = near.open_docs
-    else:
-        query = store.partner_grants(principal, partner, now).where(filter=FieldFilter("open", "==", True)).limit(limit)
-        snaps = list(query.get(**store._rpc()))
+    snaps = near.open_docs if near is not None else list(_open_docs(principal, partner, now).get(**store._rpc()))
     if len(snaps) >= limit:
         return Guard(principal, partner, balance, exact=False)  # far above the line after all (issues since the read)
     return Guard(
@@ -151,20 +153,15 @@ def guard_from_balance(
     )
 
 
-# Reads a request makes beside its own: the guard's, while the request reads the principal's balance.
-# As many as an instance serves requests at once and more: a request never queues for its second read.
-_readers = ThreadPoolExecutor(max_workers=256, thread_name_prefix="gbx-events-guard")
-
-
 def with_guard(
     read: Callable[[], T], principal: str, partner: str | None, now: dt.datetime, *, delta: int, closes: bool = False
 ) -> tuple[T, Guard | None]:
-    """`read()` and `read_guard(...)` at once (two reads in the time of one); the guard is None without a partner or events."""
+    """`read()` and `read_guard(...)` at once (`store.at_once`: two reads in the time of one); the guard is None without
+    a partner or events."""
     if partner is None or not enabled():
         return read(), None
-    future = _readers.submit(functools.partial(read_guard, principal, partner, now, delta=delta, closes=closes))
-    value = read()
-    return value, future.result()
+    guard, value = store.at_once(functools.partial(read_guard, principal, partner, now, delta=delta, closes=closes), read)
+    return value, guard
 
 
 def max_shards_beside(guard: Guard | None) -> int:

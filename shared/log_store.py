@@ -162,8 +162,8 @@ def unlogged(seal_ids: list[str]) -> list[str]:
     if not seal_ids:
         return []
     refs = [client().collection(coll).document(seal_id) for seal_id in seal_ids for coll in (LOG_ENTRIES, LOG_PENDING)]
-    found = {snap.reference.path for snap in client().get_all(refs, **_rpc()) if snap.exists}
-    return [seal_id for seal_id in seal_ids if not any(client().collection(coll).document(seal_id).path in found for coll in (LOG_ENTRIES, LOG_PENDING))]
+    found = {snap.id for snap in client().get_all(refs, **_rpc()) if snap.exists}  # a seal's id, in either collection
+    return [seal_id for seal_id in seal_ids if seal_id not in found]
 
 
 def commit_backfilled(entries: dict[str, str]) -> None:

@@ -109,6 +109,12 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def log_entry_hex(seal_json: str) -> str:
+    """A seal's entry in the seal log, as its pending entry stores it: gbx_client.tlog.entry_hash (SHA-256 of the exact
+    seal.json bytes) in hex. Written here, without the log's module, because run_complete's commit creates it."""
+    return sha256_hex(seal_json)
+
+
 def run_doc_id(run_id: str) -> str:
     """A safe document id for a run_id: the prefix keeps `.`, `..` and `__x__` from being ids on their own."""
     return f"r:{run_id}"
@@ -537,7 +543,7 @@ def commit_run_complete(principal: str, run: Run, *, outputs_sha256: str, comple
     )
     batch.create(client().collection(SEALS).document(seal["seal_id"]), {**seal, "created_at": firestore.SERVER_TIMESTAMP})
     # The seal's log entry (SHA-256 of seal.json), created with the seal: once per seal, never for a retry.
-    entry = hashlib.sha256(seal["payload"].encode()).hexdigest()
+    entry = log_entry_hex(seal["payload"])
     batch.create(client().collection(LOG_PENDING).document(seal["seal_id"]), {"entry": entry, "at": firestore.SERVER_TIMESTAMP})
     if extra is not None:
         extra(batch)
