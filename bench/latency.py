@@ -114,10 +114,11 @@ class Request:
 class Api:
     """Builds requests for the service and sends them through the app's test client."""
 
-    def __init__(self, issuer: LocalIssuer) -> None:
+    def __init__(self, issuer: LocalIssuer, *, like: Api | None = None) -> None:
+        """`like`: another thread's Api whose app and minted tokens this one shares, with a test client of its own."""
         self.issuer = issuer
-        self.client = create_app().test_client()
-        self._tokens: dict[str, str] = {}
+        self.client = (like.client.application if like else create_app()).test_client()
+        self._tokens: dict[str, str] = like._tokens if like else {}
 
     def token(self, principal: str) -> str:
         """An ID token for `principal` (minted once per principal; valid for an hour)."""

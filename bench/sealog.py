@@ -37,6 +37,7 @@ PROOF_ROUNDS = 31
 OBSERVE_SECONDS = 0.02
 LOG_GOAL = 1.1  # run_complete with the log ÷ without (median)
 PROOF_GOAL = 1.5  # a proof at 10^5 entries ÷ at 10^3 (median)
+INTEGRATION_GOAL = 10.0  # seconds from run_complete's answer to a published checkpoint covering the seal (p99)
 
 
 @contextlib.contextmanager
@@ -123,10 +124,12 @@ def measure_integration(api: Api, runners: int, *, at_once: bool) -> list[float]
         api.started(p, "fan")
     answered: dict[str, float] = {}
     lock = threading.Lock()
+    # Each runner arrives with its request and ID token made (runners mint tokens on their own machines, so minting is
+    # no part of the service's burst), and sends it through a test client of its own on the one app.
+    requests = {p: api.json_request("run_complete", {"run_id": "fan", "outputs_sha256": OUTPUTS_SHA256}, principal=p) for p in principals}
 
     def complete(p: str) -> None:
-        client = Api(api.issuer)  # a test client per thread
-        bundle = client.send(client.json_request("run_complete", {"run_id": "fan", "outputs_sha256": OUTPUTS_SHA256}, principal=p))
+        bundle = Api(api.issuer, like=api).send(requests[p])
         with lock:
             answered[bundle["seal_id"]] = time.perf_counter()
 
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{ratio:.2f}× (goal ≤ {LOG_GOAL}×{'' if ratio <= LOG_GOAL else ', MISSED'})")
             for label, delays in ((f"1 runner ({len(one)} seals one after the other)", one), (f"{len(many)} runners at once", many)):
                 print(f"answer → checkpoint, {label}: p50 {_ms(harness.percentile(delays, 0.5))}, p99 {_ms(harness.percentile(delays, 0.99))}, "
-                      f"max {_ms(max(delays))} (goal p99 ≤ 10 s)")
+                      f"max {_ms(max(delays))} (goal p99 ≤ {INTEGRATION_GOAL:.0f} s{'' if harness.percentile(delays, 0.99) <= INTEGRATION_GOAL else ', MISSED'})")
             for size, (times, reads) in proofs.items():
                 print(f"proof at {size:>7,} entries: median {_ms(harness.median(times))}, tile reads {min(reads)}–{max(reads)}")
             print(f"proof at 10^5 ÷ at 10^3: {proof_ratio:.2f}× (goal ≤ {PROOF_GOAL}×{'' if proof_ratio <= PROOF_GOAL else ', MISSED'})")

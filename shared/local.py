@@ -54,6 +54,7 @@ class LocalIssuer:
         self.folder = folder
         self.key_path = folder / "issuer-key.pem"
         self.certs_path = folder / "certs.json"
+        self._signer: tuple[bytes, google.auth.crypt.RSASigner] | None = None  # the key file's bytes and their signer
 
     def ensure(self) -> None:
         """Create the key and its certificate file once (race-safe: the first writer wins)."""
@@ -88,10 +89,14 @@ class LocalIssuer:
         return hashlib.sha256(spki).hexdigest()[:40]
 
     def signer(self) -> google.auth.crypt.RSASigner:
-        """The google-auth signer for the issuer key, with its key id."""
+        """The google-auth signer for the issuer key, with its key id (loaded once per key: loading an RSA key checks it,
+        tens of milliseconds of CPU, which hundreds of threads minting tokens at once would otherwise spend again each)."""
         self.ensure()
-        key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
-        return google.auth.crypt.RSASigner.from_string(self.key_path.read_bytes(), key_id=self._kid(key))
+        pem = self.key_path.read_bytes()
+        if self._signer is None or self._signer[0] != pem:
+            key = serialization.load_pem_private_key(pem, password=None)
+            self._signer = (pem, google.auth.crypt.RSASigner.from_string(pem, key_id=self._kid(key)))
+        return self._signer[1]
 
     def claims(self, email: str, audience: str) -> dict[str, Any]:
         """The claims of a Google ID token for `email`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,10 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import google.auth.jwt
+import pytest
 import requests
 
 from shared import config, emulator
 from shared.auth import verify_id_token
+from shared.local import LocalIssuer
 
 REPO = config.REPO_ROOT
 
@@ -148,3 +152,22 @@ def test_sigterm_during_startup_leaves_no_emulator(tmp_path: Path) -> None:
         # Any emulator still running must be someone else's: ours inherited GBX_LOCAL_DIR=tmp_path.
         environ = Path(f"/proc/{pid}/environ")
         assert not environ.exists() or str(tmp_path).encode() not in environ.read_bytes(), "the emulator outlived SIGTERM during start-up"
+
+
+
+def test_the_issuer_signs_with_the_key_on_disk_also_after_it_is_replaced(tmp_path: Path) -> None:
+    """The signer is loaded once per key (cheap tokens for hundreds of threads), yet a key created anew is used at once."""
+    issuer = LocalIssuer(tmp_path / "local")
+    first = issuer.token("runner@example.com")
+    assert issuer.token("runner@example.com") != "" and issuer.signer() is issuer.signer()  # loaded once
+    old_certs = json.loads(issuer.certs_path.read_text())
+    issuer.key_path.unlink()
+    issuer.certs_path.unlink()
+    second = issuer.token("runner@example.com")
+    new_certs = json.loads(issuer.certs_path.read_text())
+    assert new_certs.keys() != old_certs.keys()
+    audience = config.LOCAL_AUDIENCE
+    assert google.auth.jwt.decode(second, certs=new_certs, audience=audience)["email"] == "runner@example.com"
+    assert google.auth.jwt.decode(first, certs=old_certs, audience=audience)["email"] == "runner@example.com"
+    with pytest.raises(ValueError):
+        google.auth.jwt.decode(second, certs=old_certs, audience=audience)
