@@ -51,21 +51,30 @@ class IssuedGrant:
         return sum(doc.remaining for doc in self.documents)
 
 
-def read_grant(principal: str, grant_id: str) -> IssuedGrant | None:
-    """Every document of one issued grant, in one query (one read time), or None when the principal has no such grant."""
-    snaps = store.client().collection(store.PRINCIPALS).document(principal).collection(store.GRANTS).where(
-        filter=FieldFilter("group", "==", grant_id)
-    ).get(**store._rpc())
+# The fields a revoke decides on. A revoke reads only these (a projection): a 1,000,000-run grant is 240 documents,
+# and each field is decoded 240 times, the timestamps dearest; the export's counters and the spending queries' fields
+# are no part of a revoke (measured: the query of a whole 240-document grant 30% faster, see docs/performance.md).
+REVOKE_FIELDS = ("group", "principal", "plan_id", "runs_total", "remaining", "expires_at", "issued_by", "fence")
+
+
+def read_grant(principal: str, grant_id: str, *, revoke_fields_only: bool = False) -> IssuedGrant | None:
+    """Every document of one issued grant, in one query (one read time), or None when the principal has no such grant.
+
+    `revoke_fields_only`: read REVOKE_FIELDS only; the documents then carry no creation time, slot or counters (the
+    grant's `consumed`, `revoked`, `spent_at` and `created_at` are None), which a revoke never reads."""
+    query = store.client().collection(store.PRINCIPALS).document(principal).collection(store.GRANTS).where(filter=FieldFilter("group", "==", grant_id))
+    if revoke_fields_only:
+        query = query.select(REVOKE_FIELDS)
+    snaps = query.get(**store._rpc())
     if not snaps:
         return None
     return _issued(snaps)
 
 
 def _issued(snaps: list[firestore.DocumentSnapshot]) -> IssuedGrant:
-    documents = tuple(store.grant_from_snapshot(snap) for snap in snaps)
-    lead = next((snap for snap in snaps if snap.id == documents[0].group), snaps[0])
-    data = lead.to_dict() or {}
     all_data = [snap.to_dict() or {} for snap in snaps]
+    documents = tuple(store.grant_from_snapshot(snap, data) for snap, data in zip(snaps, all_data, strict=True))
+    data = next((d for snap, d in zip(snaps, all_data, strict=True) if snap.id == documents[0].group), all_data[0])
     counted = all(d.get("counts") is True for d in all_data)
     spent = [d["spent_at"] for d in all_data if d.get("spent_at") is not None]
     return IssuedGrant(

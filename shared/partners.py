@@ -80,7 +80,7 @@ def revoke(caller: PartnerCaller, req: RevokeRequest, *, idempotency_key: str | 
         record, before, grant = store.at_once(
             lambda: partner_store.read_revocation(record_id) if idempotency_key is not None or tried else None,
             lambda: entitlements.balance_for(caller, req.principal),
-            lambda: partner_store.read_grant(req.principal, req.grant_id),
+            lambda: partner_store.read_grant(req.principal, req.grant_id, revoke_fields_only=True),
         )
         if record is not None:
             if record["fingerprint"] != fingerprint:
@@ -91,7 +91,7 @@ def revoke(caller: PartnerCaller, req: RevokeRequest, *, idempotency_key: str | 
         if len(tried) >= FENCE_AFTER_LOST_RACES and not fenced:
             partner_store.commit_fence(grant, revoke_id=revoke_id, now=_now())
             fenced.append(grant)
-            grant = partner_store.read_grant(req.principal, req.grant_id)
+            grant = partner_store.read_grant(req.principal, req.grant_id, revoke_fields_only=True)
             assert grant is not None, "a fence deletes nothing"
         unused = grant.remaining
         runs = unused if req.runs is None else req.runs

@@ -218,9 +218,10 @@ def _run_ref(principal: str, run_id: str) -> firestore.DocumentReference:
     return _principal_ref(principal).collection(RUNS).document(run_doc_id(run_id))
 
 
-def grant_from_snapshot(snap: firestore.DocumentSnapshot) -> Grant:
-    """A grant document as read, with the update time its commits are preconditioned on."""
-    data = snap.to_dict() or {}
+def grant_from_snapshot(snap: firestore.DocumentSnapshot, data: dict[str, Any] | None = None) -> Grant:
+    """A grant document as read, with the update time its commits are preconditioned on (`data`: its fields, when the
+    caller decoded them already)."""
+    data = (snap.to_dict() or {}) if data is None else data
     return Grant(
         grant_id=snap.id,
         group=data.get("group", snap.id),
@@ -230,7 +231,7 @@ def grant_from_snapshot(snap: firestore.DocumentSnapshot) -> Grant:
         remaining=data["remaining"],
         expires_at=data.get("expires_at"),
         created_at=data.get("created_at"),
-        spend_key=data.get("spend_key") or FAR_FUTURE,
+        spend_key=data.get("spend_key") or data.get("expires_at") or FAR_FUTURE,  # as spending_fields writes it
         slot=data.get("slot", 0.0),
         update_time=snap.update_time,
         issued_by=grant_issued_by(data),
