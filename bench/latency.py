@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -40,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
-from bench import harness
+from bench import harness, netdelay
 from shared import config, signing, store
 from shared.endpoints import ENDPOINTS
 from shared.local import LocalIssuer, create_app
@@ -60,6 +61,12 @@ REQUEST_GOAL = 1.2
 PARALLEL_GOAL = 1.0
 VERIFY_GOAL = 1.3
 COLD_START_GOAL = 1.15
+
+# The endpoints whose design is reads at once, measured again through a network: on the emulator beside the client a
+# read is mostly client CPU (nothing to overlap on two cores); from a function to Firestore it is a network round trip
+# of several milliseconds. The proxy adds NETWORK_DELAY_MS each way, less than production's round trip.
+THROUGH_A_NETWORK = ("check", "consume", "consume, sharded grant", "seal_verify")
+NETWORK_DELAY_MS = 1.0
 
 DEFAULT_ROUNDS = 61  # in-process pairs per endpoint (odd: the median is one sample)
 WARMUP_ROUNDS = 8
@@ -415,6 +422,25 @@ class Case:
         return [a / b for a, b in zip(self.app_seconds, self.bare_seconds, strict=False)]
 
 
+def _numbered_on(prepare: Callable[[int], Any], offset: int) -> Callable[[int], Any]:
+    return lambda i: prepare(i + offset)
+
+
+@contextlib.contextmanager
+def firestore_at(address: str, bare: Bare) -> Iterator[None]:
+    """The service's client and the bare side's reach Firestore at `address` (host:port) inside, the emulator after."""
+    previous = os.environ["FIRESTORE_EMULATOR_HOST"]
+    os.environ["FIRESTORE_EMULATOR_HOST"] = address
+    store.client.cache_clear()
+    bare.db = store.client()
+    try:
+        yield
+    finally:
+        os.environ["FIRESTORE_EMULATOR_HOST"] = previous
+        store.client.cache_clear()
+        bare.db = store.client()
+
+
 def request_cases(api: Api, bare: Bare) -> list[Case]:
     """Every endpoint (and the test client's floor), each with the state its request needs."""
     check_principal = "check@bench.example"
@@ -674,14 +700,7 @@ def _verdict(ratio: float | None, goal: float | None) -> str:
     return f"met (≤ {goal:.2f}×)" if ratio <= goal else f"**missed** (goal ≤ {goal:.2f}×)"
 
 
-def print_report(cases: list[Case], cold: list[ColdCase], baseline: ColdCase | None, profile: dict[str, list[tuple[str, float]]], total_seconds: float) -> None:
-    """Both tables, the goals, and what the figures mean."""
-    print()
-    print(f"## Overhead benchmark ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)")
-    print()
-    rounds = len(cases[0].app_seconds) if cases else 0
-    print(f"### Requests in-process ({rounds} interleaved pairs each): the app's test client ÷ the same Firestore calls made bare")
-    print()
+def _request_table(cases: list[Case]) -> None:
     print("| Endpoint | App median ms | Bare median ms | Ratio | Paired ratios p25–p75 | Goal | Overhead ms | Overhead CPU ms | Bare side |")
     print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |")
     for case in cases:
@@ -701,6 +720,33 @@ def print_report(cases: list[Case], cold: list[ColdCase], baseline: ColdCase | N
             cells = ["—", "—", "—", "—", "—", f"{harness.median(case.app_cpu) * 1000:.2f}"]
         print(f"| {case.name} | {_ms(app)} | " + " | ".join(cells) + f" | {case.note} |")
     print()
+
+
+def print_report(
+    cases: list[Case],
+    cold: list[ColdCase],
+    baseline: ColdCase | None,
+    profile: dict[str, list[tuple[str, float]]],
+    total_seconds: float,
+    *,
+    delayed: list[Case] | None = None,
+    delay_ms: float = 0.0,
+) -> None:
+    """Both tables, the goals, and what the figures mean."""
+    print()
+    print(f"## Overhead benchmark ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)")
+    print()
+    rounds = len(cases[0].app_seconds) if cases else 0
+    print(f"### Requests in-process ({rounds} interleaved pairs each): the app's test client ÷ the same Firestore calls made bare")
+    print()
+    _request_table(cases)
+    if delayed:
+        print(
+            f"### The reads-at-once endpoints through a network ({len(delayed[0].app_seconds)} interleaved pairs each): both sides reach the"
+            f" emulator through a proxy in its own process that delivers every byte {delay_ms:g} ms after it arrived, each way"
+        )
+        print()
+        _request_table(delayed)
     if cold and baseline is not None:
         base, base_cpu = harness.median(baseline.seconds), harness.median(baseline.cpu)
         print(f"### Cold starts ({len(cold[0].seconds)} fresh interpreters each, alternated with {len(baseline.seconds)} bare ones)")
@@ -773,6 +819,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-rounds", type=int, default=DEFAULT_COLD_ROUNDS, help=f"fresh-interpreter pairs per function; 0 skips cold starts (default {DEFAULT_COLD_ROUNDS})")
     parser.add_argument("--import-profile", action="store_true", help="also list what each function's cold start imports beyond the bare one (-X importtime)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the random orders (default: a fresh one)")
+    parser.add_argument(
+        "--network-delay-ms", type=float, default=NETWORK_DELAY_MS,
+        help=f"one-way delay of the second pass of {', '.join(THROUGH_A_NETWORK)} through a proxy; 0 skips it (default {NETWORK_DELAY_MS:g})",
+    )
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     began = time.perf_counter()
@@ -788,9 +838,21 @@ def main(argv: list[str] | None = None) -> int:
             with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
                 api = Api(issuer)
                 print("Requests in-process …", file=sys.stderr, flush=True)
-                cases = request_cases(api, Bare())
+                bare = Bare()
+                cases = request_cases(api, bare)
                 cold = cold_cases(api) if args.cold_rounds > 0 else []  # before the rounds: a function without a cold case fails at once
                 measure_requests(cases, rounds=args.rounds, warmup=WARMUP_ROUNDS, rng=rng)
+                delayed: list[Case] = []
+                if args.network_delay_ms > 0:
+                    print(f"Requests through a network delay of {args.network_delay_ms:g} ms …", file=sys.stderr, flush=True)
+                    # Fresh samples, and rounds numbered on from the first pass (each round's run ids are its own).
+                    delayed = [
+                        dataclasses.replace(c, prepare=_numbered_on(c.prepare, args.rounds + WARMUP_ROUNDS), app_seconds=[], bare_seconds=[], app_cpu=[], bare_cpu=[])
+                        for c in cases
+                        if c.name in THROUGH_A_NETWORK
+                    ]
+                    with netdelay.delayed(emu.host, args.network_delay_ms / 1000) as address, firestore_at(address, bare):
+                        measure_requests(delayed, rounds=args.rounds, warmup=WARMUP_ROUNDS, rng=rng)
                 baseline: ColdCase | None = None
                 profile: dict[str, list[tuple[str, float]]] = {}
                 if cold:
@@ -798,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
                     baseline = measure_cold_starts(cold, child_env, rounds=args.cold_rounds, rng=rng)
                     if args.import_profile:
                         profile = {case.name: import_profile(child_env, case) for case in cold}
-            print_report(cases, cold, baseline, profile, time.perf_counter() - began)
+            print_report(cases, cold, baseline, profile, time.perf_counter() - began, delayed=delayed, delay_ms=args.network_delay_ms)
 
     return harness.exit_status(body)
 
