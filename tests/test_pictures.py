@@ -98,15 +98,29 @@ def decode_measures(portal: Portal) -> dict[str, list[float]]:
 # --- every degraded picture, read by ZXing-C++, the portal and gbx ---------------------------------------
 
 
+# Some codes sit on a knife edge under the strongest degradation: the blur of half a module left 2 of 500 real seals'
+# codes unreadable to ZXing-C++ itself (with the fixed data mask and with segno's own choice alike; a fresh seal has
+# fresh ids and times, so a fresh code). These tests hold our decoders to that reference, so such a seal is replaced
+# by a fresh one, twice at most: a badge kind that ZXing cannot read three seals running fails the test.
+FRESH_SEALS = 3
+
+
+def reference_readable(api: Api, name: str) -> tuple[dict, bytes]:
+    """A fresh seal and its badge degraded by `name`, which ZXing-C++ reads (see FRESH_SEALS)."""
+    _, make = degrade.DEGRADATIONS[name]
+    for attempt in range(1, FRESH_SEALS + 1):
+        bundle = api.sealed_run(f"job-{attempt}")
+        picture = make(bundle["seal_svg"].encode())
+        if zxing_texts(picture) == [bundle["verify_link"]]:
+            return bundle, picture
+    pytest.fail(f"ZXing-C++ itself must read {name}: it read none of {FRESH_SEALS} fresh seals' badges")
+
+
 @pytest.mark.parametrize("name", list(degrade.DEGRADATIONS))
 def test_a_degraded_picture_is_verified_by_the_portal_and_by_gbx(api: Api, portal: Portal, tmp_path: Path, name: str) -> None:
-    bundle = api.sealed_run("job-1")
-    link = bundle["verify_link"]
-    file_name, make = degrade.DEGRADATIONS[name]
-    picture = make(bundle["seal_svg"].encode())
-    path = tmp_path / file_name
+    bundle, picture = reference_readable(api, name)
+    path = tmp_path / degrade.DEGRADATIONS[name][0]
     path.write_bytes(picture)
-    assert zxing_texts(picture) == [link], f"ZXing-C++ itself must read {name}"
 
     result = gbx_verify(path, "--keys", f"{api.base_url}/api/seal/public_keys")
     assert result.returncode == 0, (name, result.stdout, result.stderr)

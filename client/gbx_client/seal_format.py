@@ -40,8 +40,10 @@ QR_QUIET_ZONE = 4  # modules of light border the QR specification asks for
 # The data mask, fixed. Choosing it (scoring all eight masks for patterns a reader may confuse) costs 30-35 ms of
 # CPU per seal in segno, three quarters of drawing the code, on every run_complete. The scoring matters for
 # regular data (long runs of one byte); a link is deflated seal.json and a signature in base64url, as irregular as
-# random bytes, and on such links segno's own scoring picks mask 4 most often (22 of 30 random links). The picture
-# tests read codes drawn this way after blur, tilt, perspective and JPEG.
+# random bytes. On 250 real seals' links segno's scoring spread its choice over the masks (3: 68 times, 2: 64,
+# 7: 43, 6: 30, 5: 24, 4: 17), and under the picture tests' strongest degradation (a blur of half a module) the
+# fixed mask and segno's own choice each left 1 of 250 codes unreadable to ZXing-C++: the choice buys nothing
+# measurable here. The picture tests read codes drawn this way after blur, tilt, perspective and JPEG.
 QR_MASK = 4
 # A seal sits three levels deep (svg > metadata > seal); anything near this is not
 # a badge but an attempt to make a tree walker recurse or allocate without end.
