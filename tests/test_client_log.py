@@ -71,6 +71,10 @@ def test_a_bad_or_missing_proof_is_invalid(api: Api, job: Job) -> None:  # noqa:
     assert job.gbx("verify", str(job.seal_dir), "--keys", keys_url).code == 0
     required = job.gbx("verify", str(job.seal_dir), "--keys", keys_url, "--require-log")
     assert required.code == 1 and "no seal.tlog-proof" in required.stderr
+    # seal.svg given alone with its proof beside it: still no proof read, and the message names the directory to give.
+    (job.seal_dir / "seal.tlog-proof").write_bytes(first)
+    alone = job.gbx("verify", str(job.seal_dir / "seal.svg"), "--keys", keys_url, "--require-log")
+    assert alone.code == 1 and f"give the seal directory ({job.seal_dir})" in alone.stderr, alone.stderr
 
 
 def test_log_check_passes_as_the_log_grows_and_fails_on_a_forged_checkpoint(api: Api, job: Job) -> None:  # noqa: F811

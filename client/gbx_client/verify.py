@@ -251,6 +251,10 @@ def _log_check(seal: SealFiles, keys: KeyRing, payload: bytes, result: Verificat
     from gbx_client import logproof, tlog
 
     if seal.tlog_proof is None:
+        source = seal.source
+        if isinstance(source, Path) and source.is_file() and (source.parent / "seal.tlog-proof").is_file():
+            # A seal.svg given alone: the proof beside it may belong to another seal, so it is not read unasked.
+            return f"no seal.tlog-proof with the seal (--require-log): give the seal directory ({source.parent}) to check the seal.tlog-proof beside {source.name}"
         return "no seal.tlog-proof with the seal (--require-log)"
     if keys.log_vkey is None:
         return "no log key to check seal.tlog-proof against (--keys, --online or --log-key)"
