@@ -66,9 +66,9 @@ def median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def point_service_at(emu: emulator.Emulator, project: str) -> None:
-    """Point the service's configuration and Firestore client at `emu` (both are read once and cached)."""
-    os.environ["FIRESTORE_EMULATOR_HOST"] = emu.host
+def point_service_at(host: str, project: str) -> None:
+    """Point the service's configuration and Firestore client at the emulator at `host` (both are read once and cached)."""
+    os.environ["FIRESTORE_EMULATOR_HOST"] = host
     os.environ[config.ENV_PROJECT] = project
     config.get_config.cache_clear()
     store.client.cache_clear()
@@ -103,7 +103,7 @@ def running_emulator(project: str, *, name: str) -> Iterator[emulator.Emulator]:
         started.append(True)
         if pending:  # arrived after the last look of the readiness loop
             raise Interrupted(f"signal {pending[0]} during emulator start")
-        point_service_at(emu, project)
+        point_service_at(emu.host, project)
         yield emu
         keep_log = False
     except Interrupted:

@@ -429,15 +429,13 @@ def _numbered_on(prepare: Callable[[int], Any], offset: int) -> Callable[[int], 
 @contextlib.contextmanager
 def firestore_at(address: str, bare: Bare) -> Iterator[None]:
     """The service's client and the bare side's reach Firestore at `address` (host:port) inside, the emulator after."""
-    previous = os.environ["FIRESTORE_EMULATOR_HOST"]
-    os.environ["FIRESTORE_EMULATOR_HOST"] = address
-    store.client.cache_clear()
+    previous, project = os.environ["FIRESTORE_EMULATOR_HOST"], config.get_config().project
+    harness.point_service_at(address, project)
     bare.db = store.client()
     try:
         yield
     finally:
-        os.environ["FIRESTORE_EMULATOR_HOST"] = previous
-        store.client.cache_clear()
+        harness.point_service_at(previous, project)
         bare.db = store.client()
 
 

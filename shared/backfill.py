@@ -81,7 +81,7 @@ def backfill_log(*, page_size: int = PAGE_SIZE) -> int:
         missing = log_store.unlogged(list(payloads))
         if missing:
             try:
-                log_store.commit_backfilled({seal_id: store.log_entry_hex(payloads[seal_id]) for seal_id in missing})
+                log_store.commit_backfilled({seal_id: payloads[seal_id] for seal_id in missing})
                 added += len(missing)
             except (store.Contended, store.CommitUncertain):
                 print("backfill: another backfill added some of these seals' entries, or the write went unanswered; run the tool again", file=sys.stderr)

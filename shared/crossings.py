@@ -178,15 +178,19 @@ def run_partner(principal: str, run: RunRecord) -> str | None:
     return store.grant_issued_by(snap.to_dict() or {}) if snap.exists else "admin"
 
 
+def _hold_document(batch: firestore.WriteBatch, principal: str, doc: store.Grant) -> None:
+    """Precondition the commit on a document unchanged since read: a write of its own value, which does not move its
+    update time."""
+    batch.update(store.grant_ref(principal, doc.grant_id), {"remaining": doc.remaining}, option=store.client().write_option(last_update_time=doc.update_time))
+
+
 def _hold(batch: firestore.WriteBatch, guard: Guard, changed: Sequence[store.Grant]) -> int:
-    """Precondition every open document of the guard but the changed ones (a write of their own values: it does not
-    move their update time); the partner's balance before the change, exact at the commit."""
+    """Hold every open document of the guard but the changed ones; the partner's balance before the change, exact at
+    the commit."""
     ids = {grant.grant_id for grant in changed}
-    client = store.client()
     for doc in guard.docs:
         if doc.grant_id not in ids:
-            batch.update(store.grant_ref(guard.principal, doc.grant_id), {"remaining": doc.remaining},
-                         option=client.write_option(last_update_time=doc.update_time))
+            _hold_document(batch, guard.principal, doc)
     return sum(doc.remaining for doc in guard.docs if doc.grant_id not in ids) + sum(grant.remaining for grant in changed)
 
 
@@ -218,9 +222,7 @@ def record_balance_change(
         # (only an issue opens a document, and it moves the alert document, which this commit then holds).
         others = [doc for doc in guard.docs if doc.grant_id not in ids]
         if others:
-            witness = max(others, key=lambda doc: doc.remaining)
-            batch.update(store.grant_ref(guard.principal, witness.grant_id), {"remaining": witness.remaining},
-                         option=store.client().write_option(last_update_time=witness.update_time))
+            _hold_document(batch, guard.principal, max(others, key=lambda doc: doc.remaining))
             return None
         after = 0 if changed_after == 0 else None
         low = False

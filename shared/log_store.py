@@ -166,10 +166,10 @@ def unlogged(seal_ids: list[str]) -> list[str]:
     return [seal_id for seal_id in seal_ids if seal_id not in found]
 
 
-def commit_backfilled(entries: dict[str, str]) -> None:
-    """Create pending entries (seal_id → hex entry) for seals recorded before the log, in one commit: `create()`, so an
-    entry a concurrent backfill created first fails the whole commit (store.Contended) rather than logging a seal twice."""
+def commit_backfilled(payloads: dict[str, str]) -> None:
+    """Create pending entries (seal_id → its seal.json) for seals recorded before the log, in one commit: `create()`, so
+    an entry a concurrent backfill created first fails the whole commit (store.Contended) rather than logging a seal twice."""
     batch = client().batch()
-    for seal_id, entry in entries.items():
-        batch.create(client().collection(LOG_PENDING).document(seal_id), {"entry": entry, "at": firestore.SERVER_TIMESTAMP})
+    for seal_id, seal_json in payloads.items():
+        store.add_log_entry(batch, seal_id, seal_json)
     _commit(batch)

@@ -109,10 +109,11 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def log_entry_hex(seal_json: str) -> str:
-    """A seal's entry in the seal log, as its pending entry stores it: gbx_client.tlog.entry_hash (SHA-256 of the exact
-    seal.json bytes) in hex. Written here, without the log's module, because run_complete's commit creates it."""
-    return sha256_hex(seal_json)
+def add_log_entry(batch: firestore.WriteBatch, seal_id: str, seal_json: str) -> None:
+    """Create the seal's pending entry in the seal log in `batch` (run_complete's commit, and the backfill for seals from
+    before the log): gbx_client.tlog.entry_hash (SHA-256 of the exact seal.json bytes) in hex. `create()`: one per seal.
+    Written here, without the log's module, because run_complete's commit creates it."""
+    batch.create(client().collection(LOG_PENDING).document(seal_id), {"entry": sha256_hex(seal_json), "at": firestore.SERVER_TIMESTAMP})
 
 
 def run_doc_id(run_id: str) -> str:
@@ -544,8 +545,7 @@ def commit_run_complete(principal: str, run: Run, *, outputs_sha256: str, comple
     )
     batch.create(client().collection(SEALS).document(seal["seal_id"]), {**seal, "created_at": firestore.SERVER_TIMESTAMP})
     # The seal's log entry (SHA-256 of seal.json), created with the seal: once per seal, never for a retry.
-    entry = log_entry_hex(seal["payload"])
-    batch.create(client().collection(LOG_PENDING).document(seal["seal_id"]), {"entry": entry, "at": firestore.SERVER_TIMESTAMP})
+    add_log_entry(batch, seal["seal_id"], seal["payload"])
     if extra is not None:
         extra(batch)
     _commit(batch)
